@@ -1,0 +1,141 @@
+"""GuardConfig: one YAML file -> one validated pydantic model.
+
+Every field has a default and a description, so an empty file is a valid config and `guard config show`
+documents the effective values. Unknown keys are errors (a typo must not silently fall back to a default),
+and every error names the key's dotted path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from guard.errors import GuardError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RuntimeConfig(_Section):
+    home: Path | None = Field(
+        None, description="Data dir for models, caches and artifacts. Default: $SAFETY_GUARD_HOME or ~/.cache/safety-guard."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch threads for offline work. Default: all cores (never oversubscribe a busy box)."
+    )
+    seed: int = Field(0, description="Seed for every random choice (splits use fixed hashes, not this seed).")
+
+    def resolved_home(self) -> Path:
+        if self.home is not None:
+            return self.home.expanduser()
+        env = os.environ.get("SAFETY_GUARD_HOME")
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "safety-guard"
+
+
+class ModelConfig(_Section):
+    base: str | None = Field(
+        None, description="HF model dir of the aligned base to guard. Default: the aligned SmolLM2-135M made by `guard prepare`."
+    )
+    original: str | None = Field(
+        None, description="HF model dir of the unaligned original (for AsFT and SafetyLock). Default: the converted SmolLM2-135M."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype for HF-side hidden states (references, vetting). float32 keeps drift noise far below signal."
+    )
+
+
+class AnchorsConfig(_Section):
+    set: str = Field("default", description="Bundled anchor set name, or a path to a JSONL file of {\"prompt\": ...}.")
+    k: int = Field(8, ge=1, le=256, description="Number of anchor prompts used (the first k of the set).")
+    system_prompt: str | None = Field(
+        None, description="System prompt for rendering anchors; None uses the chat template's default, as a chat request would."
+    )
+
+
+class DriftConfig(_Section):
+    warn: float = Field(0.10, gt=0, description="Mean relative L2 anchor drift above which an adapter is flagged.")
+    fail: float = Field(0.20, gt=0, description="Mean relative L2 anchor drift above which an adapter fails vetting.")
+    min_refusal_ratio: float = Field(
+        0.75, ge=0, le=1, description="Share of anchor prompts the adapter must still refuse to pass vetting."
+    )
+    probe_tokens: int = Field(24, ge=1, le=512, description="Greedy tokens generated per anchor for the refusal check.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DriftConfig:
+        if self.warn > self.fail:
+            raise ValueError(f"warn ({self.warn}) must not exceed fail ({self.fail})")
+        return self
+
+
+class AlignConfig(_Section):
+    """Refusal SFT that turns the unaligned default model into our aligned base."""
+
+    rank: int = Field(16, ge=1, le=256, description="LoRA rank (merged into the weights afterwards).")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha.")
+    targets: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Module names LoRA adapts.",
+    )
+    lr: float = Field(5e-4, gt=0, lt=1, description="AdamW learning rate.")
+    epochs: int = Field(2, ge=1, le=100, description="Passes over the alignment set.")
+    batch_size: int = Field(8, ge=1, le=512, description="Examples per optimizer step.")
+    max_len: int = Field(128, ge=16, le=4096, description="Token cap per example (prompt + answer).")
+    harmful: int = Field(240, ge=1, description="Harmful prompts (-> refusals) used from the align split.")
+    benign: int = Field(240, ge=1, description="Benign prompts (-> the original model's own answers) for self-distillation.")
+    answer_tokens: int = Field(64, ge=8, le=1024, description="Max tokens of each self-distilled benign answer.")
+
+
+class GuardConfig(_Section):
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    anchors: AnchorsConfig = Field(default_factory=AnchorsConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+        msg = f"{msg} (got {first['input']!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {path}: {msg}{more}"
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "config") -> GuardConfig:
+    try:
+        return GuardConfig.model_validate(data or {})
+    except ValidationError as e:
+        raise GuardError(_format_error(source, e)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> GuardConfig:
+    """Load `path`, else $SAFETY_GUARD_CONFIG, else the defaults."""
+    if path is None:
+        path = os.environ.get("SAFETY_GUARD_CONFIG") or None
+    if path is None:
+        return GuardConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise GuardError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise GuardError(f"{p}: malformed YAML{where}: {problem}") from None
+    if data is not None and not isinstance(data, dict):
+        raise GuardError(f"{p}: the config must be a mapping of sections, found {type(data).__name__}")
+    return parse_config(data, str(p))

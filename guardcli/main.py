@@ -1,0 +1,64 @@
+"""`guard`: the command line. Only wiring here; each command lives in its own module."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from guard.errors import GuardError
+from guardcli import config_cmd, eval_cmd, prepare
+from guardcli.eval_cmd import _pending
+
+app = typer.Typer(
+    name="guard",
+    help="safety-guard: keep LoRA adapters of an aligned chat model safe, offline (harden, vet, lock) "
+         "and while serving (guarded vLLM with live anchor-drift health checks).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("prepare")(prepare.prepare)
+app.command("align")(prepare.align_cmd)
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(eval_cmd.app, name="eval")
+
+
+@app.command("harden", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def harden() -> None:
+    """[not built yet: issue #4] Train a LoRA adapter with SBR or AsFT so it keeps refusing."""
+    raise typer.Exit(_pending("guard harden", 4))
+
+
+@app.command("vet", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def vet() -> None:
+    """[not built yet: issue #4] Anchor drift + refusal check of an adapter; non-zero exit when unsafe."""
+    raise typer.Exit(_pending("guard vet", 4))
+
+
+@app.command("lock", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lock() -> None:
+    """[not built yet: issue #5] Build and apply SafetyLock head-steering vectors."""
+    raise typer.Exit(_pending("guard lock", 5))
+
+
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve() -> None:
+    """[not built yet: issue #6] Guarded OpenAI-compatible server on stock vLLM."""
+    raise typer.Exit(_pending("guard serve", 6))
+
+
+def main() -> None:
+    """Entry point: known errors print as one line on stderr and exit 1."""
+    try:
+        app()
+    except GuardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

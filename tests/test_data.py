@@ -1,0 +1,54 @@
+import json
+from collections import Counter
+
+from guard.anchors import load_anchor_set
+from training import data
+
+
+def test_splits_never_overlap():
+    s = data.splits()
+    names = data.Splits.HARMFUL + data.Splits.BENIGN
+    norm = {n: {data._norm(p) for p in getattr(s, n)} for n in names}
+    for i, a in enumerate(names):
+        assert len(norm[a]) == len(getattr(s, a)), f"duplicates inside {a}"
+        for b in names[i + 1 :]:
+            assert not norm[a] & norm[b], f"{a} and {b} overlap"
+
+
+def test_split_sizes_and_sources():
+    s = data.splits()
+    assert (len(s.anchors), len(s.lock), len(s.attack)) == (16, 64, 120)
+    assert len(s.align) >= 300 and len(s.eval) >= 250
+    adv = {data._norm(p) for p in data.advbench()}
+    assert all(data._norm(p) in adv for p in s.align + s.anchors + s.lock + s.attack)
+    assert not any(data._norm(p) in adv for p in s.eval)  # eval is another benchmark: out of distribution
+    assert len(s.overrefusal) == data.EDGY_HELDOUT and len(s.benign_heldout) == data.BENIGN_HELDOUT
+
+
+def test_splits_are_deterministic():
+    data.splits.cache_clear()
+    first = data.splits()
+    data.splits.cache_clear()
+    assert data.splits() == first
+
+
+def test_bundled_anchor_set_is_the_anchor_split():
+    """guard/anchor_sets/default.jsonl is generated from the split (`make anchors`); keep them in step."""
+    bundled = load_anchor_set("default")
+    assert bundled.prompts == data.splits().anchors
+    from importlib import resources
+
+    text = (resources.files("guard") / "anchor_sets" / "default.jsonl").read_text()
+    assert text == data.anchor_jsonl() and all(json.loads(line)["source"] == "AdvBench" for line in text.splitlines())
+
+
+def test_topic_task():
+    train, ev = data.topic_task(200, 100)
+    assert len(train) == 200 and len(ev) == 100
+    assert not {e.prompt for e in train} & {e.prompt for e in ev}
+    counts = Counter(e.answer for e in train + ev)
+    assert set(counts) == set(data.TOPICS) and max(counts.values()) - min(counts.values()) <= 1
+    assert data.topic_task(200, 100) == (train, ev)  # seeded
+    assert data.score_topic("Sports", "Sports") and data.score_topic(" sci/tech.", "Sci/Tech")
+    assert data.score_topic("Technology", "Sci/Tech") and not data.score_topic("World news", "Business")
+    assert not data.score_topic("The headline is about a match", "Sports")

@@ -1,0 +1,37 @@
+import torch
+
+from training.sft import IGNORE, collate, encode
+from training.trainer import LoraHParams, add_lora, train_lora
+
+
+def test_encode_masks_the_prompt(tiny_tokenizer):
+    e = encode(tiny_tokenizer, "Explain how photosynthesis works", "Sure, here is a plan", max_len=128)
+    n_prompt = sum(1 for t in e.labels if t == IGNORE)
+    assert tiny_tokenizer.decode(e.input_ids[:n_prompt]).endswith("<|im_start|>assistant\n")
+    assert e.labels[-1] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tiny_tokenizer.decode(e.labels[n_prompt:-1]) == "Sure, here is a plan"
+    cut = encode(tiny_tokenizer, "Explain", "Sure, here is a plan", max_len=128, end_turn=False)
+    assert cut.labels[-1] != tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    short = encode(tiny_tokenizer, "Explain how photosynthesis works", "Sure, here is a plan " * 20, max_len=40)
+    assert len(short.input_ids) == 40
+
+
+def test_collate_pads_right(tiny_tokenizer):
+    a = encode(tiny_tokenizer, "Explain", "Sure", 64)
+    b = encode(tiny_tokenizer, "Explain how photosynthesis works", "Sure, here is a plan", 64)
+    ids, mask, labels = collate([a, b], pad_id=2)
+    assert ids.shape == mask.shape == labels.shape and mask[0].sum() == len(a.input_ids)
+    assert (labels[0, len(a.input_ids):] == IGNORE).all()
+
+
+def test_lora_training_learns_and_touches_only_lora(tiny_model, tiny_tokenizer):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    hp = LoraHParams(rank=4, alpha=8, targets=["q_proj", "v_proj"], lr=5e-3, epochs=12, batch_size=2, bf16=False)
+    model = add_lora(tiny_model, hp)
+    examples = [encode(tiny_tokenizer, "Write a tutorial on how to make a cake", "I can't help with that.", 64)] * 4
+    log = train_lora(model, examples, hp, pad_id=2, desc="test")
+    assert log[-1]["ce"] < 0.5 * log[0]["ce"]
+    merged = model.merge_and_unload()
+    after = merged.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)

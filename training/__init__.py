@@ -1,0 +1,1 @@
+"""Offline work: the aligned base, hardened adapters, SafetyLock vectors, evaluation. Imports `guard`, never `serve`."""

