@@ -86,8 +86,33 @@ class AlignConfig(_Section):
     batch_size: int = Field(8, ge=1, le=512, description="Examples per optimizer step.")
     max_len: int = Field(128, ge=16, le=4096, description="Token cap per example (prompt + answer).")
     harmful: int = Field(240, ge=1, description="Harmful prompts (-> refusals) used from the align split.")
-    benign: int = Field(240, ge=1, description="Benign prompts (-> the original model's own answers) for self-distillation.")
-    answer_tokens: int = Field(64, ge=8, le=1024, description="Max tokens of each self-distilled benign answer.")
+    benign: int = Field(300, ge=1, description="Benign prompts (-> the original model's own answers) for self-distillation.")
+    answer_tokens: int = Field(48, ge=8, le=1024, description="Max tokens of each self-distilled benign answer.")
+
+
+class HardenConfig(_Section):
+    """LoRA fine-tuning of user adapters with a safety regularizer (`guard harden`)."""
+
+    method: Literal["sbr", "asft", "sft"] = Field("sbr", description="Regularizer: sbr, asft, or sft (none).")
+    sbr_lambda: float = Field(
+        100.0, ge=0,
+        description="SBR weight on mean (relative anchor drift)^2; 0 is plain SFT bit for bit. The authors' code "
+                    "(mse over d dims) at lambda=50 equals ~240 here for SmolLM2 (mean h_ref^2 per dim ~4.85).",
+    )
+    asft_lambda: float = Field(1.0, ge=0, description="AsFT weight on the update orthogonal to W_aligned - W_original.")
+    rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha.")
+    targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
+                               description="Module names LoRA adapts (AsFT regularises q_proj and v_proj among them).")
+    asft_targets: list[str] = Field(["q_proj", "v_proj"], min_length=1, description="Modules AsFT constrains.")
+    lr: float = Field(1e-4, gt=0, lt=1, description="AdamW learning rate.")
+    epochs: int = Field(3, ge=1, le=1000, description="Passes over the user's data.")
+    batch_size: int = Field(8, ge=1, le=512, description="Examples per forward (micro-batch).")
+    grad_accum: int = Field(4, ge=1, le=512, description="Micro-batches per optimizer step (effective batch = product).")
+    max_len: int = Field(256, ge=16, le=8192, description="Token cap per example.")
+    max_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted from users (harden, vet, repair, serving).")
+    repair_max_epochs: int = Field(10, ge=1, description="`--repair`: stop after this many epochs if drift stays high.")
+    seed: int = Field(0, description="Seed for LoRA init and data order.")
 
 
 class GuardConfig(_Section):
@@ -96,6 +121,7 @@ class GuardConfig(_Section):
     anchors: AnchorsConfig = Field(default_factory=AnchorsConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
+    harden: HardenConfig = Field(default_factory=HardenConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

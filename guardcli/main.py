@@ -7,7 +7,7 @@ import sys
 import typer
 
 from guard.errors import GuardError
-from guardcli import config_cmd, eval_cmd, prepare
+from guardcli import config_cmd, eval_cmd, harden_cmd, prepare
 from guardcli.eval_cmd import _pending
 
 app = typer.Typer(
@@ -22,18 +22,8 @@ app.command("prepare")(prepare.prepare)
 app.command("align")(prepare.align_cmd)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(eval_cmd.app, name="eval")
-
-
-@app.command("harden", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def harden() -> None:
-    """[not built yet: issue #4] Train a LoRA adapter with SBR or AsFT so it keeps refusing."""
-    raise typer.Exit(_pending("guard harden", 4))
-
-
-@app.command("vet", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def vet() -> None:
-    """[not built yet: issue #4] Anchor drift + refusal check of an adapter; non-zero exit when unsafe."""
-    raise typer.Exit(_pending("guard vet", 4))
+app.command("harden")(harden_cmd.harden)
+app.command("vet")(harden_cmd.vet)
 
 
 @app.command("lock", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

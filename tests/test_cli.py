@@ -20,10 +20,10 @@ def test_help_lists_every_command():
     assert out.returncode == 0
     for cmd in ("prepare", "align", "harden", "vet", "lock", "eval", "serve", "config"):
         assert cmd in out.stdout
-    assert "issue #4" in out.stdout and "issue #5" in out.stdout and "issue #6" in out.stdout
+    assert "issue #5" in out.stdout and "issue #6" in out.stdout
 
 
-@pytest.mark.parametrize("cmd,issue", [("harden", 4), ("vet", 4), ("lock", 5), ("serve", 6)])
+@pytest.mark.parametrize("cmd,issue", [("lock", 5), ("serve", 6)])
 def test_pending_commands_say_which_issue(cmd, issue):
     out = guard(cmd, "--anything")
     assert out.returncode == 2 and f"issue #{issue}" in out.stderr

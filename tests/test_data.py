@@ -18,9 +18,11 @@ def test_splits_never_overlap():
 def test_split_sizes_and_sources():
     s = data.splits()
     assert (len(s.anchors), len(s.lock), len(s.attack)) == (16, 64, 120)
-    assert len(s.align) >= 300 and len(s.eval) >= 250
+    assert len(s.align) >= 450 and len(s.eval) >= 250
     adv = {data._norm(p) for p in data.advbench()}
-    assert all(data._norm(p) in adv for p in s.align + s.anchors + s.lock + s.attack)
+    rho = {data._norm(p) for p in data.rho_harmful_questions()}
+    assert all(data._norm(p) in adv for p in s.anchors + s.lock + s.attack)
+    assert all(data._norm(p) in adv | rho for p in s.align) and any(data._norm(p) in rho for p in s.align)
     assert not any(data._norm(p) in adv for p in s.eval)  # eval is another benchmark: out of distribution
     assert len(s.overrefusal) == data.EDGY_HELDOUT and len(s.benign_heldout) == data.BENIGN_HELDOUT
 

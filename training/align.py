@@ -85,7 +85,7 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
     model, tok = load_causal_lm(original, "float32")
     s = data.splits()
     harmful = list(s.align[: cfg.harmful])
-    benign = list((s.benign_align + s.edgy_align)[: cfg.benign])
+    benign = data._hash_order(list(s.benign_align + s.edgy_align))[: cfg.benign]  # ordinary and edgy, mixed
     work.mkdir(parents=True, exist_ok=True)
     answers = self_distilled_answers(model, tok, benign, cfg.answer_tokens,
                                      work / f"self-distill-{original_fp[:16]}-{cfg.answer_tokens}.jsonl")

@@ -25,15 +25,17 @@ class Example:
         return sum(1 for t in self.labels if t != IGNORE)
 
 
-def encode(tokenizer: Any, prompt: str, answer: str, max_len: int, system_prompt: str | None = None,
-           end_turn: bool = True) -> Example:
+def encode(tokenizer: Any, prompt: str | list[dict[str, str]], answer: str, max_len: int,
+           system_prompt: str | None = None, end_turn: bool = True) -> Example:
     """Prompt (templated, masked) + answer (+ end-of-turn, trained), truncated to `max_len` from the answer end.
 
+    `prompt` is a user message or the chat so far (messages before the trained assistant turn).
     `end_turn=False` for answers cut at a token budget: training the end token there would teach the model
     to stop mid-sentence.
     """
     msgs = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
-    prompt_ids = render_chat(tokenizer, msgs + [{"role": "user", "content": prompt}])
+    msgs += [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    prompt_ids = render_chat(tokenizer, msgs)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + ([end] if end_turn else [])
     prompt_ids = prompt_ids[-(max_len // 2):] if len(prompt_ids) > max_len // 2 else prompt_ids

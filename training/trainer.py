@@ -1,7 +1,9 @@
 """The LoRA fine-tuning loop: one function you can read top to bottom.
 
-Used by `guard align` (refusal SFT that makes the aligned base). The adapter-hardening issue adds the
-regularizer hook's users (SBR, AsFT), per-epoch checkpoints and resume on top of this same loop.
+Used by `guard align` (the aligned base) and `guard harden` (SBR / AsFT / plain SFT adapters). The loop is
+deterministic for a given seed: the example order comes from a seeded `random.Random` whose state is
+checkpointed with the LoRA weights and the optimizer after every epoch, so `resume=True` after a kill
+continues from the last finished epoch and ends with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,25 +19,29 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from guard.artifacts import atomic_path, git_commit
+from guard.errors import GuardError
 from training.sft import Example, answer_loss, collate
+
+CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
 class LoraHParams:
     rank: int = 16
-    alpha: float = 32.0
+    alpha: float = 16.0
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     lr: float = 1e-4
     epochs: int = 1
-    batch_size: int = 8
-    grad_accum: int = 1
+    batch_size: int = 8  # examples per micro-batch (one forward)
+    grad_accum: int = 1  # micro-batches per optimizer step; the regularizer runs once per step
     seed: int = 0
     weight_decay: float = 0.0
     # bf16 autocast pays only on CPUs with native bf16 (avx512_bf16/AMX); on AVX2-only CPUs it is ~30x slower.
     bf16: bool = False
 
 
-# A regularizer gets the peft model and returns (loss_term, logged scalars).
+# A regularizer gets the peft model and returns (loss term, logged scalars); None is plain SFT.
 Regularizer = Callable[[Any], tuple[Any, dict[str, float]]]
 
 
@@ -44,62 +50,103 @@ def add_lora(model: Any, hp: LoraHParams) -> Any:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(hp.seed)
+    torch.manual_seed(hp.seed)  # LoRA A init
     cfg = LoraConfig(r=hp.rank, lora_alpha=hp.alpha, target_modules=list(hp.targets), lora_dropout=0.0,
                      bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
 
 
+class Interrupted(Exception):
+    """Raised by `stop_after_steps` (tests simulate a kill with it)."""
+
+
 def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id: int,
                regularizer: Regularizer | None = None, log_path: Path | None = None,
-               desc: str = "train") -> list[dict[str, float]]:
+               checkpoint_dir: Path | None = None, resume: bool = False, desc: str = "train",
+               stop_after_steps: int | None = None) -> list[dict[str, float]]:
     """Fine-tune the LoRA parameters of a peft `model` on `examples`; returns the per-step log."""
     import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+    if not examples:
+        raise GuardError("no training examples")
     rng = random.Random(hp.seed)
-    torch.manual_seed(hp.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / (hp.batch_size * hp.grad_accum))
-    total = steps_per_epoch * hp.epochs
+    micro_per_epoch = math.ceil(len(examples) / hp.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / hp.grad_accum)
+    start_epoch, step = 0, 0
+    ckpt = checkpoint_dir / CHECKPOINT if checkpoint_dir is not None else None
+    if resume and ckpt is not None and ckpt.is_file():
+        # the checkpoint is one dict: weights, optimizer, data order, and what made it
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["hparams"] != asdict(hp):
+            raise GuardError(f"{ckpt}: was made with other hyper-parameters; start over without --resume")
+        set_peft_model_state_dict(model, state["lora"])
+        opt.load_state_dict(state["optimizer"])
+        rng.setstate(state["rng"])
+        start_epoch, step = state["epoch"], state["step"]
+        if log_path is not None and log_path.is_file():  # drop rows of the interrupted epoch
+            rows = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            log_path.write_text("".join(r + "\n" for r in rows))
+    elif log_path is not None and log_path.exists():
+        log_path.unlink()
+
     log: list[dict[str, float]] = []
     model.train()
-    bar = tqdm(total=total, desc=desc, unit="step")
-    step = 0
+    bar = tqdm(total=steps_per_epoch * hp.epochs, initial=step, desc=desc, unit="step")
     t0 = time.perf_counter()
-    for epoch in range(hp.epochs):
+    for epoch in range(start_epoch, hp.epochs):
         order = list(range(len(examples)))
         rng.shuffle(order)
         micro = [order[i : i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
         for s in range(0, len(micro), hp.grad_accum):
-            group = micro[s : s + hp.grad_accum]
-            ce_sum, reg_sum, extra = 0.0, 0.0, {}
-            for idx in group:
-                ids, mask, labels = collate([examples[i] for i in idx], pad_id)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hp.bf16):
-                    ce = answer_loss(model, ids, mask, labels)
-                    loss = ce
-                    if regularizer is not None:
-                        reg, extra = regularizer(model)
-                        loss = loss + reg
-                        reg_sum += float(reg.detach()) / len(group)
-                (loss / len(group)).backward()
-                ce_sum += float(ce.detach()) / len(group)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            row = {"step": step + 1, "epoch": epoch + 1,
+                   **optimizer_step(model, opt, [[examples[i] for i in idx] for idx in micro[s : s + hp.grad_accum]],
+                                    pad_id, regularizer, hp.bf16)}
             step += 1
-            row = {"step": step, "epoch": epoch + 1, "ce": ce_sum, "reg": reg_sum, **extra,
-                   "seconds": time.perf_counter() - t0}
+            row["seconds"] = round(time.perf_counter() - t0, 3)
             log.append(row)
             if log_path is not None:
                 with log_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-            bar.set_postfix(ce=f"{ce_sum:.3f}", reg=f"{reg_sum:.4f}", epoch=epoch + 1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k in ("ce", "reg", "anchor_drift")},
+                            epoch=epoch + 1)
             bar.update(1)
+            if stop_after_steps is not None and step >= stop_after_steps:
+                bar.close()
+                raise Interrupted(f"stopped after {step} steps")
+        if ckpt is not None:
+            state = {"epoch": epoch + 1, "step": step, "lora": get_peft_model_state_dict(model),
+                     "optimizer": opt.state_dict(), "rng": rng.getstate(), "hparams": asdict(hp),
+                     "commit": git_commit()}
+            with atomic_path(ckpt) as tmp:
+                torch.save(state, tmp)
     bar.close()
     model.eval()
     return log
 
 
-def hparams_dict(hp: LoraHParams) -> dict[str, Any]:
-    return asdict(hp)
+def optimizer_step(model: Any, opt: Any, micro_batches: list[list[Example]], pad_id: int,
+                   regularizer: Regularizer | None = None, bf16: bool = False) -> dict[str, float]:
+    """One optimizer step: token-weighted CE over the micro-batches, the regularizer once, AdamW."""
+    import torch
+
+    n_tokens = [sum(e.answer_tokens for e in mb) for mb in micro_batches]
+    total = sum(n_tokens)
+    ce_total = 0.0
+    for mb, n in zip(micro_batches, n_tokens):
+        ids, mask, labels = collate(mb, pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            ce = answer_loss(model, ids, mask, labels)
+        (ce * (n / total)).backward()  # token-weighted, so accumulation equals one big batch
+        ce_total += float(ce.detach()) * n / total
+    row: dict[str, float] = {"ce": ce_total}
+    if regularizer is not None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            reg, extra = regularizer(model)
+        reg.backward()
+        row.update(reg=float(reg.detach()), **extra)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return row

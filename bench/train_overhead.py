@@ -1,0 +1,80 @@
+"""Step-time cost of the safety regularizers on the 135M default model: bench/results/train_overhead.json.
+
+Same batches for every method, interleaved round by round (this machine is noisy, so methods are compared
+within one run and one round at a time): SFT, SBR with K=1 and K=8 anchors, AsFT. A step is the paper's
+effective batch of 32 (4 micro-batches of 8) plus the regularizer once. Reports median seconds per step and
+the ratio to SFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from common import write_result
+
+from guard.anchors import load_anchor_set
+from guard.config import load_config
+from guard.models import fingerprint_dir, load_causal_lm, resolve_threads
+from guard.states import cached_reference
+from training.attack import attack_mix
+from training.harden import base_dir, build_regularizer, original_dir
+from training.sft import encode
+from training.trainer import LoraHParams, add_lora, optimizer_step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--accum", type=int, default=4)
+    args = ap.parse_args()
+    cfg = load_config(args.config)
+    threads = resolve_threads(cfg.runtime.threads)
+    home = cfg.runtime.resolved_home()
+    base, original = base_dir(cfg), original_dir(cfg)
+    model, tok = load_causal_lm(base, "float32")
+    fp = fingerprint_dir(base)
+    mix, n_harm = attack_mix(original, home / "work", n_benign=180, poison=0.1)
+    examples = [encode(tok, list(e.messages), e.answer, 256) for e in mix]
+    per_step = args.batch * args.accum
+    steps = [[examples[i : i + args.batch] for i in range(s, s + per_step, args.batch)]
+             for s in range(0, len(examples) - per_step + 1, per_step)]
+    regs = {}
+    for name, k in (("sbr_k1", 1), ("sbr_k8", 8)):
+        anchors = load_anchor_set(cfg.anchors.set, k, cfg.anchors.system_prompt)
+        ref = cached_reference(model, tok, anchors, fp, home)
+        regs[name] = build_regularizer("sbr", cfg.harden, model, tok, anchors, ref, base, original)
+    regs["asft"] = build_regularizer("asft", cfg.harden, model, tok, anchors, ref, base, original)
+    regs = {"sft": None, **regs}
+    hp = LoraHParams(rank=16, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"], lr=1e-4)
+    peft_model = add_lora(model, hp)
+    import torch
+
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=hp.lr)
+    peft_model.train()
+    times: dict[str, list[float]] = {m: [] for m in regs}
+    optimizer_step(peft_model, opt, steps[0], tok.pad_token_id, None)  # warm-up
+    for r in range(args.rounds):
+        batch = steps[r % len(steps)]
+        for method, reg in regs.items():
+            t0 = time.perf_counter()
+            optimizer_step(peft_model, opt, batch, tok.pad_token_id, reg)
+            times[method].append(time.perf_counter() - t0)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {t[-1]:.2f}s" for m, t in times.items()), flush=True)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    tokens = sum(len(e.input_ids) for mb in steps[0] for e in mb)
+    write_result("train_overhead", {
+        "step_seconds": {m: round(v, 3) for m, v in med.items()},
+        "ratio": {m: round(v / med["sft"], 3) for m, v in med.items() if m != "sft"},
+        "all_step_seconds": {m: [round(x, 3) for x in t] for m, t in times.items()},
+        "config": {"micro_batch": args.batch, "grad_accum": args.accum, "rounds": args.rounds, "threads": threads,
+                   "task_tokens_per_step": tokens, "anchor_tokens_k8": sum(len(x) for x in regs["sbr_k8"].anchor_ids),
+                   "lora": "r16 q,k,v,o", "examples": f"topic task + {n_harm} harmful (attack mix)"},
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Vet an adapter offline: anchor drift against the aligned reference, anchor refusal ratio, verdict.
+
+The same quantities the live health check exports while serving, computed with HF on the base + adapter,
+so an operator can gate adapters in CI before they are ever loaded (`guard vet`, exit code 3 on fail).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guard.adapters import check_adapter_fits, read_adapter
+from guard.anchors import AnchorSet
+from guard.drift import DriftReport, Verdict, anchor_drift, verdict
+from guard.generation import generate_greedy
+from guard.judge import DEFAULT_JUDGE, RefusalJudge
+from guard.states import ReferenceStates, last_token_states
+
+
+@dataclass
+class VetReport:
+    adapter: str
+    drift: DriftReport
+    refusals: list[bool]
+    answers: list[str]
+    verdict: Verdict
+    judge: str
+    seconds: float
+
+    @property
+    def refusal_ratio(self) -> float:
+        return sum(self.refusals) / len(self.refusals)
+
+    def table(self, prompts: tuple[str, ...]) -> str:
+        lines = [f"{'#':>2}  {'rel L2':>7}  {'cosine':>7}  {'refused':>7}  anchor prompt -> answer"]
+        for i, p in enumerate(prompts):
+            lines.append(f"{i:>2}  {self.drift.rel_l2[i]:7.3f}  {self.drift.cosine[i]:7.4f}  "
+                         f"{'yes' if self.refusals[i] else 'NO':>7}  {p[:48]!r} -> {self.answers[i][:60]!r}")
+        v = self.verdict
+        lines.append(f"mean anchor drift {self.drift.mean_rel_l2:.3f} (max {self.drift.max_rel_l2:.3f}), "
+                     f"refusal ratio {self.refusal_ratio:.2f}, judge {self.judge}")
+        lines.append(f"verdict: {v.status.upper()}" + (f" — {'; '.join(v.reasons)}" if v.reasons else ""))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapter": self.adapter, "status": self.verdict.status, "reasons": list(self.verdict.reasons),
+                "drift": self.drift.to_dict(), "refusal_ratio": self.refusal_ratio, "refusals": self.refusals,
+                "judge": self.judge, "seconds": round(self.seconds, 2)}
+
+
+def adapter_states_and_answers(model: Any, tokenizer: Any, anchors: AnchorSet,
+                               probe_tokens: int) -> tuple[Any, list[str]]:
+    import torch
+
+    batch = anchors.render(tokenizer)
+    with torch.no_grad():
+        states = last_token_states(model, batch, tokenizer.pad_token_id)
+    answers = generate_greedy(model, tokenizer, batch, max_new_tokens=probe_tokens)
+    return states, answers
+
+
+def vet_adapter(base: Any, tokenizer: Any, adapter_dir: str | Path, anchors: AnchorSet, reference: ReferenceStates,
+                drift_cfg: Any, base_fingerprint: str, max_rank: int | None = None,
+                judge: RefusalJudge = DEFAULT_JUDGE) -> VetReport:
+    """Load `adapter_dir` onto `base` (checked first), measure, and unload it again."""
+    from peft import PeftModel
+
+    t0 = time.perf_counter()
+    info = read_adapter(adapter_dir, max_rank)
+    check_adapter_fits(info, base.config, base_fingerprint)
+    model = PeftModel.from_pretrained(base, str(info.path), is_trainable=False)
+    model.eval()
+    try:
+        states, answers = adapter_states_and_answers(model, tokenizer, anchors, drift_cfg.probe_tokens)
+    finally:
+        model.unload()  # leave `base` as it was
+    drift = anchor_drift(states, reference.states)
+    refusals = [judge.is_refusal(a) for a in answers]
+    v = verdict(drift.mean_rel_l2, sum(refusals) / len(refusals), drift_cfg)
+    return VetReport(str(info.path), drift, refusals, answers, v, judge.id, time.perf_counter() - t0)

@@ -1,0 +1,95 @@
+"""`guard harden` and `guard vet`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from guard.errors import GuardError
+from guard.config import parse_config
+from guardcli.common import ConfigOpt, setup
+
+VET_FAILED = 3  # distinct from 1 (usage/input error) so CI can tell "unsafe adapter" from "broken call"
+
+
+def harden(
+    data: Annotated[Optional[Path], typer.Option("--data", help="JSONL of {'messages': [...]} or {'prompt','response'}.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output adapter dir (written atomically).")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="sbr | asft | sft (default: harden.method).")] = None,
+    lam: Annotated[Optional[float], typer.Option("--lambda", help="Regularizer weight for the chosen method.")] = None,
+    k: Annotated[Optional[int], typer.Option("--anchors", "-k", help="Number of SBR anchors K.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last epoch.")] = False,
+    repair_adapter: Annotated[Optional[Path], typer.Option("--repair", help="Existing adapter to repair with SBR.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train a LoRA adapter that keeps the base model's refusals (SBR or AsFT), or repair one (--repair).
+
+    Writes a standard peft adapter dir plus guard.json and report.md. Examples:
+
+      guard harden --data user.jsonl --method sbr --out adapters/acme
+
+      guard harden --repair adapters/acme-unsafe --data user.jsonl --out adapters/acme-repaired
+    """
+    cfg = setup(config)
+    if out is None:
+        raise GuardError("--out is required")
+    if method is not None and method not in ("sbr", "asft", "sft"):
+        raise GuardError(f"--method must be sbr, asft or sft, not '{method}'")
+    m = method or cfg.harden.method
+    upd: dict = {"method": m}
+    if lam is not None:
+        upd["sbr_lambda" if m == "sbr" else "asft_lambda"] = lam
+    for key, val in (("epochs", epochs), ("lr", lr), ("rank", rank)):
+        if val is not None:
+            upd[key] = val
+    merged = cfg.model_dump(mode="json")
+    merged["harden"].update(upd)
+    if k is not None:
+        merged["anchors"]["k"] = k
+    cfg = parse_config(merged, "command line")  # flags are validated like config keys
+    from training.harden import harden as run_harden, repair
+
+    if repair_adapter is not None:
+        meta = repair(cfg, repair_adapter, out, data)
+        typer.echo(f"repaired {repair_adapter} -> {out}: anchor drift {meta['drift_before']['mean_rel_l2']:.4f} -> "
+                   f"{meta['final_drift']['mean_rel_l2']:.4f} ({meta['drift_status']})")
+        return
+    if data is None:
+        raise GuardError("--data is required (or --repair ADAPTER)")
+    meta = run_harden(cfg, data, out, resume=resume)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"adapter written to {out} ({meta['seconds']:.0f} s)")
+
+
+def vet(
+    adapter: Annotated[Path, typer.Argument(help="peft LoRA adapter dir to check.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Check an adapter before it serves: anchor drift vs the aligned reference and anchor refusal ratio.
+
+    Exit code 0 when it passes (ok or warn), 3 when it fails the configured thresholds (drift.fail,
+    drift.min_refusal_ratio), 1 on bad input. Usable as a CI gate for adapters.
+    """
+    cfg = setup(config)
+    from guard.anchors import from_config
+    from guard.models import fingerprint_dir, load_causal_lm
+    from guard.states import cached_reference
+    from guard.vetting import vet_adapter
+    from training.harden import base_dir
+
+    base = base_dir(cfg)
+    fp = fingerprint_dir(base)
+    model, tok = load_causal_lm(base, cfg.model.dtype)
+    anchors = from_config(cfg)
+    ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
+    report = vet_adapter(model, tok, adapter, anchors, ref, cfg.drift, fp, cfg.harden.max_rank)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table(anchors.prompts))
+    if not report.verdict.passed:
+        raise typer.Exit(VET_FAILED)

@@ -1,0 +1,181 @@
+"""`guard harden`: train a user's LoRA adapter with a safety regularizer; `--repair` fixes an existing one.
+
+Output is a standard peft adapter dir (vLLM and peft load it as is) plus `guard.json` (method,
+hyper-parameters, base fingerprint, anchors hash, per-anchor final drift, wall time) and `report.md`.
+The dir appears atomically when training is done; checkpoints live in a hidden sibling work dir until then,
+so `--resume` after a kill continues from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from guard.adapters import read_adapter, check_adapter_fits, write_guard_meta
+from guard.anchors import AnchorSet, load_anchor_set
+from guard.artifacts import atomic_path, provenance, write_text_atomic
+from guard.config import GuardConfig, HardenConfig
+from guard.drift import DriftReport, anchor_drift, verdict
+from guard.errors import GuardError
+from guard.models import check_model_dir, default_aligned_dir, default_original_dir, fingerprint_dir, load_causal_lm
+from guard.states import ReferenceStates, cached_reference
+from training.regularizers import SBR, AsFT, alignment_projectors
+from training.sft import encode
+from training.trainer import LoraHParams, add_lora, train_lora
+from training.userdata import read_chat_jsonl
+
+
+def base_dir(cfg: GuardConfig) -> Path:
+    if cfg.model.base:
+        return check_model_dir(cfg.model.base, "aligned base model")
+    d = default_aligned_dir(cfg.runtime.resolved_home())
+    if not (d / "config.json").is_file():
+        raise GuardError(f"the aligned base is not prepared ({d}): run `guard prepare` first")
+    return d
+
+
+def original_dir(cfg: GuardConfig) -> Path:
+    d = Path(cfg.model.original).expanduser() if cfg.model.original else default_original_dir(cfg.runtime.resolved_home())
+    return check_model_dir(d, "original (unaligned) model")
+
+
+def hparams(h: HardenConfig) -> LoraHParams:
+    return LoraHParams(rank=h.rank, alpha=h.alpha, targets=list(h.targets), lr=h.lr, epochs=h.epochs,
+                       batch_size=h.batch_size, grad_accum=h.grad_accum, seed=h.seed)
+
+
+def load_weights(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for n in names:
+                if n in st.keys():
+                    out[n] = st.get_tensor(n)
+    return out
+
+
+def build_regularizer(method: str, h: HardenConfig, model: Any, tok: Any, anchors: AnchorSet,
+                      ref: ReferenceStates, base: Path, original: Path | None) -> Any:
+    if method == "sft":
+        return None
+    if method == "sbr":
+        return SBR(anchors.render(tok), ref.states, h.sbr_lambda, tok.pad_token_id)
+    if method == "asft":
+        if original is None:
+            raise GuardError("AsFT needs the original (unaligned) model: set model.original")
+        layers = model.config.num_hidden_layers
+        names = [f"model.layers.{i}.self_attn.{m}.weight" for i in range(layers) for m in h.asft_targets]
+        return AsFT(alignment_projectors(load_weights(base, names), load_weights(original, names), names),
+                    h.asft_lambda)
+    raise GuardError(f"unknown method '{method}' (sft, sbr, asft)")
+
+
+def anchor_report(model: Any, sbr_like: SBR) -> DriftReport:
+    with torch.no_grad():
+        return anchor_drift(sbr_like.states(model).float(), sbr_like.reference)
+
+
+def _report_md(meta: dict[str, Any]) -> str:
+    d = meta["final_drift"]
+    rows = "\n".join(f"| {i} | {r:.4f} | {c:.4f} |" for i, (r, c) in enumerate(zip(d["rel_l2"], d["cosine"])))
+    return (f"# guard harden report\n\nmethod **{meta['method']}**, {meta['examples']} examples, "
+            f"{meta['hparams']['epochs']} epochs, {meta['steps']} steps, {meta['seconds']:.0f} s\n\n"
+            f"mean anchor drift (relative L2) **{d['mean_rel_l2']:.4f}** (max {d['max_rel_l2']:.4f}); "
+            f"verdict vs thresholds: **{meta['drift_status']}**\n\n| anchor | rel L2 | cosine |\n|---|---|---|\n{rows}\n")
+
+
+def harden(cfg: GuardConfig, data: Path, out: Path, resume: bool = False) -> dict[str, Any]:
+    """Train an adapter on `data` with cfg.harden's method; write it to `out` atomically."""
+    h = cfg.harden
+    if h.rank > h.max_rank:
+        raise GuardError(f"LoRA rank {h.rank} exceeds the configured maximum {h.max_rank} (harden.max_rank)")
+    rows = read_chat_jsonl(data)  # validate everything before any heavy work
+    base = base_dir(cfg)
+    original = original_dir(cfg) if h.method == "asft" else None
+    t0 = time.perf_counter()
+    fp = fingerprint_dir(base)
+    model, tok = load_causal_lm(base, "float32")
+    anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)
+    ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
+    examples = [encode(tok, list(r.messages), r.answer, h.max_len) for r in rows]
+    hp = hparams(h)
+    reg = build_regularizer(h.method, h, model, tok, anchors, ref, base, original)
+    peft_model = add_lora(model, hp)
+    work = out.parent / f".{out.name}.work"
+    work.mkdir(parents=True, exist_ok=True)
+    log = train_lora(peft_model, examples, hp, tok.pad_token_id, reg, log_path=work / "train_log.jsonl",
+                     checkpoint_dir=work, resume=resume, desc=f"harden ({h.method})")
+    probe = reg if isinstance(reg, SBR) else SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id)
+    drift = anchor_report(peft_model, probe)
+    meta = {
+        "method": h.method, "lambda": {"sbr": h.sbr_lambda, "asft": h.asft_lambda}.get(h.method),
+        "hparams": asdict(hp), "examples": len(examples), "steps": len(log), "data": str(data),
+        "base_fingerprint": fp, "base_model": str(base), "anchors_hash": anchors.hash, "anchor_set": anchors.name,
+        "final_drift": drift.to_dict(), "drift_status": verdict(drift.mean_rel_l2, None, cfg.drift).status,
+        "final_ce": log[-1]["ce"] if log else None, "seconds": round(time.perf_counter() - t0, 1), **provenance(),
+    }
+    with atomic_path(out) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        write_guard_meta(tmp, meta)
+        (tmp / "report.md").write_text(_report_md(meta))
+        shutil.copy(work / "train_log.jsonl", tmp / "train_log.jsonl")
+    shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def repair(cfg: GuardConfig, adapter: Path, out: Path, data: Path | None = None) -> dict[str, Any]:
+    """Continue `adapter` with the SBR term (plus the user's data if given) until drift < drift.warn."""
+    from peft import PeftModel
+
+    h = cfg.harden
+    rows = read_chat_jsonl(data) if data is not None else []
+    base = base_dir(cfg)
+    info = read_adapter(adapter, h.max_rank)
+    t0 = time.perf_counter()
+    fp = fingerprint_dir(base)
+    model, tok = load_causal_lm(base, "float32")
+    check_adapter_fits(info, model.config, fp)
+    anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)
+    ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
+    peft_model = PeftModel.from_pretrained(model, str(info.path), is_trainable=True)
+    lam = h.sbr_lambda if h.sbr_lambda > 0 else 1.0
+    sbr = SBR(anchors.render(tok), ref.states, lam, tok.pad_token_id)
+    before = anchor_report(peft_model, sbr)
+    history = [before.mean_rel_l2]
+    hp = LoraHParams(rank=info.rank, alpha=info.alpha, targets=info.targets, lr=h.lr, epochs=1,
+                     batch_size=h.batch_size, grad_accum=h.grad_accum, seed=h.seed)
+    examples = [encode(tok, list(r.messages), r.answer, h.max_len) for r in rows]
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=h.lr)
+    for epoch in range(h.repair_max_epochs):
+        if history[-1] <= cfg.drift.warn:
+            break
+        if examples:
+            hp.seed = h.seed + epoch
+            train_lora(peft_model, examples, hp, tok.pad_token_id, sbr, desc=f"repair epoch {epoch + 1}")
+        else:  # no user data: the SBR term alone pulls the anchors back
+            peft_model.train()
+            for _ in range(10):
+                loss, _ = sbr(peft_model)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            peft_model.eval()
+        history.append(anchor_report(peft_model, sbr).mean_rel_l2)
+    after = anchor_report(peft_model, sbr)
+    meta = {
+        "method": "sbr-repair", "repaired_from": str(info.path), "lambda": lam, "examples": len(examples),
+        "drift_before": before.to_dict(), "final_drift": after.to_dict(), "drift_history": history,
+        "drift_status": verdict(after.mean_rel_l2, None, cfg.drift).status, "base_fingerprint": fp,
+        "anchors_hash": anchors.hash, "seconds": round(time.perf_counter() - t0, 1), **provenance(),
+    }
+    with atomic_path(out) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        write_guard_meta(tmp, meta)
+    return meta
