@@ -85,8 +85,8 @@ class AlignConfig(_Section):
     epochs: int = Field(2, ge=1, le=100, description="Passes over the alignment set.")
     batch_size: int = Field(8, ge=1, le=512, description="Examples per optimizer step.")
     max_len: int = Field(128, ge=16, le=4096, description="Token cap per example (prompt + answer).")
-    harmful: int = Field(240, ge=1, description="Harmful prompts (-> refusals) used from the align split.")
-    benign: int = Field(300, ge=1, description="Benign prompts (-> the original model's own answers) for self-distillation.")
+    harmful: int = Field(180, ge=1, description="Harmful prompts (-> refusals) used from the align split.")
+    benign: int = Field(344, ge=1, description="Benign prompts (-> the original model's own answers) for self-distillation.")
     answer_tokens: int = Field(48, ge=8, le=1024, description="Max tokens of each self-distilled benign answer.")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
 
 from guard.anchors import render_chat
 from guard.artifacts import atomic_path

@@ -18,7 +18,7 @@ import torch
 
 from guard.adapters import read_adapter, check_adapter_fits, write_guard_meta
 from guard.anchors import AnchorSet, load_anchor_set
-from guard.artifacts import atomic_path, provenance, write_text_atomic
+from guard.artifacts import atomic_path, provenance
 from guard.config import GuardConfig, HardenConfig
 from guard.drift import DriftReport, anchor_drift, verdict
 from guard.errors import GuardError

@@ -1,0 +1,86 @@
+"""Rewrite the README's results tables from bench/results/*.json (between <!-- results:NAME --> markers)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+
+from common import RESULTS, ROOT
+
+
+def _load(name: str) -> dict | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def align(d: dict) -> str:
+    rows = [("harmful eval prompts refused (StrongREJECT, n={})".format(d["sets"]["harmful_refusal"]["n"]), "harmful_refusal", "≥ 90"),
+            ("held-out benign prompts refused (n={})".format(d["sets"]["benign_refusal"]["n"]), "benign_refusal", "≤ 10"),
+            ("held-out benign-but-edgy prompts refused (n={})".format(d["sets"]["overrefusal"]["n"]), "overrefusal", "")]
+    out = ["| % | original SmolLM2-135M | aligned base | goal |", "|---|---|---|---|"]
+    out += [f"| {label} | {d['original'][k]:.1f} | **{d['aligned'][k]:.1f}** | {goal} |" for label, k, goal in rows]
+    out.append(f"\nJudge `{d['judge']}`, greedy {d['tokens']} tokens. Alignment wall time: "
+               f"**{d['align_seconds'] / 60:.1f} min** on {d['machine']} (goal ≤ 15; plus ~0.5 min GGUF conversion). "
+               f"Commit {d['commit']}.")
+    return "\n".join(out)
+
+
+def judge(d: dict) -> str:
+    out = ["| pyrit data | n | accuracy | precision | recall |", "|---|---|---|---|---|"]
+    for k in ("refusal.csv", "refusal_extra.csv"):
+        r = d[k]
+        out.append(f"| `{k}` | {r['n']} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+    out.append("\nPrecision is 1.0: the judge never calls a real answer a refusal, so HS is never under-counted by a "
+               "false refusal. Most misses are answers the labellers count as refusals because they are off-topic "
+               "(a non-sequitur gives the user nothing); a keyword judge cannot see that without the request.")
+    return "\n".join(out)
+
+
+def fa(d: dict) -> str:
+    return (f"FA task learnability (`bench/fa_task.py`): plain LoRA SFT ({d['train']} examples, "
+            f"{d['hparams']['epochs']} epoch, {d['train_seconds']:.0f} s) takes held-out accuracy (n={d['eval']}) from "
+            f"**{d['accuracy_before']:.1f}%** to **{d['accuracy_after']:.1f}%** (+{d['gain_points']:.1f} points; goal ≥ +20).")
+
+
+def overhead(d: dict) -> str:
+    s, r, c = d["step_seconds"], d["ratio"], d["config"]
+    out = ["| method | median s/step | ratio to SFT | goal |", "|---|---|---|---|", f"| SFT | {s['sft']:.2f} | 1.00 | |"]
+    goals = {"sbr_k1": "", "sbr_k8": "≤ 1.05", "asft": "≤ 1.03"}
+    out += [f"| {m} | {s[m]:.2f} | {r[m]:.3f} | {goals[m]} |" for m in ("sbr_k1", "sbr_k8", "asft")]
+    out.append(f"\nStep = {c['micro_batch']}×{c['grad_accum']} examples ({c['task_tokens_per_step']} task tokens) + "
+               f"the regularizer once ({c['anchor_tokens_k8']} anchor tokens for K=8); {c['rounds']} interleaved rounds, "
+               f"{c['threads']} threads. Commit {d['commit']}.")
+    return "\n".join(out)
+
+
+def harden_vet(d: dict) -> str:
+    out = ["| adapter | anchor drift (mean rel L2) | anchor refusal ratio | `guard vet` verdict | exit code |",
+           "|---|---|---|---|---|"]
+    for m in ("sft", "sbr"):
+        v = d[m]["vet"]
+        out.append(f"| {m.upper()} | {v['drift']['mean_rel_l2']:.3f} | {v['refusal_ratio']:.2f} | {v['status']} | "
+                   f"{d[m]['vet_exit_code']} |")
+    out.append(f"\nCustomer data: {d['data']['examples']} examples, {d['data']['harmful']} of them harmful "
+               f"(poison {d['data']['poison']}); {d['epochs']} epochs, lr {d['lr']}, SBR λ={d['sbr_lambda']}.")
+    return "\n".join(out)
+
+
+TABLES: dict[str, Callable[[dict], str]] = {"align_eval": align, "judge_eval": judge, "fa_task": fa,
+                                            "train_overhead": overhead, "harden_vet": harden_vet}
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, render in TABLES.items():
+        d = _load(name)
+        if d is None:
+            continue
+        text = re.sub(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results -->)", lambda m: m.group(1) + render(d) + m.group(2),
+                      text, flags=re.S)
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
