@@ -199,8 +199,10 @@ def load_causal_lm(path: str | os.PathLike[str], dtype: str = "float32"):
     """Load an HF causal LM + tokenizer from a local dir (never a hub id), in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     p = check_model_dir(path)
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise on every command
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=getattr(torch, dtype), local_files_only=True)
     tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     if tok.pad_token is None:

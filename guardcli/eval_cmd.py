@@ -23,7 +23,7 @@ def judge(config: ConfigOpt = None) -> None:
 
 @app.command("stress")
 def stress() -> None:
-    """[not built yet: issue #7] SFT vs SBR vs AsFT vs SafetyLock under harmful fine-tuning."""
+    """Not built yet (issue #7): SFT vs SBR vs AsFT vs SafetyLock under harmful fine-tuning."""
     raise typer.Exit(_pending("guard eval stress", 7))
 
 

@@ -84,8 +84,13 @@ def vet(
     from guard.vetting import vet_adapter
     from training.harden import base_dir
 
+    from guard.adapters import check_adapter_fits, read_adapter
+    from guard.artifacts import read_json
+
     base = base_dir(cfg)
     fp = fingerprint_dir(base)
+    # refuse a foreign or broken adapter before loading any weights
+    check_adapter_fits(read_adapter(adapter, cfg.harden.max_rank), read_json(base / "config.json", "model config"), fp)
     model, tok = load_causal_lm(base, cfg.model.dtype)
     anchors = from_config(cfg)
     ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())

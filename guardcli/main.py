@@ -28,13 +28,13 @@ app.command("vet")(harden_cmd.vet)
 
 @app.command("lock", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def lock() -> None:
-    """[not built yet: issue #5] Build and apply SafetyLock head-steering vectors."""
+    """Not built yet (issue #5): Build and apply SafetyLock head-steering vectors."""
     raise typer.Exit(_pending("guard lock", 5))
 
 
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve() -> None:
-    """[not built yet: issue #6] Guarded OpenAI-compatible server on stock vLLM."""
+    """Not built yet (issue #6): Guarded OpenAI-compatible server on stock vLLM."""
     raise typer.Exit(_pending("guard serve", 6))
 
 

@@ -17,11 +17,15 @@ def test_state_is_exactly_the_lm_head_input(tiny_model, tiny_tokenizer):
             logits = tiny_model(input_ids=torch.tensor([ids])).logits[0, -1]
             assert torch.equal(tiny_model.lm_head(h[i : i + 1])[0], logits) or torch.allclose(
                 tiny_model.lm_head(h[i : i + 1])[0], logits, atol=1e-5, rtol=0)
-        # and bit-exact within one forward: the hidden state we gather is the one lm_head reads
+        # bit-exact: h is the last row of the very tensor the model's lm_head turns into its logits
         ids = torch.tensor([batch[0]])
-        out = tiny_model(input_ids=ids, output_hidden_states=True)
+        seen = {}
+        hook = tiny_model.lm_head.register_forward_hook(lambda m, i, o: seen.update(inp=i[0], out=o))
+        out = tiny_model(input_ids=ids)
+        hook.remove()
         h0 = last_token_states(tiny_model, [batch[0]])
-        assert torch.equal(tiny_model.lm_head(h0), out.logits[:, -1])
+        assert torch.equal(h0[0], seen["inp"][0, -1])
+        assert torch.equal(seen["out"][0, -1], out.logits[0, -1])
 
 
 def test_right_padding_does_not_change_states(tiny_model, tiny_tokenizer):

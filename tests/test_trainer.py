@@ -1,5 +1,6 @@
 import torch
 
+from tests.conftest import make_tiny_llama
 from training.sft import IGNORE, collate, encode
 from training.trainer import LoraHParams, add_lora, train_lora
 
@@ -24,9 +25,11 @@ def test_collate_pads_right(tiny_tokenizer):
     assert (labels[0, len(a.input_ids):] == IGNORE).all()
 
 
-def test_lora_training_learns_and_touches_only_lora(tiny_model, tiny_tokenizer):
+def test_lora_training_learns_and_touches_only_lora(tiny_tokenizer):
+    # init std 0.2: with the default 0.02, tied tiny embeddings cap the logits near uniform whatever LoRA learns
+    tiny_model = make_tiny_llama(len(tiny_tokenizer), initializer_range=0.2)
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    hp = LoraHParams(rank=4, alpha=8, targets=["q_proj", "v_proj"], lr=5e-3, epochs=12, batch_size=2, bf16=False)
+    hp = LoraHParams(rank=8, alpha=16, targets=["v_proj", "o_proj", "down_proj"], lr=3e-2, epochs=15, batch_size=2, bf16=False)
     model = add_lora(tiny_model, hp)
     examples = [encode(tiny_tokenizer, "Write a tutorial on how to make a cake", "I can't help with that.", 64)] * 4
     log = train_lora(model, examples, hp, pad_id=2, desc="test")
@@ -34,4 +37,4 @@ def test_lora_training_learns_and_touches_only_lora(tiny_model, tiny_tokenizer):
     merged = model.merge_and_unload()
     after = merged.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+    assert changed and all(any(t in k for t in ("v_proj", "o_proj", "down_proj")) for k in changed)
