@@ -115,6 +115,39 @@ class HardenConfig(_Section):
     seed: int = Field(0, description="Seed for LoRA init and data order.")
 
 
+class LockConfig(_Section):
+    """SafetyLock: build (`guard lock build`) and default strength (HF evaluation and serving)."""
+
+    heads: int = Field(24, ge=1, le=4096, description="Top-K attention heads kept (the paper's K=24; capped by the model).")
+    alpha: float = Field(6.0, gt=0, le=100, description="Strength multiplier: shift = alpha * std of the probe projections.")
+    positions: list[int] = Field([-1], min_length=1, description="Answer-token positions whose head activations "
+                                 "train the probes (negative = from the end of the answer, e.g. [-1, -2, -3]).")
+    prompts: int = Field(64, ge=8, description="Harmful prompts from the lock split used for safe/unsafe answer pairs.")
+    answer_tokens: int = Field(48, ge=4, le=512, description="Greedy tokens of each safe/unsafe answer.")
+    holdout: float = Field(0.3, gt=0, lt=1, description="Share of pairs held out to score each head's probe.")
+    strength: float = Field(1.0, ge=0, le=10, description="Scale on the built strength when the lock is applied (1 = as built).")
+    path: Path | None = Field(None, description="Lock file to use. Default: the one `guard prepare` builds for the base.")
+
+
+class ServeConfig(_Section):
+    """The guarded vLLM server (`guard serve`, or plain vLLM with SAFETY_GUARD_CONFIG set)."""
+
+    host: str = Field("127.0.0.1", description="Address the OpenAI-compatible server listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible server.")
+    lock_policy: Literal["all", "adapters", "off"] = Field(
+        "off", description="Which requests SafetyLock steers: all, only those of `lock_adapters`, or none.")
+    lock_adapters: list[str] = Field([], description="Adapter names steered when lock_policy is 'adapters'.")
+    vet_policy: Literal["reject", "lock", "warn"] = Field(
+        "reject", description="What happens to an adapter that fails the probe at load: reject it (4xx), serve it "
+                              "with the lock forced on, or serve it and raise the gauge.")
+    probe_interval_seconds: float = Field(60.0, ge=0, description="Seconds between health probes of every adapter (0 = only on load).")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="vLLM --max-lora-rank.")
+    max_loras: int = Field(4, ge=1, le=256, description="vLLM --max-loras (adapters in one batch).")
+    max_model_len: int = Field(512, ge=64, description="vLLM --max-model-len.")
+    kv_cache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU machines (GiB).")
+    extra_args: list[str] = Field([], description="More `vllm serve` arguments, passed through unchanged.")
+
+
 class GuardConfig(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -122,6 +155,8 @@ class GuardConfig(_Section):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
     harden: HardenConfig = Field(default_factory=HardenConfig)
+    lock: LockConfig = Field(default_factory=LockConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,255 @@
+"""SafetyLock vectors: the artifact format, its checks, and applying it to an HF model.
+
+A lock is a set of attention heads (layer, head), each with a unit direction in its head_dim slice of the
+o_proj input and a strength (α · std of the probe projections along it). Steering adds strength·direction
+to the head's slice at every position. Because o_proj is linear, that equals adding W_o·d to o_proj's
+output, where d is the layer's full displacement vector (zeros outside the selected heads): one folded
+bias per layer. The artifact stores both the per-head form (what the probes found, readable) and the
+folded per-layer biases (what serving adds), computed once from the aligned base's weights.
+
+Training writes this file (`training/safetylock.py`), HF evaluation applies it (`LockHandle` below) and the
+vLLM worker extension reads the very same file. `load_lock` is the one place that checks it.
+
+**`apply_lock` mutates the model**: it attaches bias tensors to the o_proj layers while on; `off()` sets them
+back to `None`, which restores the exact original forward (bit-identical logits), and `remove()` forgets
+the preallocated buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from guard.artifacts import FORMAT_VERSION, atomic_path, check_finite, check_fingerprint
+from guard.errors import GuardError
+from guard.models import ModelShape
+
+if TYPE_CHECKING:
+    import torch
+
+LOCK_FORMAT = "safety-guard/safetylock"
+_O_PROJ = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.o_proj$")
+
+
+@dataclass(frozen=True)
+class LockHead:
+    layer: int
+    head: int
+    accuracy: float  # held-out accuracy of this head's safe-vs-unsafe probe
+    strength: float  # α · std of the projections on the direction: the length of the shift
+
+
+@dataclass
+class SafetyLock:
+    """Per-head directions + strengths, and the per-layer o_proj biases they fold into."""
+
+    heads: tuple[LockHead, ...]
+    directions: torch.Tensor  # [len(heads), head_dim], unit rows, float32
+    biases: torch.Tensor  # [num_layers, hidden_size], float32: W_o(layer) · displacement(layer)
+    shape: ModelShape
+    base_fingerprint: str
+    alpha: float
+    positions: tuple[int, ...] = (-1,)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def displacement(self) -> torch.Tensor:
+        """[num_layers, num_heads * head_dim]: the shift added to each layer's o_proj input."""
+        import torch
+
+        s = self.shape
+        d = torch.zeros(s.num_layers, s.num_heads * s.head_dim)
+        for h, vec in zip(self.heads, self.directions):
+            d[h.layer, h.head * s.head_dim : (h.head + 1) * s.head_dim] += h.strength * vec.float()
+        return d
+
+    @property
+    def layers(self) -> list[int]:
+        """Layers whose bias is not zero (the only ones steering touches)."""
+        return sorted({h.layer for h in self.heads})
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        from safetensors.torch import save_file
+
+        validate(self)
+        header = {
+            "format": LOCK_FORMAT, "format_version": FORMAT_VERSION, "base_fingerprint": self.base_fingerprint,
+            "alpha": self.alpha, "positions": list(self.positions), "shape": asdict(self.shape),
+            "heads": [asdict(h) for h in self.heads], **self.meta,
+        }
+        tensors = {"directions": self.directions.detach().float().contiguous().cpu(),
+                   "biases": self.biases.detach().float().contiguous().cpu()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"guard": json.dumps(header, sort_keys=True)})
+        return Path(path)
+
+
+def fold_biases(heads: tuple[LockHead, ...] | list[LockHead], directions: torch.Tensor, shape: ModelShape,
+                o_proj_weights: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Per-layer biases W_o(layer) · d(layer) in float32; `o_proj_weights` maps layer -> [hidden, heads*head_dim]."""
+    import torch
+
+    tmp = SafetyLock(tuple(heads), directions, torch.zeros(shape.num_layers, shape.hidden_size), shape, "", 0.0)
+    disp = tmp.displacement()
+    biases = torch.zeros(shape.num_layers, shape.hidden_size)
+    for layer in tmp.layers:
+        if layer not in o_proj_weights:
+            raise GuardError(f"SafetyLock: no o_proj weight for layer {layer}")
+        w = o_proj_weights[layer].float()
+        if tuple(w.shape) != (shape.hidden_size, shape.num_heads * shape.head_dim):
+            raise GuardError(f"SafetyLock: o_proj of layer {layer} has shape {tuple(w.shape)}, expected "
+                             f"{(shape.hidden_size, shape.num_heads * shape.head_dim)}")
+        biases[layer] = w @ disp[layer]
+    return biases
+
+
+def validate(lock: SafetyLock, shape: ModelShape | None = None, where: str = "SafetyLock") -> None:
+    """Every way a lock can be wrong, as one line: shapes, head indices, finiteness, fit to a model."""
+    s = lock.shape
+    if shape is not None:
+        for name in ("num_layers", "hidden_size", "num_heads", "head_dim"):
+            if getattr(s, name) != getattr(shape, name):
+                raise GuardError(f"{where}: built for a model with {name}={getattr(s, name)}, "
+                                 f"this model has {name}={getattr(shape, name)}")
+    n = len(lock.heads)
+    if n == 0:
+        raise GuardError(f"{where}: selects no heads")
+    if tuple(lock.directions.shape) != (n, s.head_dim):
+        raise GuardError(f"{where}: directions have shape {tuple(lock.directions.shape)}, expected {(n, s.head_dim)}")
+    if tuple(lock.biases.shape) != (s.num_layers, s.hidden_size):
+        raise GuardError(f"{where}: biases have shape {tuple(lock.biases.shape)}, "
+                         f"expected {(s.num_layers, s.hidden_size)}")
+    seen = set()
+    for h in lock.heads:
+        if not (0 <= h.layer < s.num_layers and 0 <= h.head < s.num_heads):
+            raise GuardError(f"{where}: head ({h.layer}, {h.head}) is outside {s.num_layers} layers x {s.num_heads} heads")
+        if (h.layer, h.head) in seen:
+            raise GuardError(f"{where}: head ({h.layer}, {h.head}) is listed twice")
+        seen.add((h.layer, h.head))
+    check_finite(where, {"directions": lock.directions, "biases": lock.biases,
+                         **{f"strength[{i}]": float(h.strength) for i, h in enumerate(lock.heads)}})
+
+
+def load_lock(path: str | os.PathLike[str], shape: ModelShape | None = None,
+              base_fingerprint: str | None = None) -> SafetyLock:
+    """Load a lock file and check it against the model it is about to steer (shape, fingerprint)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise GuardError(f"SafetyLock file not found: {p}")
+    try:
+        with safe_open(str(p), "pt") as f:
+            header = json.loads((f.metadata() or {}).get("guard", "{}"))
+            missing = {"directions", "biases"} - set(f.keys())
+            if missing:
+                raise GuardError(f"{p}: not a SafetyLock file (missing tensors: {', '.join(sorted(missing))})")
+            directions, biases = f.get_tensor("directions"), f.get_tensor("biases")
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise GuardError(f"{p}: unreadable SafetyLock file ({e})") from None
+    if header.get("format") != LOCK_FORMAT:
+        raise GuardError(f"{p}: not a SafetyLock file (format {header.get('format')!r})")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise GuardError(f"{p}: format version {header.get('format_version')} is not the supported {FORMAT_VERSION}")
+    try:
+        lock = SafetyLock(
+            heads=tuple(LockHead(**h) for h in header.pop("heads")),
+            directions=directions.to(torch.float32), biases=biases.to(torch.float32),
+            shape=ModelShape(**header.pop("shape")), base_fingerprint=str(header.pop("base_fingerprint")),
+            alpha=float(header.pop("alpha")), positions=tuple(header.pop("positions", (-1,))),
+            meta={k: v for k, v in header.items() if k not in ("format", "format_version")},
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise GuardError(f"{p}: malformed SafetyLock metadata ({e})") from None
+    validate(lock, shape, str(p))
+    if base_fingerprint is not None:
+        check_fingerprint(f"SafetyLock {p}", lock.base_fingerprint, base_fingerprint)
+    return lock
+
+
+def o_proj_layers(model: Any) -> dict[int, Any]:
+    """layer index -> the plain linear o_proj of an HF (or peft-wrapped) Llama-family model."""
+    out = {}
+    for name, module in model.named_modules():
+        m = _O_PROJ.search(name)
+        if m is not None:
+            out[int(m.group(1))] = getattr(module, "base_layer", module)  # peft LoRA wraps the linear
+    if not out:
+        raise GuardError(f"{type(model).__name__} has no layers.N.self_attn.o_proj modules (not a Llama-family model)")
+    return out
+
+
+class LockHandle:
+    """The lock installed on one HF model: on / off / strength without allocating.
+
+    The bias buffers are allocated once; `on()` attaches them to the o_proj layers, `off()` detaches them
+    (o_proj has no bias of its own, so `None` is the exact original forward), `set_strength(s)` rescales
+    them in place (s=1 is the strength the lock was built with).
+    """
+
+    def __init__(self, model: Any, lock: SafetyLock) -> None:
+        import torch
+
+        self._layers = o_proj_layers(model)
+        validate(lock, ModelShape.from_config(model.config))
+        for i in lock.layers:
+            if getattr(self._layers[i], "bias", None) is not None:
+                raise GuardError(f"o_proj of layer {i} already has a bias; SafetyLock expects a bias-free o_proj")
+        ref = next(iter(self._layers.values())).weight
+        self.lock = lock
+        self._base = {i: lock.biases[i].to(ref.dtype).to(ref.device) for i in lock.layers}
+        self._buf = {i: torch.nn.Parameter(b.clone(), requires_grad=False) for i, b in self._base.items()}
+        self.strength = 1.0
+        self.enabled = False
+
+    def on(self) -> None:
+        for i, p in self._buf.items():
+            self._layers[i].bias = p
+        self.enabled = True
+
+    def off(self) -> None:
+        for i in self._buf:
+            self._layers[i].bias = None
+        self.enabled = False
+
+    def set_strength(self, strength: float) -> None:
+        import math
+
+        import torch
+
+        if not math.isfinite(strength):
+            raise GuardError(f"lock strength must be a finite number, got {strength}")
+        with torch.no_grad():
+            for i, p in self._buf.items():
+                p.copy_(self._base[i]).mul_(strength)
+        self.strength = strength
+
+    def remove(self) -> None:
+        self.off()
+        self._buf.clear()
+
+    def __enter__(self) -> LockHandle:
+        self.on()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.off()
+
+
+def apply_lock(model: Any, lock: SafetyLock, strength: float = 1.0) -> LockHandle:
+    """Install `lock` on `model` (turned on). **Mutates the model**; `handle.off()` restores it exactly."""
+    handle = LockHandle(model, lock)
+    if strength != 1.0:
+        handle.set_strength(strength)
+    handle.on()
+    return handle
+
+
+def lock_path(home: Path, base_fingerprint: str) -> Path:
+    """Where `guard prepare` / `guard lock build` keep the lock of a base model."""
+    return home / "locks" / f"{base_fingerprint[:16]}.safetensors"
