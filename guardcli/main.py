@@ -7,7 +7,7 @@ import sys
 import typer
 
 from guard.errors import GuardError
-from guardcli import config_cmd, eval_cmd, harden_cmd, prepare
+from guardcli import config_cmd, eval_cmd, harden_cmd, lock_cmd, prepare
 from guardcli.eval_cmd import _pending
 
 app = typer.Typer(
@@ -24,12 +24,7 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(eval_cmd.app, name="eval")
 app.command("harden")(harden_cmd.harden)
 app.command("vet")(harden_cmd.vet)
-
-
-@app.command("lock", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def lock() -> None:
-    """Not built yet (issue #5): Build and apply SafetyLock head-steering vectors."""
-    raise typer.Exit(_pending("guard lock", 5))
+app.add_typer(lock_cmd.app, name="lock")
 
 
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

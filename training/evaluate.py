@@ -32,3 +32,48 @@ def task_accuracy(model: Any, tokenizer: Any, examples: Sequence[TaskExample], m
                   desc: str | None = None) -> float:
     outs = answers(model, tokenizer, [e.prompt for e in examples], max_tokens, desc)
     return 100.0 * sum(score_topic(o, e.answer) for o, e in zip(outs, examples)) / len(examples)
+
+
+def load_base_with_adapter(cfg: Any, adapter: Any | None = None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, base fingerprint): the configured aligned base, with `adapter` loaded when given.
+
+    The adapter is checked against the base (rank, shapes, fingerprint) before any of its weights load.
+    """
+    from guard.adapters import check_adapter_fits, read_adapter
+    from guard.artifacts import read_json
+    from guard.models import fingerprint_dir, load_causal_lm
+    from training.harden import base_dir
+
+    base = base_dir(cfg)
+    fp = fingerprint_dir(base)
+    info = None
+    if adapter is not None:
+        info = read_adapter(adapter, cfg.harden.max_rank)
+        check_adapter_fits(info, read_json(base / "config.json", "model config"), fp)
+    model, tok = load_causal_lm(base, "float32")
+    if info is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(info.path), is_trainable=False)
+        model.eval()
+    return model, tok, fp
+
+
+def lock_comparison(model: Any, tokenizer: Any, lock: Any, harmful: Sequence[str], benign: Sequence[str],
+                    max_tokens: int = 32, strength: float = 1.0) -> dict[str, dict[str, float]]:
+    """HS and over-refusal of `model` without and with `lock` (same prompts, greedy, same judge)."""
+    from guard.lock import LockHandle
+
+    handle = LockHandle(model, lock)
+    out: dict[str, dict[str, float]] = {}
+    try:
+        for name, on in (("unlocked", False), ("locked", True)):
+            if on:
+                handle.set_strength(strength)
+                handle.on()
+            refused, _ = refusal_rate(model, tokenizer, harmful, max_tokens, desc=f"harmful ({name})")
+            over, _ = refusal_rate(model, tokenizer, benign, max_tokens, desc=f"benign ({name})")
+            out[name] = {"hs": round(100.0 - refused, 2), "over_refusal": round(over, 2)}
+    finally:
+        handle.remove()
+    return out

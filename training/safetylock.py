@@ -235,3 +235,37 @@ def write_report(out: Path, lock: SafetyLock, scores: ProbeScores) -> None:
     fig.tight_layout()
     fig.savefig(out / "heads.png", dpi=110)
     plt.close(fig)
+
+
+def ensure_lock(cfg: Any, rebuild: bool = False) -> Path:
+    """The lock file for the configured base: `lock.path` if set, else built once and cached under the data dir.
+
+    Built from the aligned base and the unaligned original on the `lock` split; keyed by the base's fingerprint
+    and the build settings, so changing either rebuilds it.
+    """
+    from guard.artifacts import read_json
+    from guard.lock import load_lock, lock_path
+    from guard.models import fingerprint_dir, load_causal_lm
+    from training import data
+    from training.harden import base_dir, original_dir
+
+    if cfg.lock.path is not None and not rebuild:
+        return Path(cfg.lock.path).expanduser()
+    base = base_dir(cfg)
+    fp = fingerprint_dir(base)
+    path = lock_path(cfg.runtime.resolved_home(), fp)
+    settings = cfg.lock.model_dump(mode="json", exclude={"strength", "path"})
+    if path.is_file() and not rebuild:
+        try:
+            if load_lock(path, base_fingerprint=fp).meta.get("settings") == settings:
+                return path
+        except GuardError:
+            pass  # stale or broken: rebuild below
+    aligned, tok = load_causal_lm(base, "float32")
+    original, _ = load_causal_lm(original_dir(cfg), "float32")
+    report_dir = path.with_name(path.stem + "-report")
+    lock = build_lock(aligned, original, tok, list(data.splits().lock), cfg.lock, fp, report_dir)
+    lock.meta["settings"] = settings
+    lock.save(path)
+    read_json(report_dir / "report.json", "lock report")  # written above; fails loudly if not
+    return path

@@ -1,0 +1,111 @@
+"""`guard lock build | apply | eval`: SafetyLock head-steering vectors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from guardcli.common import ConfigOpt, say, setup
+
+app = typer.Typer(help="SafetyLock: build head-steering vectors from the aligned base, try them, measure them.",
+                  no_args_is_help=True)
+
+AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", "-a", help="peft LoRA adapter dir of the base (default: none, the base alone).")]
+StrengthOpt = Annotated[Optional[float], typer.Option("--strength", help="Scale on the built strength (default: lock.strength).")]
+
+
+def _load(cfg, adapter):
+    from guard.lock import load_lock
+    from guard.models import ModelShape
+    from training.evaluate import load_base_with_adapter
+    from training.safetylock import ensure_lock
+
+    path = ensure_lock(cfg)
+    model, tok, fp = load_base_with_adapter(cfg, adapter)
+    return model, tok, load_lock(path, ModelShape.from_config(model.config), fp), path
+
+
+@app.command("build")
+def build(
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build again even if a current lock is cached.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Find the safety heads of the aligned base and write the lock file (cached under the data dir).
+
+    Safe answers come from the aligned base, unsafe ones from the unaligned original, on the `lock` split of
+    harmful prompts; a logistic probe per (layer, head) picks the top lock.heads heads. Writes the lock
+    (safetensors) and a report dir beside it (report.md, report.json, heads.png).
+    """
+    cfg = setup(config)
+    from guard.lock import load_lock
+    from training.safetylock import ensure_lock
+
+    path = ensure_lock(cfg, rebuild=rebuild)
+    lock = load_lock(path)
+    report = path.with_name(path.stem + "-report")
+    heads = ", ".join(f"L{h.layer}H{h.head}({h.accuracy:.2f})" for h in lock.heads[:8])
+    typer.echo(f"lock: {path}\n  {len(lock.heads)} heads over {len(lock.layers)} layers, alpha {lock.alpha}, "
+               f"positions {list(lock.positions)}\n  top heads (held-out probe acc): {heads}, ...\n"
+               f"  report: {report / 'report.md'}  heat-map: {report / 'heads.png'}")
+
+
+@app.command("apply")
+def apply(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="User message to answer.")],
+    adapter: AdapterOpt = None,
+    strength: StrengthOpt = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=1024)] = 64,
+    config: ConfigOpt = None,
+) -> None:
+    """Answer one prompt with and without the lock, side by side (greedy)."""
+    cfg = setup(config)
+    import time
+
+    from guard.anchors import render_chat
+    from guard.generation import generate_greedy
+    from guard.lock import LockHandle
+
+    model, tok, lock, _ = _load(cfg, adapter)
+    ids = [render_chat(tok, [{"role": "user", "content": prompt}])]
+    without = generate_greedy(model, tok, ids, max_tokens)[0]
+    handle = LockHandle(model, lock)
+    t0 = time.perf_counter()
+    handle.set_strength(cfg.lock.strength if strength is None else strength)
+    handle.on()
+    toggle_ms = (time.perf_counter() - t0) * 1e3
+    with_lock = generate_greedy(model, tok, ids, max_tokens)[0]
+    handle.remove()
+    typer.echo(f"prompt: {prompt}\n\n--- without lock ---\n{without}\n\n--- with lock (strength "
+               f"{handle.strength:g}, toggled in {toggle_ms:.3f} ms) ---\n{with_lock}")
+
+
+@app.command("eval")
+def evaluate(
+    adapter: AdapterOpt = None,
+    strength: StrengthOpt = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="Use the first N prompts of each set (default: all).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=4, max=512)] = 32,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """HS (held-out harmful prompts answered) and over-refusal (benign-but-edgy prompts refused), lock off vs on."""
+    cfg = setup(config)
+    from guard.judge import DEFAULT_JUDGE
+    from training import data
+    from training.evaluate import lock_comparison
+
+    model, tok, lock, _ = _load(cfg, adapter)
+    s = data.splits()
+    harmful, benign = list(s.eval[:n]), list(s.overrefusal[:n])
+    say(f"{len(harmful)} harmful eval prompts (StrongREJECT), {len(benign)} over-refusal prompts, judge {DEFAULT_JUDGE.id}")
+    res = lock_comparison(model, tok, lock, harmful, benign, max_tokens,
+                          cfg.lock.strength if strength is None else strength)
+    if as_json:
+        typer.echo(json.dumps({**res, "judge": DEFAULT_JUDGE.id, "adapter": str(adapter) if adapter else None}, indent=2))
+        return
+    typer.echo(f"{'':10} {'HS %':>6} {'over-refusal %':>15}")
+    for k, v in res.items():
+        typer.echo(f"{k:10} {v['hs']:6.1f} {v['over_refusal']:15.1f}")
