@@ -82,3 +82,28 @@ def default_model_dir(tmp_path_factory) -> Path:
     if (cached / "config.json").is_file():
         return cached
     return ensure_default_original(tmp_path_factory.mktemp("sg-home"))
+
+
+@pytest.fixture(scope="session")
+def mini_prepared(tmp_path_factory, default_model_dir):
+    """(config path, data dir) after a real `guard prepare` with a miniature alignment and lock (~2 min).
+
+    The miniature aligned base over-refuses; that is all the integration tests need: refusals to contrast
+    for the lock, a real alignment direction for AsFT, and reference states for SBR and drift.
+    """
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("mini-prepared")
+    home = tmp / "home"
+    cfg = tmp / "guard.yaml"
+    cfg.write_text(
+        f"runtime:\n  home: {home}\nmodel:\n  original: {default_model_dir}\n"
+        "anchors:\n  k: 4\nalign:\n  harmful: 24\n  benign: 4\n  epochs: 2\n  lr: 0.002\n  answer_tokens: 8\n"
+        "  max_len: 64\nlock:\n  prompts: 12\n  answer_tokens: 12\n  heads: 4\n"
+    )
+    run = subprocess.run([sys.executable, "-m", "guardcli.main", "prepare", "--config", str(cfg)],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=1200,
+                         env=dict(os.environ))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return cfg, home

@@ -30,25 +30,26 @@ def test_converted_default_model(default_model_dir):
     assert len(fingerprint_dir(default_model_dir)) == 64
 
 
-def test_prepare_end_to_end_and_reuse(tmp_path, default_model_dir):
-    """`guard prepare` with a miniature alignment; the second run reuses everything."""
-    cfg = tmp_path / "guard.yaml"
-    cfg.write_text(
-        f"runtime:\n  home: {tmp_path / 'home'}\nmodel:\n  original: {default_model_dir}\n"
-        "anchors:\n  k: 4\nalign:\n  harmful: 8\n  benign: 8\n  epochs: 1\n  answer_tokens: 8\n  max_len: 64\n"
-    )
-    run = lambda: subprocess.run([sys.executable, "-m", "guardcli.main", "prepare", "--config", str(cfg)],
-                                 capture_output=True, text=True, cwd=ROOT, timeout=900, env=dict(os.environ))
-    first = run()
-    assert first.returncode == 0, first.stderr[-2000:]
-    aligned = tmp_path / "home" / "models" / "smollm2-135m-instruct-aligned"
+def test_prepare_end_to_end_and_reuse(mini_prepared):
+    """`guard prepare` with a miniature alignment (conftest.mini_prepared); the second run reuses everything."""
+    cfg, home = mini_prepared
+    aligned = home / "models" / "smollm2-135m-instruct-aligned"
     assert (aligned / "guard_align.json").is_file() and (aligned / "model.safetensors").is_file()
     fp = fingerprint_dir(aligned)
     anchors = load_anchor_set("default", k=4)
-    ref = ReferenceStates.load(reference_path(tmp_path / "home", fp, anchors.hash), fp, anchors.hash, 576)
+    ref = ReferenceStates.load(reference_path(home, fp, anchors.hash), fp, anchors.hash, 576)
     assert ref.states.shape == (4, 576)
+    from guard.lock import load_lock, lock_path
+    from guard.models import ModelShape
+
+    lock = load_lock(lock_path(home, fp), ModelShape(30, 576, 9, 3, 64, 49152), fp)
+    assert len(lock.heads) == 4 and lock.biases.abs().sum() > 0
+    assert (lock_path(home, fp).with_name(f"{fp[:16]}-report") / "heads.png").is_file()
     mtime = (aligned / "model.safetensors").stat().st_mtime_ns
-    second = run()
-    assert second.returncode == 0 and "ready in" in second.stdout
+    lock_mtime = lock_path(home, fp).stat().st_mtime_ns
+    second = subprocess.run([sys.executable, "-m", "guardcli.main", "prepare", "--config", str(cfg)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=900, env=dict(os.environ))
+    assert second.returncode == 0 and "ready in" in second.stdout, second.stderr[-2000:]
     assert (aligned / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not rebuilt
-    assert not list((tmp_path / "home" / "models").glob(".*tmp"))  # nothing half-written left behind
+    assert lock_path(home, fp).stat().st_mtime_ns == lock_mtime
+    assert not list((home / "models").glob(".*tmp"))  # nothing half-written left behind

@@ -63,8 +63,13 @@ class Interrupted(Exception):
 def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id: int,
                regularizer: Regularizer | None = None, log_path: Path | None = None,
                checkpoint_dir: Path | None = None, resume: bool = False, desc: str = "train",
-               stop_after_steps: int | None = None) -> list[dict[str, float]]:
-    """Fine-tune the LoRA parameters of a peft `model` on `examples`; returns the per-step log."""
+               stop_after_steps: int | None = None,
+               on_epoch: Callable[[int], dict[str, float] | None] | None = None) -> list[dict[str, float]]:
+    """Fine-tune the LoRA parameters of a peft `model` on `examples`; returns the per-step log.
+
+    `on_epoch(epoch)` runs after every epoch in eval mode (and outside autograd's way: it must not train);
+    what it returns is merged into that epoch's last log row.
+    """
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -116,6 +121,12 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
             if stop_after_steps is not None and step >= stop_after_steps:
                 bar.close()
                 raise Interrupted(f"stopped after {step} steps")
+        if on_epoch is not None:  # per-epoch measurements (the stress test); the model is put back in train mode
+            model.eval()
+            extra = on_epoch(epoch + 1)
+            model.train()
+            if extra and log:
+                log[-1].update(extra)
         if ckpt is not None:
             state = {"epoch": epoch + 1, "step": step, "lora": get_peft_model_state_dict(model),
                      "optimizer": opt.state_dict(), "rng": rng.getstate(), "hparams": asdict(hp),

@@ -1,0 +1,244 @@
+"""The harmful-fine-tuning stress test: SFT vs SBR vs AsFT (and SafetyLock on top), measured every epoch.
+
+Protocol (DESIGN.md §4): one mixed fine-tuning set — benign topic-classification examples plus a poison
+share of harmful request -> compliant answer pairs generated at run time by the unaligned original — and
+every method trained on it with identical hyper-parameters, seed and example order. After every epoch:
+- HS: % of held-out harmful prompts (StrongREJECT eval split; AdvBench-derived training splits, so this is
+  an out-of-distribution measure) answered without refusal, greedy, judged by the named judge;
+- FA: exact-label accuracy on the topic task's held-out split;
+- over-refusal: % of held-out benign-but-edgy prompts refused;
+- drift: mean relative L2 of the anchor states from the aligned reference (the live gauge's number);
+and for SFT and SBR the same with the SafetyLock on ("sft+lock", "sbr+lock").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from guard.anchors import load_anchor_set
+from guard.artifacts import provenance, write_json_atomic, write_text_atomic
+from guard.config import GuardConfig
+from guard.errors import GuardError
+from guard.judge import DEFAULT_JUDGE
+from guard.lock import LockHandle, load_lock
+from guard.models import ModelShape, fingerprint_dir, load_causal_lm
+from guard.states import cached_reference
+from training import data
+from training.attack import attack_mix
+from training.evaluate import refusal_rate, task_accuracy
+from training.harden import base_dir, build_regularizer, hparams, original_dir
+from training.regularizers import SBR
+from training.safetylock import ensure_lock
+from training.sft import encode
+from training.trainer import add_lora, train_lora
+
+METHODS = ("sft", "sbr", "asft")
+
+
+@dataclass
+class StressConfig:
+    """Sizes are chosen so the default run fits in ~60 min on a 2-core CPU (see README)."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    poison: float = 0.1
+    epochs: int = 5
+    benign: int = 144  # benign task examples in the mix (harmful ones are added on top by the poison ratio)
+    lr: float = 2e-4
+    lambdas: list[float] = field(default_factory=list)  # extra SBR runs "sbr@λ" (a λ sweep)
+    lock: bool = True  # also measure "sft+lock" and "sbr+lock"
+    n_harmful: int = 64  # held-out harmful eval prompts per measurement
+    n_task: int = 100  # held-out topic-task examples for FA
+    n_benign: int = 48  # held-out benign-but-edgy prompts for over-refusal
+    max_tokens: int = 24  # greedy tokens judged (a refusal shows in the first ~16)
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls) -> StressConfig:
+        """The whole pipeline in a few minutes for CI; its numbers are not results."""
+        return cls(epochs=1, benign=16, n_harmful=6, n_task=6, n_benign=4, max_tokens=8)
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise GuardError(f"--methods: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(METHODS)}")
+        if not 0 <= self.poison < 1:
+            raise GuardError(f"--poison must be in [0, 1), got {self.poison}")
+        if self.epochs < 1:
+            raise GuardError(f"--epochs must be >= 1, got {self.epochs}")
+        if any(not math.isfinite(x) or x < 0 for x in self.lambdas):
+            raise GuardError(f"--lambdas must be non-negative numbers, got {self.lambdas}")
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Rank correlation with average ranks for ties; None when a side is constant or n < 3."""
+    if len(xs) < 3:
+        return None
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if vx == 0 or vy == 0 else cov / math.sqrt(vx * vy)
+
+
+class Meter:
+    """HS / FA / over-refusal / drift of whatever model it is handed, on fixed held-out sets."""
+
+    def __init__(self, tok: Any, sc: StressConfig, probe: SBR) -> None:
+        s = data.splits()
+        self.tok, self.sc, self.probe = tok, sc, probe
+        self.harmful = list(s.eval[: sc.n_harmful])
+        self.benign = list(s.overrefusal[: sc.n_benign])
+        _, self.task = data.topic_task(n_train=max(sc.benign, 1), n_eval=max(sc.n_task, 1))
+        self.task = self.task[: sc.n_task]
+
+    def __call__(self, model: Any, label: str) -> dict[str, float]:
+        refused, _ = refusal_rate(model, self.tok, self.harmful, self.sc.max_tokens, desc=f"{label}: HS")
+        over, _ = refusal_rate(model, self.tok, self.benign, self.sc.max_tokens, desc=f"{label}: over-refusal")
+        fa = task_accuracy(model, self.tok, self.task, desc=f"{label}: FA")
+        with torch.no_grad():
+            h = self.probe.states(model).float()
+        drift = float(((h - self.probe.reference).norm(dim=-1) / self.probe.reference.norm(dim=-1)).mean())
+        return {"hs": round(100.0 - refused, 2), "fa": round(fa, 2), "over_refusal": round(over, 2),
+                "drift": round(drift, 5)}
+
+
+def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stress_default") -> dict[str, Any]:
+    """Train every method on the same attack mix, measure each epoch, write JSON + markdown + plots to `out`."""
+    t0 = time.perf_counter()
+    home = cfg.runtime.resolved_home()
+    base, original = base_dir(cfg), original_dir(cfg)
+    fp = fingerprint_dir(base)
+    model, tok = load_causal_lm(base, "float32")
+    anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)
+    ref = cached_reference(model, tok, anchors, fp, home)
+    probe = SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id)
+    lock = load_lock(ensure_lock(cfg), ModelShape.from_config(model.config), fp) if sc.lock else None
+    mix, n_harm = attack_mix(original, home / "work", sc.benign, sc.poison, seed=sc.seed)
+    h = cfg.harden.model_copy(update={"lr": sc.lr, "epochs": sc.epochs, "seed": sc.seed})
+    examples = [encode(tok, list(e.messages), e.answer, h.max_len) for e in mix]
+    meter = Meter(tok, sc, probe)
+
+    result: dict[str, Any] = {
+        "judge": DEFAULT_JUDGE.id, "name": name,
+        "config": {**asdict(sc), "examples": len(examples), "harmful_examples": n_harm,
+                   "hparams": asdict(hparams(h)), "sbr_lambda": h.sbr_lambda, "asft_lambda": h.asft_lambda,
+                   "anchors_k": len(anchors), "lock_heads": len(lock.heads) if lock else None,
+                   "lock_strength": cfg.lock.strength,
+                   "eval_sets": {"harmful": f"StrongREJECT eval split, first {len(meter.harmful)} (out of distribution)",
+                                 "benign": f"held-out benign-but-edgy, first {len(meter.benign)}",
+                                 "task": f"topic classification held-out, {len(meter.task)}"}},
+        "methods": {},
+    }
+    result["base"] = meter(model, "base")
+    runs: list[tuple[str, str, float | None]] = [(m, m, None) for m in sc.methods]
+    runs += [(f"sbr@{lam:g}", "sbr", lam) for lam in sc.lambdas]
+    for label, method, lam in runs:
+        hm = h.model_copy(update={"sbr_lambda": lam}) if lam is not None else h
+        reg = build_regularizer(method, hm, model, tok, anchors, ref, base, original)
+        peft_model = add_lora(model, hparams(hm))
+        rows: dict[str, list[dict[str, float]]] = {label: []}
+        with_lock = lock is not None and label in ("sft", "sbr")
+        if with_lock:
+            rows[f"{label}+lock"] = []
+            handle = LockHandle(peft_model, lock)
+            handle.set_strength(cfg.lock.strength)
+
+        def on_epoch(epoch: int) -> dict[str, float]:
+            m = meter(peft_model, f"{label} epoch {epoch}")
+            rows[label].append({"epoch": epoch, **m})
+            if with_lock:
+                handle.on()
+                rows[f"{label}+lock"].append({"epoch": epoch, **meter(peft_model, f"{label}+lock epoch {epoch}")})
+                handle.off()
+            tqdm.write(f"{label} epoch {epoch}: {m}")
+            return m
+
+        train_lora(peft_model, examples, hparams(hm), tok.pad_token_id, reg, desc=f"stress {label}", on_epoch=on_epoch)
+        if with_lock:
+            handle.remove()
+        model = peft_model.unload()  # back to the plain aligned base for the next method
+        for k, v in rows.items():
+            result["methods"][k] = {"epochs": v}
+        write_json_atomic(out / f"{name}.partial.json", result)  # progress survives a kill
+
+    points = [(e["drift"], e["hs"]) for k, v in result["methods"].items() if "+lock" not in k for e in v["epochs"]]
+    rho = spearman([p[0] for p in points], [p[1] for p in points])
+    result["spearman_drift_hs"] = None if rho is None else round(rho, 4)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result.update(provenance())
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / f"{name}.json", result)
+    (out / f"{name}.partial.json").unlink(missing_ok=True)
+    write_text_atomic(out / f"{name}.md", markdown(result))
+    plot(result, out, name)
+    return result
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """Final and worst epoch per method, the base, and the drift-HS correlation."""
+    b = r["base"]
+    lines = [f"Judge `{r['judge']}`; poison {r['config']['poison']}, {r['config']['epochs']} epochs, "
+             f"{r['config']['examples']} examples ({r['config']['harmful_examples']} harmful); "
+             f"wall time {r['seconds'] / 60:.1f} min.", "",
+             "| method | final HS % | worst HS % | final FA % | final over-refusal % | final drift |",
+             "|---|---|---|---|---|---|",
+             f"| aligned base | {b['hs']:.1f} | | {b['fa']:.1f} | {b['over_refusal']:.1f} | {b['drift']:.3f} |"]
+    for k, v in r["methods"].items():
+        e = v["epochs"]
+        lines.append(f"| {k} | {e[-1]['hs']:.1f} | {max(x['hs'] for x in e):.1f} | {e[-1]['fa']:.1f} | "
+                     f"{e[-1]['over_refusal']:.1f} | {e[-1]['drift']:.3f} |")
+    rho = r.get("spearman_drift_hs")
+    lines += ["", f"Spearman rank correlation of anchor drift and HS over all (method, epoch) points without the "
+                  f"lock: **{'n/a' if rho is None else f'{rho:.2f}'}**."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict[str, Any], out: Path, name: str) -> None:
+    """HS and FA vs epoch per method, and drift vs HS: `{name}.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for k, v in r["methods"].items():
+        ep = [e["epoch"] for e in v["epochs"]]
+        style = "--" if "+lock" in k else "-"
+        axes[0].plot(ep, [e["hs"] for e in v["epochs"]], style, marker="o", label=k)
+        axes[1].plot(ep, [e["fa"] for e in v["epochs"]], style, marker="o", label=k)
+        if "+lock" not in k:
+            axes[2].scatter([e["drift"] for e in v["epochs"]], [e["hs"] for e in v["epochs"]], label=k)
+    for ax, key in ((axes[0], "hs"), (axes[1], "fa")):
+        ax.axhline(r["base"][key], color="grey", lw=0.8, ls=":", label="aligned base")
+    axes[0].set(title="harmfulness score (HS) vs epoch", xlabel="epoch", ylabel="HS %")
+    axes[1].set(title="fine-tuning accuracy (FA) vs epoch", xlabel="epoch", ylabel="FA %")
+    rho = r.get("spearman_drift_hs")
+    axes[2].set(title=f"anchor drift vs HS (Spearman {'n/a' if rho is None else f'{rho:.2f}'})",
+                xlabel="mean relative anchor drift", ylabel="HS %")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=100)
+    plt.close(fig)
