@@ -26,7 +26,7 @@ class RuntimeConfig(_Section):
         None, description="Data dir for models, caches and artifacts. Default: $SAFETY_GUARD_HOME or ~/.cache/safety-guard."
     )
     threads: int | None = Field(
-        None, ge=1, description="torch threads for offline work. Default: all cores (never oversubscribe a busy box)."
+        None, ge=1, description="torch threads for offline work. Default: the cores free at start (cores minus load average), so two jobs never fight over the same cores."
     )
     seed: int = Field(0, description="Seed for every random choice (splits use fixed hashes, not this seed).")
 

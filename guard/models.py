@@ -186,11 +186,25 @@ def fingerprint_module(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def free_cores() -> int:
+    """Cores not already busy (cpu count minus the 1-minute load average), at least 1.
+
+    Small-op torch work on a contended box spins in OpenMP barriers: 2 threads fighting another busy process
+    can run ~20x slower than 1 thread (DESIGN.md §7), so a default that takes only the free cores pays.
+    """
+    n = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        return n
+    return max(1, min(n, n - int(busy + 0.5)))
+
+
 def resolve_threads(requested: int | None) -> int:
-    """torch threads: as requested, else every core. Set once per process."""
+    """torch threads: as requested, else the cores that are free now. Set once per process."""
     import torch
 
-    n = requested or os.cpu_count() or 1
+    n = requested or free_cores()
     torch.set_num_threads(n)
     return n
 

@@ -40,3 +40,11 @@ def test_shape_from_config(tiny_model):
 def test_default_gguf_is_installed():
     path = find_default_gguf()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+
+
+def test_free_cores_is_within_the_machine():
+    import os
+
+    from guard.models import free_cores
+
+    assert 1 <= free_cores() <= (os.cpu_count() or 1)
