@@ -66,8 +66,32 @@ def harden_vet(d: dict) -> str:
     return "\n".join(out)
 
 
+def lock_eval(d: dict) -> str:
+    out = ["| model | HS % (lock off) | HS % (lock on) | over-refusal % (off) | over-refusal % (on) |",
+           "|---|---|---|---|---|"]
+    for label, k in (("aligned base", "base"), ("attacked adapter (SFT, harmful mix)", "attacked")):
+        out.append(f"| {label} | {d[k]['hs']:.1f} | **{d[k + '_locked']['hs']:.1f}** | {d[k]['over_refusal']:.1f} | "
+                   f"{d[k + '_locked']['over_refusal']:.1f} |")
+    cut = d.get("hs_relative_cut")
+    out.append(f"
+Lock: {d['lock']['heads']} heads in {d['lock']['layers']} layers, alpha {d['lock']['alpha']}, "
+               f"strength {d['strength']:g} (chosen on development prompts only). HS cut on the attacked adapter: "
+               f"**{'n/a' if cut is None else f'{100 * cut:.0f}%'}** relative (goal ≥ 80%); over-refusal "
+               f"{d['over_refusal_rise_points']:+.1f} points (goal ≤ +10); toggle (on+off, HF) "
+               f"**{d['toggle_ms']:.3f} ms** (goal ≤ 1). {d['eval_sets']['harmful']}; {d['eval_sets']['benign']}; "
+               f"judge `{d['judge']}`, greedy {d['max_tokens']} tokens. Commit {d['commit']}.")
+    return "\n".join(out)
+
+
+def stress(d: dict) -> str:
+    md = (RESULTS / "stress_default.md")
+    body = md.read_text().strip() if md.is_file() else ""
+    return body + "\n\n![stress test](bench/results/stress_default.png)\n\nCommit " + str(d.get("commit")) + "."
+
+
 TABLES: dict[str, Callable[[dict], str]] = {"align_eval": align, "judge_eval": judge, "fa_task": fa,
-                                            "train_overhead": overhead, "harden_vet": harden_vet}
+                                            "train_overhead": overhead, "harden_vet": harden_vet,
+                                            "lock_eval": lock_eval, "stress_default": stress}
 
 
 def main() -> None:
