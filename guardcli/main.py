@@ -7,7 +7,7 @@ import sys
 import typer
 
 from guard.errors import GuardError
-from guardcli import config_cmd, eval_cmd, harden_cmd, lock_cmd, prepare
+from guardcli import config_cmd, eval_cmd, harden_cmd, lock_cmd, prepare, serve_cmd
 from guardcli.eval_cmd import _pending
 
 app = typer.Typer(
@@ -27,10 +27,7 @@ app.command("vet")(harden_cmd.vet)
 app.add_typer(lock_cmd.app, name="lock")
 
 
-@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def serve() -> None:
-    """Not built yet (issue #6): Guarded OpenAI-compatible server on stock vLLM."""
-    raise typer.Exit(_pending("guard serve", 6))
+app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_cmd.serve)
 
 
 def main() -> None:

@@ -1,0 +1,77 @@
+"""The guard's Prometheus series (DESIGN §6). The only module that creates metrics.
+
+`GuardMetrics(registry)` builds them on the registry it is given: the API server passes vLLM's own
+registry (`vllm.v1.metrics.prometheus.get_prometheus_registry()`, the default REGISTRY unless
+PROMETHEUS_MULTIPROC_DIR is set), so they appear on the server's `/metrics` next to the `vllm:` series;
+tests pass a fresh `CollectorRegistry`. Labels are bounded: adapter names (vLLM caps loaded adapters,
+`--max-loras`/`--max-cpu-loras`) and a fixed set of rejection reasons.
+
+Multiprocess mode (`--api-server-count > 1` sets PROMETHEUS_MULTIPROC_DIR): gauges use the
+`mostrecent` aggregation so the scrape shows the last value any API server wrote.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PREFIX = "safety_guard"
+REJECTION_REASONS = ("drift", "refusal_ratio", "incompatible", "probe_failed")
+PROBE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class GuardMetrics:
+    def __init__(self, registry: Any) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.registry = registry
+        gauge = {"registry": registry, "multiprocess_mode": "mostrecent"}
+        self.anchor_drift = Gauge(
+            f"{PREFIX}_anchor_drift", "Mean relative L2 distance of the anchor prompts' lm_head-input states "
+            "from the aligned reference (0 = unchanged).", ["adapter"], **gauge)
+        self.refusal_ratio = Gauge(
+            f"{PREFIX}_anchor_refusal_ratio", "Share of anchor prompts the adapter refuses (greedy, judge "
+            "keyword-refusal).", ["adapter"], **gauge)
+        self.probe_duration = Histogram(
+            f"{PREFIX}_probe_duration_seconds", "Wall time of one anchor probe of one adapter.",
+            buckets=PROBE_BUCKETS, registry=registry)
+        self.probe_failures = Counter(
+            f"{PREFIX}_probe_failures_total", "Anchor probes that raised or timed out.", ["adapter"],
+            registry=registry)
+        self.probe_last_success = Gauge(
+            f"{PREFIX}_probe_last_success_timestamp_seconds", "Unix time of the adapter's last successful probe.",
+            ["adapter"], **gauge)
+        self.lock_enabled = Gauge(
+            f"{PREFIX}_lock_enabled", "1 when SafetyLock steers this adapter's requests (the base model's "
+            "name stands for requests without an adapter).", ["adapter"], **gauge)
+        self.lock_strength = Gauge(
+            f"{PREFIX}_lock_strength", "SafetyLock strength applied to this adapter's requests (0 = off).",
+            ["adapter"], **gauge)
+        self.rejections = Counter(
+            f"{PREFIX}_adapter_rejections_total", "Adapters refused by the vetting gate.", ["reason"],
+            registry=registry)
+        self.reference_deviation = Gauge(
+            f"{PREFIX}_reference_deviation", "Max relative L2 between the in-engine base anchor states and the "
+            "offline reference cache (engine-vs-HF numerics; -1 when no offline cache exists).", **gauge)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason=reason)
+
+    def forget_adapter(self, adapter: str) -> None:
+        """Drop an unloaded adapter's series so stale values do not keep alerting."""
+        for metric in (self.anchor_drift, self.refusal_ratio, self.probe_last_success, self.lock_enabled,
+                       self.lock_strength):
+            try:
+                metric.remove(adapter)
+            except KeyError:
+                pass
+
+    def observe_probe(self, adapter: str, drift: float, refusal_ratio: float, seconds: float, when: float) -> None:
+        self.anchor_drift.labels(adapter=adapter).set(drift)
+        self.refusal_ratio.labels(adapter=adapter).set(refusal_ratio)
+        self.probe_duration.observe(seconds)
+        self.probe_last_success.labels(adapter=adapter).set(when)
+        self.probe_failures.labels(adapter=adapter)  # the series exists (0) from the first probe on
+
+    def set_lock(self, strengths: dict[str, float]) -> None:
+        for adapter, s in strengths.items():
+            self.lock_enabled.labels(adapter=adapter).set(1.0 if s > 0 else 0.0)
+            self.lock_strength.labels(adapter=adapter).set(s)

@@ -1,0 +1,168 @@
+"""Live health check: anchor probes through the serving engine itself.
+
+A probe sends the K anchor prompts (chat-templated token ids, exactly what `guard vet` and the offline
+reference use) as ordinary generate requests with the adapter's LoRARequest, ids prefixed so the worker
+extension captures each one's h(x) (last prompt token, final norm) and leaves them unsteered by the lock.
+The greedy answers (drift.probe_tokens tokens) feed the refusal judge. One probe gives:
+- drift: mean relative L2 of the anchor states vs the base model's states *computed in the same engine at
+  start-up* (engine bf16 vs HF fp32 noise never enters the number; the offline cache is only compared once
+  and its max deviation reported),
+- the anchor refusal ratio (guard/judge.py DEFAULT_JUDGE).
+
+Probes are serialised (one at a time) and bounded by a timeout; a failing probe is counted and logged and
+never touches user requests (they are separate requests; the probe's are aborted on timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from guard.drift import DriftReport, Verdict, anchor_drift, verdict
+from guard.errors import GuardError
+from guard.judge import DEFAULT_JUDGE, RefusalJudge
+
+log = logging.getLogger("safety_guard.monitor")
+PROBE_PREFIX = "guardprobe"
+
+
+@dataclass
+class ProbeResult:
+    adapter: str
+    drift: DriftReport
+    answers: list[str]
+    refusals: list[bool]
+    verdict: Verdict
+    seconds: float
+    when: float
+
+    @property
+    def refusal_ratio(self) -> float:
+        return sum(self.refusals) / len(self.refusals)
+
+    def to_dict(self, answers: bool = False) -> dict[str, Any]:
+        out = {"adapter": self.adapter, "drift": round(self.drift.mean_rel_l2, 5),
+               "max_drift": round(self.drift.max_rel_l2, 5), "mean_cosine": round(self.drift.mean_cosine, 6),
+               "refusal_ratio": self.refusal_ratio, "status": self.verdict.status,
+               "reasons": list(self.verdict.reasons), "seconds": round(self.seconds, 3), "time": self.when}
+        if answers:
+            out["answers"] = self.answers
+        return out
+
+
+def request_index(engine_request_id: str, prefix: str) -> int | None:
+    """Anchor index of an engine request id `<prefix>-<i>-<8 hex>` (vLLM appends the random suffix)."""
+    if not engine_request_id.startswith(prefix + "-"):
+        return None
+    head = engine_request_id[len(prefix) + 1:].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+class Monitor:
+    """Probes adapters through `engine_client`; keeps the in-engine reference and the latest results."""
+
+    def __init__(self, engine_client: Any, anchor_ids: list[list[int]], drift_cfg: Any, metrics: Any,
+                 judge: RefusalJudge = DEFAULT_JUDGE, timeout: float = 120.0) -> None:
+        self.engine = engine_client
+        self.anchor_ids = anchor_ids
+        self.drift_cfg = drift_cfg
+        self.metrics = metrics
+        self.judge = judge
+        self.timeout = timeout
+        self.reference: Any = None  # torch [K, hidden] float32, in-engine base states
+        self.reference_check: dict[str, Any] = {}
+        self.latest: dict[str, ProbeResult] = {}
+        self.failures: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    async def _states_and_answers(self, lora_request: Any, max_tokens: int) -> tuple[Any, list[str]]:
+        import torch
+        from vllm import SamplingParams
+
+        prefix = f"{PROBE_PREFIX}-{uuid.uuid4().hex[:12]}"
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        answers = [""] * len(self.anchor_ids)
+
+        async def one(i: int, ids: list[int]) -> None:
+            final = None
+            async for out in self.engine.generate({"prompt_token_ids": ids}, params, f"{prefix}-{i}",
+                                                  lora_request=lora_request):
+                final = out
+            answers[i] = final.outputs[0].text if final is not None and final.outputs else ""
+
+        await self.engine.collective_rpc("guard_probe_arm", args=(prefix,))
+        tasks = [asyncio.create_task(one(i, ids)) for i, ids in enumerate(self.anchor_ids)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), self.timeout)
+        except BaseException:
+            for t in tasks:
+                t.cancel()  # cancelling the generator aborts the engine request
+            raise
+        finally:
+            captured = (await self.engine.collective_rpc("guard_probe_collect", args=(prefix,)))[0]
+        rows: dict[int, list[float]] = {}
+        for rid, row in captured.items():
+            i = request_index(rid, prefix)
+            if i is not None:
+                rows[i] = row
+        missing = [i for i in range(len(self.anchor_ids)) if i not in rows]
+        if missing:
+            raise GuardError(f"probe captured no hidden state for anchors {missing}")
+        states = torch.tensor([rows[i] for i in range(len(self.anchor_ids))], dtype=torch.float32)
+        return states, answers
+
+    async def compute_reference(self, offline: Any | None = None) -> dict[str, Any]:
+        """Base-model anchor states in this engine; compared once with the offline cache when given."""
+        async with self._lock:
+            t0 = time.perf_counter()
+            states, answers = await self._states_and_answers(None, self.drift_cfg.probe_tokens)
+        self.reference = states
+        refusals = [self.judge.is_refusal(a) for a in answers]
+        check: dict[str, Any] = {"anchors": len(self.anchor_ids), "seconds": round(time.perf_counter() - t0, 3),
+                                 "base_refusal_ratio": sum(refusals) / len(refusals)}
+        if offline is not None:
+            d = anchor_drift(states, offline)
+            check.update(offline_max_deviation=round(d.max_rel_l2, 6), offline_mean_deviation=round(d.mean_rel_l2, 6),
+                         offline_min_cosine=round(min(d.cosine), 6))
+            self.metrics.reference_deviation.set(d.max_rel_l2)
+        else:
+            check["offline_max_deviation"] = None
+            self.metrics.reference_deviation.set(-1)
+        self.reference_check = check
+        return check
+
+    async def probe(self, name: str, lora_request: Any) -> ProbeResult:
+        """Probe one adapter; records the gauges. Raises (after counting the failure) when it fails."""
+        if self.reference is None:
+            raise GuardError("no in-engine reference yet (the guard is still starting)")
+        async with self._lock:
+            t0 = time.perf_counter()
+            try:
+                states, answers = await self._states_and_answers(lora_request, self.drift_cfg.probe_tokens)
+                drift = anchor_drift(states, self.reference)
+            except Exception as e:  # counted, logged, re-raised to the caller (who never fails a user request)
+                self.metrics.probe_failures.labels(adapter=name).inc()
+                msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                self.failures[name] = msg
+                log.warning("safety-guard probe of '%s' failed: %s", name, msg)
+                raise
+            seconds = time.perf_counter() - t0
+        refusals = [self.judge.is_refusal(a) for a in answers]
+        ratio = sum(refusals) / len(refusals)
+        result = ProbeResult(name, drift, answers, refusals, verdict(drift.mean_rel_l2, ratio, self.drift_cfg),
+                             seconds, time.time())
+        self.metrics.observe_probe(name, drift.mean_rel_l2, ratio, seconds, result.when)
+        self.latest[name] = result
+        self.failures.pop(name, None)
+        log.info("safety-guard probe '%s': drift %.4f refusal ratio %.2f -> %s (%.2f s)", name,
+                 drift.mean_rel_l2, ratio, result.verdict.status, seconds)
+        return result
+
+    def forget(self, name: str) -> None:
+        self.latest.pop(name, None)
+        self.failures.pop(name, None)
+        self.metrics.forget_adapter(name)

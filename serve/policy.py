@@ -1,0 +1,96 @@
+"""Who the lock steers, as pure data: the API server's authoritative lock table (no vLLM, no torch).
+
+Names, not LoRA ids: an operator says "lock adapter acme"; the table resolves names to vLLM's LoRA ids only
+when it is pushed to the workers (`worker_args`), so an adapter named in the config before it is loaded is
+steered from the moment it loads. The served base model's name stands for requests without an adapter.
+
+Precedence per adapter: forced by vetting (policy `lock`) > explicit override > default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from guard.errors import GuardError
+
+
+def check_strength(strength: float) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise GuardError(f"lock strength must be a finite number, got {strength!r}")
+    if not 0 <= strength <= 10:
+        raise GuardError(f"lock strength must be within [0, 10], got {strength}")
+    return float(strength)
+
+
+@dataclass
+class LockTable:
+    base_name: str
+    strength: float = 1.0  # default strength used when something is switched on without one
+    default_on: bool = False
+    overrides: dict[str, float] = field(default_factory=dict)  # name -> strength (0 = explicitly off)
+    forced: dict[str, str] = field(default_factory=dict)  # name -> why vetting forced the lock on
+
+    @classmethod
+    def from_config(cls, serve_cfg: object, base_name: str, strength: float = 1.0) -> LockTable:
+        policy = getattr(serve_cfg, "lock_policy")
+        table = cls(base_name=base_name, strength=check_strength(strength), default_on=policy == "all")
+        if policy == "adapters":
+            for name in getattr(serve_cfg, "lock_adapters"):
+                table.overrides[name] = table.strength
+        return table
+
+    def strength_of(self, name: str) -> float:
+        if name in self.forced:
+            s = self.overrides.get(name, 0.0)
+            return s if s > 0 else (self.strength or 1.0)
+        if name in self.overrides:
+            return self.overrides[name]
+        return self.strength if self.default_on else 0.0
+
+    def set(self, adapter: str | None, enabled: bool | None, strength: float | None) -> None:
+        """One change from POST /guard/lock. adapter None = the default for everything not overridden."""
+        if strength is not None:
+            strength = check_strength(strength)
+        if adapter is None:
+            if strength is not None:
+                old = self.strength
+                self.strength = strength
+                # explicit per-adapter strengths that followed the default keep following it
+                self.overrides = {k: (strength if v == old and v > 0 else v) for k, v in self.overrides.items()}
+            if enabled is not None:
+                self.default_on = enabled
+            return
+        if enabled is False and adapter in self.forced:
+            raise GuardError(f"the lock on adapter '{adapter}' was forced on by vetting ({self.forced[adapter]}); "
+                             f"unload the adapter instead")
+        current = self.strength_of(adapter)
+        if enabled is False:
+            self.overrides[adapter] = 0.0
+        elif enabled is True:
+            self.overrides[adapter] = strength if strength is not None else (current or self.strength)
+        elif strength is not None:
+            self.overrides[adapter] = strength
+
+    def force(self, adapter: str, reason: str) -> None:
+        self.forced[adapter] = reason
+
+    def forget(self, adapter: str) -> None:
+        self.forced.pop(adapter, None)
+
+    def strengths(self, names: list[str]) -> dict[str, float]:
+        """Effective strength of the base model and each named adapter."""
+        return {n: self.strength_of(n) for n in [self.base_name, *names]}
+
+    def worker_args(self, lora_ids: dict[str, int]) -> tuple[float, dict[int, float]]:
+        """(default strength, {lora id: strength}) for GuardWorkerExtension.guard_set_lock."""
+        default = self.strength if self.default_on else 0.0
+        overrides: dict[int, float] = {}
+        base = self.strength_of(self.base_name)
+        if base != default:
+            overrides[0] = base
+        for name, lid in lora_ids.items():
+            s = self.strength_of(name)
+            if s != default:
+                overrides[int(lid)] = s
+        return default, overrides
