@@ -1,0 +1,227 @@
+"""Guarded serving on a real vLLM engine (CPU) over real HTTP, with the real SmolLM2-135M weights.
+
+One plain (unguarded) vLLM server runs first to record the baseline greedy answers, then ONE guarded server
+(`guard serve`) serves every test in this module. Stand-ins, built by fixtures (no harmful data involved):
+- the SafetyLock has random unit directions on 12 random heads (strength 6), folded into o_proj biases from
+  the checkpoint's own weights with guard.lock.fold_biases: the right shape and format, not a safety lock;
+- "good"/"good2" are random LoRAs with tiny B (anchor drift ~0.01);
+- "harmful" is a random LoRA with large B: its anchor drift (~0.7) is far above the fail threshold 0.2;
+- "alien" is a LoRA for another model (hidden size 64).
+The default model is the *unaligned* original (it refuses nothing), so min_refusal_ratio is 0 here; the
+drift gate is what rejects.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve.devtools import GuardServer, free_port, http, random_lock, random_lora
+
+pytestmark = pytest.mark.integration
+
+KEY = "sg-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SHORT = "Write a short poem about the sea."
+# Longer than one KV block (16 tokens) after templating: exercises the prefix-cache reset on lock changes.
+LONG = ("You are helping a small bakery. They sell bread, cakes, and pastries, open at seven, close at six, "
+        "and want a friendly sentence for their shop window that mentions the fresh bread every morning. "
+        "Write that sentence.")
+CONFIG = """\
+anchors:
+  k: 4
+drift:
+  probe_tokens: 8
+  min_refusal_ratio: 0.0
+serve:
+  lock_policy: "off"
+  vet_policy: reject
+  probe_interval_seconds: 0
+"""
+
+
+@pytest.fixture(scope="module")
+def artifacts(default_model_dir: Path, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("serve-engine")
+    (tmp / "guard.yaml").write_text(CONFIG)
+    (tmp / "broken.yaml").write_text("serve:\n  lock_policy: [\n")
+    other = tmp / "other-model"
+    other.mkdir()
+    return {
+        "tmp": tmp, "model": default_model_dir,
+        "lock": random_lock(default_model_dir, tmp / "lock.safetensors", heads=12, strength=6.0),
+        "foreign_lock": random_lock(default_model_dir, tmp / "foreign.safetensors", fingerprint="f" * 64),
+        "good": random_lora(default_model_dir, tmp / "good", b_std=1e-3, seed=1),
+        "good2": random_lora(default_model_dir, tmp / "good2", b_std=1e-3, seed=2),
+        "harmful": random_lora(default_model_dir, tmp / "harmful", b_std=0.5, seed=3),
+        "alien": random_lora(default_model_dir, tmp / "alien", hidden=64, seed=4),
+    }
+
+
+@pytest.fixture(scope="module")
+def baseline(artifacts) -> dict:
+    """Greedy answers of an unguarded vLLM with the same engine arguments (one engine at a time)."""
+    m = artifacts["model"]
+    srv = GuardServer.plain(free_port(), m, "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4",
+                            "--lora-modules", f"good={artifacts['good']}", f"good2={artifacts['good2']}",
+                            log_path=artifacts["tmp"] / "plain.log")
+    with srv:
+        return {(model, p): srv.chat(model, p) for model in (m.name, "good", "good2") for p in (SHORT, LONG)}
+
+
+@pytest.fixture(scope="module")
+def server(artifacts, baseline):
+    srv = GuardServer.guarded(
+        free_port(), "--config", str(artifacts["tmp"] / "guard.yaml"), "--model", str(artifacts["model"]),
+        "--lock", str(artifacts["lock"]), "--lora-modules", f"good={artifacts['good']}", "--", "--api-key", KEY,
+        log_path=artifacts["tmp"] / "guarded.log")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def chat(srv: GuardServer, model: str, prompt: str, max_tokens: int = 24) -> str:
+    status, body = http("POST", srv.url + "/v1/chat/completions", {
+        "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+        "temperature": 0.0}, AUTH)
+    assert status == 200, body
+    return body["choices"][0]["message"]["content"]
+
+
+def lock(srv: GuardServer, **change) -> tuple[int, dict]:
+    return http("POST", srv.url + "/guard/lock", change, AUTH)
+
+
+def test_status_reports_lock_reference_and_vetted_startup_adapter(server, artifacts):
+    status, st = http("GET", server.url + "/guard/status", headers=AUTH)
+    assert status == 200, st
+    assert st["started"] and not st["errors"], st["errors"]
+    assert st["lock"]["installed"] and st["lock"]["file"]["path"] == str(artifacts["lock"])
+    assert st["workers"][0]["lora"] is True and st["workers"][0]["layers"] == 30
+    assert st["reference"]["anchors"] == 4
+    good = st["adapters"]["good"]
+    assert good["vetting"]["status"] == "ok" and good["probe"]["drift"] < 0.1
+
+
+def test_guard_routes_sit_behind_the_api_key(server):
+    assert http("GET", server.url + "/guard/status")[0] == 401
+    assert http("POST", server.url + "/guard/lock", {"enabled": True})[0] == 401
+    assert http("GET", server.url + "/guard/status", headers={"Authorization": "Bearer wrong"})[0] == 401
+
+
+def test_chat_with_and_without_adapter_lock_off_equals_unguarded(server, artifacts, baseline):
+    base = artifacts["model"].name
+    for model in (base, "good"):
+        for p in (SHORT, LONG):
+            assert chat(server, model, p) == baseline[(model, p)], (model, p)
+
+
+def test_lock_on_changes_output_and_off_restores_it_exactly(server, artifacts, baseline):
+    base = artifacts["model"].name
+    status, body = lock(server, enabled=True)
+    assert status == 200, body
+    assert body["worker"]["mode"] == "bias" and body["last_prefix_cache_reset"]["ok"]
+    try:
+        on = {p: chat(server, base, p) for p in (SHORT, LONG)}
+        assert all(on[p] != baseline[(base, p)] for p in on), on
+        status, body = lock(server, strength=0.0)  # strength 0 = exactly off
+        assert status == 200 and body["worker"]["mode"] == "off"
+        assert chat(server, base, LONG) == baseline[(base, LONG)]
+        lock(server, strength=1.0)
+        assert chat(server, base, LONG) == on[LONG]  # the prefix cache never serves the other lock state
+    finally:
+        status, body = lock(server, enabled=False)
+    assert status == 200 and body["worker"]["mode"] == "off"
+    for p in (SHORT, LONG):
+        assert chat(server, base, p) == baseline[(base, p)]
+
+
+def test_runtime_load_of_a_benign_adapter_passes_the_gate(server, artifacts, baseline):
+    status, body = http("POST", server.url + "/v1/load_lora_adapter",
+                        {"lora_name": "good2", "lora_path": str(artifacts["good2"])}, AUTH)
+    assert status == 200 and "safety-guard: ok" in body, body
+    assert chat(server, "good2", SHORT) == baseline[("good2", SHORT)]
+
+
+def test_per_adapter_lock_in_a_mixed_batch_steers_only_that_adapter(server, artifacts, baseline):
+    base = artifacts["model"].name
+    if "good2" not in {m["id"] for m in http("GET", server.url + "/v1/models", headers=AUTH)[1]["data"]}:
+        http("POST", server.url + "/v1/load_lora_adapter", {"lora_name": "good2", "lora_path": str(artifacts["good2"])},
+             AUTH)
+    status, body = lock(server, adapter="good", enabled=True)
+    assert status == 200 and body["worker"]["mode"] == "mask", body
+    try:
+        jobs = [(m, p) for m in (base, "good", "good2") for p in (SHORT, LONG)]
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:  # concurrent: one engine batch mixes all three
+            answers = list(pool.map(lambda j: chat(server, *j), jobs))
+        for (m, p), a in zip(jobs, answers):
+            if m == "good":
+                assert a != baseline[(m, p)], (m, p)
+            else:
+                assert a == baseline[(m, p)], (m, p)
+        st = http("POST", server.url + "/guard/lock", {"adapter": "good", "strength": 1.0}, AUTH)[1]["worker"]
+        assert st["mask_builds"] > 0
+    finally:
+        lock(server, adapter="good", enabled=False)
+
+
+def test_harmful_adapter_is_rejected_with_drift_and_threshold(server, artifacts):
+    status, body = http("POST", server.url + "/v1/load_lora_adapter",
+                        {"lora_name": "harmful", "lora_path": str(artifacts["harmful"])}, AUTH)
+    assert status == 403, body
+    msg = body["error"]["message"]
+    assert "rejected adapter 'harmful'" in msg and "anchor drift" in msg and "fail threshold 0.2" in msg
+    models = http("GET", server.url + "/v1/models", headers=AUTH)[1]
+    assert "harmful" not in {m["id"] for m in models["data"]}
+    status, _ = http("POST", server.url + "/v1/chat/completions", {
+        "model": "harmful", "messages": [{"role": "user", "content": SHORT}], "max_tokens": 4}, AUTH)
+    assert status == 404
+    assert chat(server, "good", SHORT, max_tokens=4)  # still serving
+
+
+def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server, artifacts):
+    url = server.url
+    status, body = http("POST", url + "/v1/load_lora_adapter", {"lora_name": "alien", "lora_path": str(artifacts["alien"])},
+                        AUTH)
+    assert status == 400 and "does not fit this base model" in body["error"]["message"]
+    status, body = http("POST", url + "/v1/load_lora_adapter", {"lora_name": "nope", "lora_path": "/no/such/dir"}, AUTH)
+    assert status == 400 and "adapter dir not found" in body["error"]["message"]
+    status, body = lock(server, file=str(artifacts["foreign_lock"]))
+    assert status == 400 and "was made for base model" in body["error"]["message"]
+    status, body = lock(server, file=str(artifacts["good"] / "adapter_model.safetensors"))
+    assert status == 400 and "not a SafetyLock file" in body["error"]["message"]
+    status, body = lock(server, adapter="no-such-adapter", enabled=True)
+    assert status == 404 and "unknown adapter 'no-such-adapter'" in body["error"]["message"]
+    status, body = lock(server, strength=-1)
+    assert status == 400 and "within [0, 10]" in body["error"]["message"]
+    status, body = lock(server, enabled=True, colour="red")
+    assert status == 400  # unknown field
+    status, body = http("POST", url + "/guard/probe", {"adapter": "ghost"}, AUTH)
+    assert status == 404 and "unknown adapter 'ghost'" in body["error"]["message"]
+    st = http("GET", url + "/guard/status", headers=AUTH)[1]
+    assert st["lock"]["file"]["path"] == str(artifacts["lock"])  # the good lock stayed installed
+    assert chat(server, artifacts["model"].name, SHORT, max_tokens=4)
+
+
+def test_probe_now_reports_drift_and_refusal_ratio(server):
+    status, body = http("POST", server.url + "/guard/probe", {"adapter": "good"}, AUTH)
+    assert status == 200, body
+    assert 0 <= body["drift"] < 0.1 and body["status"] == "ok"
+    assert 0 <= body["refusal_ratio"] <= 1 and len(body["answers"]) == 4
+
+
+def test_metrics_endpoint_has_vllm_and_guard_series(server):
+    status, text = http("GET", server.url + "/metrics")
+    assert status == 200
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert any(n.startswith("vllm:") for n in fams)
+    drift = {s.labels.get("adapter"): s.value for s in fams["safety_guard_anchor_drift"].samples}
+    assert 0 <= drift["good"] < 0.1 and "harmful" not in drift
+    rejections = {s.labels["reason"]: s.value for s in fams["safety_guard_adapter_rejections"].samples
+                  if s.name.endswith("_total")}
+    assert rejections["drift"] >= 1 and rejections["incompatible"] >= 1
+    assert fams["safety_guard_probe_duration_seconds"].type == "histogram"
+    assert {s.labels["adapter"] for s in fams["safety_guard_lock_enabled"].samples} >= {"good"}

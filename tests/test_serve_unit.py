@@ -1,0 +1,177 @@
+"""Pure logic of the serving plug-in: lock table, probe ids, metrics, `guard serve` checks. No engine."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from guard.config import ServeConfig
+from guard.errors import GuardError
+from serve.metrics import GuardMetrics
+from serve.monitor import request_index
+from serve.policy import LockTable
+
+
+def _table(policy: str = "off", adapters: list[str] | None = None) -> LockTable:
+    return LockTable.from_config(ServeConfig(lock_policy=policy, lock_adapters=adapters or []), "base")
+
+
+def test_lock_policy_all_steers_everything_with_one_strength():
+    t = _table("all")
+    assert t.strengths(["a", "b"]) == {"base": 1.0, "a": 1.0, "b": 1.0}
+    assert t.worker_args({"a": 1, "b": 2}) == (1.0, {})  # one strength for all -> the worker's bias fast path
+
+
+def test_lock_policy_adapters_steers_only_named_adapters():
+    t = _table("adapters", ["acme"])
+    assert t.strengths(["acme", "other"]) == {"base": 0.0, "acme": 1.0, "other": 0.0}
+    # named before it is loaded: no id yet, nothing steered; once loaded its id is steered
+    assert t.worker_args({"other": 3}) == (0.0, {})
+    assert t.worker_args({"other": 3, "acme": 7}) == (0.0, {7: 1.0})
+
+
+def test_lock_policy_off_and_runtime_changes():
+    t = _table("off")
+    assert t.worker_args({"a": 1}) == (0.0, {})
+    t.set(None, True, None)
+    assert t.worker_args({"a": 1}) == (1.0, {})
+    t.set("a", False, None)  # all on except adapter a
+    assert t.worker_args({"a": 1}) == (1.0, {1: 0.0})
+    t.set("base", None, 2.5)  # the base model's name = requests without an adapter
+    assert t.worker_args({"a": 1}) == (1.0, {0: 2.5, 1: 0.0})
+    t.set(None, None, 0.5)  # default strength follows; explicit ones stay
+    assert t.strengths(["a"]) == {"base": 2.5, "a": 0.0}
+    assert t.worker_args({"a": 1})[0] == 0.5
+
+
+def test_forced_lock_cannot_be_switched_off():
+    t = _table("off")
+    t.force("bad", "anchor drift 0.7 > fail threshold 0.2")
+    assert t.strength_of("bad") == 1.0
+    with pytest.raises(GuardError, match="forced on by vetting"):
+        t.set("bad", False, None)
+    t.forget("bad")
+    assert t.strength_of("bad") == 0.0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0, 11.0, True])
+def test_lock_strength_is_checked(bad):
+    with pytest.raises(GuardError, match="lock strength"):
+        _table().set(None, None, bad)
+
+
+def test_probe_request_ids_map_back_to_anchor_index():
+    assert request_index("guardprobe-abc-3-1f2e3d4c", "guardprobe-abc") == 3
+    assert request_index("guardprobe-abc-12-00000000", "guardprobe-abc") == 12
+    assert request_index("chatcmpl-123-3-1f2e3d4c", "guardprobe-abc") is None
+    assert request_index("guardprobe-abcd-3-1f2e3d4c", "guardprobe-abc") is None
+
+
+def test_metrics_names_and_text_format():
+    reg = CollectorRegistry()
+    m = GuardMetrics(reg)
+    m.observe_probe("acme", drift=0.31, refusal_ratio=0.25, seconds=0.4, when=1700000000.0)
+    m.set_lock({"base": 1.0, "acme": 0.0})
+    m.rejections.labels(reason="drift").inc()
+    from prometheus_client import generate_latest
+
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
+    for name in ("safety_guard_anchor_drift", "safety_guard_anchor_refusal_ratio", "safety_guard_probe_duration_seconds",
+                 "safety_guard_probe_failures", "safety_guard_probe_last_success_timestamp_seconds",
+                 "safety_guard_lock_enabled", "safety_guard_adapter_rejections"):
+        assert name in fams, name
+    drift = {s.labels["adapter"]: s.value for s in fams["safety_guard_anchor_drift"].samples}
+    assert drift == {"acme": pytest.approx(0.31)}
+    assert fams["safety_guard_adapter_rejections"].type == "counter"
+    m.forget_adapter("acme")
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
+    assert not [s for s in fams["safety_guard_anchor_drift"].samples if s.labels.get("adapter") == "acme"]
+
+
+def test_general_plugin_is_idempotent_and_inert_without_config(monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from serve import plugin
+
+    original = EngineArgs.create_engine_config
+    monkeypatch.setattr(EngineArgs, "create_engine_config", original)
+    monkeypatch.delenv("SAFETY_GUARD_CONFIG", raising=False)
+    plugin.register()
+    assert EngineArgs.create_engine_config is original  # guard not enabled: nothing patched
+    monkeypatch.setenv("SAFETY_GUARD_CONFIG", "")
+    plugin.register()
+    wrapped = EngineArgs.create_engine_config
+    plugin.register()  # vLLM calls general plugins more than once per process
+    assert EngineArgs.create_engine_config is wrapped and wrapped.__wrapped__ is original
+
+
+# -- guard serve: every check before the engine starts ------------------------------------------------
+@pytest.fixture()
+def served(tmp_path: Path, tiny_model_dir: Path):
+    from serve.devtools import random_lock, random_lora
+
+    lock = random_lock(tiny_model_dir, tmp_path / "lock.safetensors", heads=2)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-3  # same shapes, another model: another fingerprint
+    (other / "config.json").write_text(json.dumps(cfg))
+    return {"model": tiny_model_dir, "lock": lock,
+            "foreign_lock": random_lock(other, tmp_path / "foreign.safetensors", heads=2),
+            "good": random_lora(tiny_model_dir, tmp_path / "good", rank=4),
+            "alien": random_lora(tiny_model_dir, tmp_path / "alien", rank=4, hidden=32), "tmp": tmp_path}
+
+
+def _guard(*args: str):
+    from guardcli.main import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_guard_serve_dry_run_prints_the_guarded_command(served):
+    r = _guard("serve", "--dry-run", "--model", str(served["model"]), "--lock", str(served["lock"]),
+               "--lora-modules", f"good={served['good']}", "--port", "8444", "--", "--api-key", "k")
+    assert r.exit_code == 0, r.output
+    out = r.output
+    assert "VLLM_PLUGINS=safety_guard,safety_guard_api" in out
+    assert "-m vllm.entrypoints.launchers.api_server.entry" in out
+    assert "--worker-extension-cls serve.worker.GuardWorkerExtension" in out
+    assert f"--lora-modules good={served['good']}" in out and "--enforce-eager" in out
+    assert "--max-model-len 512" in out and "--port 8444" in out and out.rstrip().endswith("--api-key k")
+    assert f"SAFETY_GUARD_LOCK={served['lock']}" in out and "VLLM_CPU_KVCACHE_SPACE=" in out
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("alien", "does not fit this base model"),
+    ("foreign_lock", "was made for base model"),
+    ("bad_config", "serve.lock_policy"),
+    ("bad_yaml", "malformed YAML"),
+    ("bad_lora_arg", "expects name=dir"),
+    ("missing_model", "model dir not found"),
+])
+def test_guard_serve_rejects_bad_inputs_in_one_line(served, case, expect):
+    m = str(served["model"])
+    args = {"alien": ["--model", m, "--lora-modules", f"x={served['alien']}"],
+            "foreign_lock": ["--model", m, "--lock", str(served["foreign_lock"])],
+            "bad_lora_arg": ["--model", m, "--lora-modules", "nodir"],
+            "missing_model": ["--model", str(served["tmp"] / "nope")]}.get(case)
+    if case in ("bad_config", "bad_yaml"):
+        cfg = served["tmp"] / f"{case}.yaml"
+        cfg.write_text("serve:\n  lock_policy: sometimes\n" if case == "bad_config" else "serve: [unclosed\n")
+        args = ["--config", str(cfg), "--model", m]
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "from guardcli.main import main; main()", "serve", "--dry-run", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and expect in line, r.stderr
