@@ -1,7 +1,8 @@
 """Step-time cost of the safety regularizers on the 135M default model: bench/results/train_overhead.json.
 
 Same batches for every method, interleaved round by round (this machine is noisy, so methods are compared
-within one run and one round at a time): SFT, SBR with K=1 and K=8 anchors, AsFT. A step is the paper's
+within one run and one round at a time): SFT, SBR with K=1 and K=8 anchors (all 8 every step), SBR with K=8
+rotating 2 anchors per step (`harden.sbr_anchors_per_step: 2`), AsFT. A step is the paper's
 effective batch of 32 (4 micro-batches of 8) plus the regularizer once. Reports median seconds per step and
 the ratio to SFT.
 """
@@ -47,6 +48,8 @@ def main() -> None:
         anchors = load_anchor_set(cfg.anchors.set, k, cfg.anchors.system_prompt)
         ref = cached_reference(model, tok, anchors, fp, home)
         regs[name] = build_regularizer("sbr", cfg.harden, model, tok, anchors, ref, base, original)
+    rot = cfg.harden.model_copy(update={"sbr_anchors_per_step": 2})
+    regs["sbr_k8_2per_step"] = build_regularizer("sbr", rot, model, tok, anchors, ref, base, original)
     regs["asft"] = build_regularizer("asft", cfg.harden, model, tok, anchors, ref, base, original)
     regs = {"sft": None, **regs}
     hp = LoraHParams(rank=16, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"], lr=1e-4)
@@ -60,6 +63,8 @@ def main() -> None:
     for r in range(args.rounds):
         batch = steps[r % len(steps)]
         for method, reg in regs.items():
+            if hasattr(reg, "at_step"):
+                reg.at_step(r)
             t0 = time.perf_counter()
             optimizer_step(peft_model, opt, batch, tok.pad_token_id, reg)
             times[method].append(time.perf_counter() - t0)
@@ -72,6 +77,7 @@ def main() -> None:
         "all_step_seconds": {m: [round(x, 3) for x in t] for m, t in times.items()},
         "config": {"micro_batch": args.batch, "grad_accum": args.accum, "rounds": args.rounds, "threads": threads,
                    "task_tokens_per_step": tokens, "anchor_tokens_k8": sum(len(x) for x in regs["sbr_k8"].anchor_ids),
+                   "anchor_tokens_k8_shared_prefix": int(regs["sbr_k8"]._batch.ids.numel() + (0 if regs["sbr_k8"]._batch.prefix is None else regs["sbr_k8"]._batch.prefix.numel())),
                    "lora": "r16 q,k,v,o", "examples": f"topic task + {n_harm} harmful (attack mix)"},
     })
 

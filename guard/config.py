@@ -99,6 +99,9 @@ class HardenConfig(_Section):
         description="SBR weight on mean (relative anchor drift)^2; 0 is plain SFT bit for bit. The authors' code "
                     "(mse over d dims) at lambda=50 equals ~240 here for SmolLM2 (mean h_ref^2 per dim ~4.85).",
     )
+    sbr_anchors_per_step: int | None = Field(
+        None, ge=1, description="SBR anchors used per optimizer step, rotating through all K (None = all K every "
+                                "step). Cuts SBR's cost by per_step/K; each anchor is still pulled back once per cycle.")
     asft_lambda: float = Field(1.0, ge=0, description="AsFT weight on the update orthogonal to W_aligned - W_original.")
     rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha.")

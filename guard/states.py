@@ -49,18 +49,76 @@ def pad_right(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, mask, last
 
 
+MIN_SHARED_PREFIX = 4  # below this, one forward of the whole batch is as cheap
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """A batch of prompts laid out once for repeated forwards (SBR runs the same anchors every step).
+
+    Chat-templated prompts share a prefix (system prompt, role tags): ~24 of SmolLM2's ~41 anchor tokens.
+    The shared prefix runs once, its KV cache is repeated across the batch, and only the right-padded
+    suffixes run per prompt, so the anchors cost ~half the tokens.
+    """
+
+    prefix: torch.Tensor | None  # [1, p] ids shared by every prompt, or None
+    ids: torch.Tensor  # [B, S] right-padded suffix ids (whole prompts when prefix is None)
+    mask: torch.Tensor  # [B, p + S] attention mask over prefix + suffix
+    last: torch.Tensor  # [B] index of each prompt's last token in `ids`
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+def shared_prefix_len(batch: list[list[int]]) -> int:
+    """Length of the common prefix, leaving every prompt at least one token of its own."""
+    limit = min(len(ids) for ids in batch) - 1
+    n = 0
+    while n < limit and all(ids[n] == batch[0][n] for ids in batch):
+        n += 1
+    return n
+
+
+def prepare_batch(batch: list[list[int]], pad_id: int = 0, share_prefix: bool = True) -> PromptBatch:
+    """Lay out `batch` for `batch_states`; the prefix is shared only for 2+ prompts with a long enough common start."""
+    import torch
+
+    if not batch or any(len(ids) == 0 for ids in batch):
+        raise GuardError("cannot compute hidden states of an empty prompt")
+    p = shared_prefix_len(batch) if share_prefix and len(batch) > 1 else 0
+    if p < MIN_SHARED_PREFIX:
+        ids, mask, last = pad_right(batch, pad_id)
+        return PromptBatch(None, ids, mask, last)
+    ids, mask, last = pad_right([row[p:] for row in batch], pad_id)
+    prefix = torch.tensor([batch[0][:p]], dtype=torch.long)
+    return PromptBatch(prefix, ids, torch.cat([torch.ones(len(batch), p, dtype=torch.long), mask], 1), last)
+
+
+def batch_states(model: Any, pb: PromptBatch) -> torch.Tensor:
+    """h(x) for every prompt of a prepared batch: [B, hidden] in the model's dtype, differentiable."""
+    import torch
+
+    device = next(model.parameters()).device
+    decoder = decoder_of(model)
+    if pb.prefix is None:
+        out = decoder(input_ids=pb.ids.to(device), attention_mask=pb.mask.to(device), use_cache=False)
+    else:
+        pre = decoder(input_ids=pb.prefix.to(device), use_cache=True)
+        cache = pre.past_key_values
+        cache.batch_repeat_interleave(len(pb))
+        out = decoder(input_ids=pb.ids.to(device), attention_mask=pb.mask.to(device), past_key_values=cache,
+                      use_cache=True)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden[torch.arange(len(pb), device=device), pb.last.to(device)]
+
+
 def last_token_states(model: Any, batch: list[list[int]], pad_id: int = 0) -> torch.Tensor:
     """h(x) for each token-id list in `batch`: shape [len(batch), hidden], in the model's dtype.
 
-    Differentiable (SBR calls it under autograd); wrap in `torch.no_grad()` to cache references.
+    Differentiable (SBR calls it under autograd); wrap in `torch.no_grad()` to cache references. Batches of
+    chat prompts run their shared prefix once (see `PromptBatch`); a single prompt is one plain forward.
     """
-    import torch
-
-    ids, mask, last = pad_right(batch, pad_id)
-    device = next(model.parameters()).device
-    out = decoder_of(model)(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden[torch.arange(len(batch), device=device), last.to(device)]
+    return batch_states(model, prepare_batch(batch, pad_id))
 
 
 @dataclass

@@ -133,3 +133,24 @@ def test_resume_with_other_hparams_is_refused(tmp_path, tiny_tokenizer):
     with pytest.raises(GuardError, match="other hyper-parameters"):
         train_lora(add_lora(make_tiny_llama(len(tok)), other), examples(tok), other, tok.pad_token_id,
                    checkpoint_dir=tmp_path, resume=True)
+
+
+def test_sbr_rotation_averages_to_the_full_term(tiny_model, tiny_tokenizer):
+    ref = compute_reference(tiny_model, tiny_tokenizer, ANCHORS, "f" * 64)
+    full = SBR(ANCHORS.render(tiny_tokenizer), ref.states, 2.0, tiny_tokenizer.pad_token_id)
+    rot = SBR(ANCHORS.render(tiny_tokenizer), ref.states, 2.0, tiny_tokenizer.pad_token_id, per_step=1)
+    model = add_lora(tiny_model, HP)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        whole = full(model)[0]
+        parts = []
+        for step in (0, 1, 2):
+            rot.at_step(step)
+            parts.append(rot(model)[0])
+    torch.testing.assert_close((parts[0] + parts[1]) / 2, whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(parts[2], parts[0])  # the cycle repeats with the step
+    assert not torch.allclose(parts[0], parts[1])
+    with pytest.raises(GuardError, match="anchors per step"):
+        SBR(ANCHORS.render(tiny_tokenizer), ref.states, 1.0, 0, per_step=3)

@@ -78,3 +78,20 @@ def test_cache_hit_reuses_file(tmp_path, tiny_model, tiny_tokenizer):
     mtime = path.stat().st_mtime_ns
     second = cached_reference(tiny_model, tiny_tokenizer, anchors, "f" * 64, tmp_path)
     assert path.stat().st_mtime_ns == mtime and torch.equal(first.states, second.states)
+
+
+def test_shared_prefix_is_used_and_matches_full_forwards(tiny_model, tiny_tokenizer):
+    from guard.states import batch_states, prepare_batch
+
+    batch = AnchorSet("t", PROMPTS).render(tiny_tokenizer)
+    shared = prepare_batch(batch, tiny_tokenizer.pad_token_id)
+    plain = prepare_batch(batch, tiny_tokenizer.pad_token_id, share_prefix=False)
+    assert shared.prefix is not None and shared.prefix.shape[1] >= 8  # the chat template's system prompt
+    assert shared.ids.numel() < plain.ids.numel()
+    tiny_model.train()  # as SBR runs it: gradients through the repeated prefix cache
+    h_shared = batch_states(tiny_model, shared)
+    h_plain = batch_states(tiny_model, plain)
+    torch.testing.assert_close(h_shared, h_plain, atol=1e-5, rtol=1e-5)
+    h_shared.pow(2).sum().backward()
+    q0 = tiny_model.model.layers[0].self_attn.k_proj.weight.grad
+    assert q0 is not None and q0.abs().sum() > 0  # reaches layer 0's keys through the prefix cache

@@ -66,7 +66,8 @@ def build_regularizer(method: str, h: HardenConfig, model: Any, tok: Any, anchor
     if method == "sft":
         return None
     if method == "sbr":
-        return SBR(anchors.render(tok), ref.states, h.sbr_lambda, tok.pad_token_id)
+        per_step = min(h.sbr_anchors_per_step, len(anchors)) if h.sbr_anchors_per_step else None
+        return SBR(anchors.render(tok), ref.states, h.sbr_lambda, tok.pad_token_id, per_step)
     if method == "asft":
         if original is None:
             raise GuardError("AsFT needs the original (unaligned) model: set model.original")

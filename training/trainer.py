@@ -106,6 +106,8 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
         rng.shuffle(order)
         micro = [order[i : i + hp.batch_size] for i in range(0, len(order), hp.batch_size)]
         for s in range(0, len(micro), hp.grad_accum):
+            if hasattr(regularizer, "at_step"):  # step-dependent terms (SBR's anchor rotation) follow the step
+                regularizer.at_step(step)
             row = {"step": step + 1, "epoch": epoch + 1,
                    **optimizer_step(model, opt, [[examples[i] for i in idx] for idx in micro[s : s + hp.grad_accum]],
                                     pad_id, regularizer, hp.bf16)}
