@@ -1,0 +1,124 @@
+"""Cost of the guard while serving: plain vLLM vs `guard serve` (lock on / off), lock toggle, probe time.
+
+One run, one engine at a time on 127.0.0.1: first a plain vLLM server with the same engine arguments, then
+the guarded server. Throughput = generated tokens / wall time for a fixed batch of concurrent greedy chat
+requests (no adapter, so the numbers isolate the lock); each configuration is measured `--reps` times,
+interleaving lock on/off on the guarded server, and the median is kept.
+
+Writes bench/results/serve_overhead.json (bench/common.py write_result adds commit and machine).
+Usage: python bench/serve_overhead.py [--requests 16] [--max-tokens 32] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import write_result  # noqa: E402  (bench/common.py puts the repo root on sys.path)
+
+from guard.config import GuardConfig
+from guard.lock import lock_path
+from guard.models import default_aligned_dir, default_original_dir, fingerprint_dir
+from serve.devtools import GuardServer, free_port, http, random_lock, random_lora
+
+PROMPTS = [
+    "Write a short poem about the sea.", "Explain how photosynthesis works in two sentences.",
+    "Give three tips for learning a new language.", "What is the capital of France, and why is it famous?",
+    "Describe a sunrise to someone who has never seen one.", "Summarise the rules of chess in a paragraph.",
+    "Why do cats purr?", "Suggest a name for a bakery and explain it.",
+]
+
+
+def throughput(srv: GuardServer, model: str, n: int, max_tokens: int, concurrency: int) -> float:
+    def one(i: int) -> int:
+        status, body = http("POST", srv.url + "/v1/chat/completions", {
+            "model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" ({i})"}],
+            "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}, timeout=600)
+        assert status == 200, body
+        return body["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        tokens = sum(pool.map(one, range(n)))
+    return tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--toggles", type=int, default=20)
+    a = ap.parse_args()
+
+    model = default_aligned_dir()
+    if not (model / "config.json").is_file():
+        model = default_original_dir()
+    tmp = Path(tempfile.mkdtemp(prefix="sg-bench-"))
+    real_lock = lock_path(Path(model).parent.parent, fingerprint_dir(model))
+    lock = real_lock if real_lock.is_file() else random_lock(model, tmp / "lock.safetensors")
+    adapter = random_lora(model, tmp / "bench-adapter", b_std=1e-3, seed=1)
+    (tmp / "guard.yaml").write_text("serve:\n  lock_policy: 'off'\n  vet_policy: warn\n  probe_interval_seconds: 0\n")
+    engine_args = ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "4"]
+    name = model.name
+    result: dict = {"model": str(model), "lock": str(lock), "lock_is_random_stand_in": lock != real_lock,
+                    "requests": a.requests, "max_tokens": a.max_tokens, "concurrency": a.concurrency, "reps": a.reps}
+
+    with GuardServer.plain(free_port(), model, *engine_args, log_path=tmp / "plain.log") as plain:
+        throughput(plain, name, 4, 8, 4)  # warm-up
+        plain_tps = [throughput(plain, name, a.requests, a.max_tokens, a.concurrency) for _ in range(a.reps)]
+
+    t0 = time.perf_counter()
+    guarded = GuardServer.guarded(free_port(), "--config", str(tmp / "guard.yaml"), "--model", str(model),
+                                  "--lock", str(lock), "--lora-modules", f"bench={adapter}",
+                                  log_path=tmp / "guarded.log").start()
+    try:
+        result["guarded_start_seconds"] = round(time.perf_counter() - t0, 1)
+        throughput(guarded, name, 4, 8, 4)
+        on_tps, off_tps = [], []
+        for _ in range(a.reps):
+            assert http("POST", guarded.url + "/guard/lock", {"enabled": True})[0] == 200
+            on_tps.append(throughput(guarded, name, a.requests, a.max_tokens, a.concurrency))
+            assert http("POST", guarded.url + "/guard/lock", {"enabled": False})[0] == 200
+            off_tps.append(throughput(guarded, name, a.requests, a.max_tokens, a.concurrency))
+        toggles, worker_ms = [], []
+        for i in range(a.toggles):
+            t = time.perf_counter()
+            status, body = http("POST", guarded.url + "/guard/lock", {"enabled": i % 2 == 0})
+            toggles.append((time.perf_counter() - t) * 1e3)
+            worker_ms.append(body["worker"]["last_change_ms"])
+        http("POST", guarded.url + "/guard/lock", {"enabled": False})
+        probes = []
+        for _ in range(3):
+            status, body = http("POST", guarded.url + "/guard/probe", {"adapter": "bench"}, timeout=600)
+            assert status == 200, body
+            probes.append(body["seconds"])
+        st = http("GET", guarded.url + "/guard/status")[1]
+    finally:
+        guarded.stop()
+
+    med = statistics.median
+    result.update({
+        "plain_tokens_per_s": round(med(plain_tps), 2), "guarded_lock_on_tokens_per_s": round(med(on_tps), 2),
+        "guarded_lock_off_tokens_per_s": round(med(off_tps), 2),
+        "throughput_ratio_guarded": round(med(on_tps) / med(plain_tps), 3),
+        "throughput_ratio_lock_off": round(med(off_tps) / med(plain_tps), 3),
+        "lock_toggle_ms": round(med(toggles), 2),
+        "lock_toggle_worker_ms": round(med(worker_ms), 3),
+        "probe_seconds": round(med(probes), 3),
+        "probe_anchors": st["reference"]["anchors"], "probe_tokens": GuardConfig().drift.probe_tokens,
+        "reference_seconds": st["reference"]["seconds"],
+        "reference_offline_max_deviation": st["reference"]["offline_max_deviation"],
+        "raw": {"plain": plain_tps, "lock_on": on_tps, "lock_off": off_tps, "toggle_ms": toggles, "probe_s": probes},
+        "note": "2-core box shared with other jobs: expect noise of +-10% between repetitions",
+    })
+    write_result("serve_overhead", result)
+
+
+if __name__ == "__main__":
+    main()
