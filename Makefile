@@ -8,10 +8,10 @@ PY    := $(VENV)/bin/python
 setup:
 	@bash scripts/setup.sh
 
-# Main job: set up, prepare the default model (convert, align, cache references) and start the guarded
-# server. Until the serving issue (#6) lands, it prepares everything and prints what is ready.
+# Main job: set up, prepare the default model (convert, align, cache references, build the SafetyLock; cached
+# after the first run) and start the guarded OpenAI-compatible server on 127.0.0.1:8000.
 serve: setup
-	@$(GUARD) prepare
+	@$(GUARD) prepare && exec $(GUARD) serve
 
 prepare: setup
 	@$(GUARD) prepare

@@ -62,8 +62,3 @@ def stress(
     result = run_stress(cfg, sc, out, name)
     typer.echo((out / f"{name}.md").read_text())
     typer.echo(f"results: {out / (name + '.json')}  plots: {out / (name + '.png')}")
-
-
-def _pending(cmd: str, issue: int) -> int:
-    typer.echo(f"{cmd} is not built yet: it arrives with issue #{issue}", err=True)
-    return 2

@@ -8,7 +8,6 @@ import typer
 
 from guard.errors import GuardError
 from guardcli import config_cmd, eval_cmd, harden_cmd, lock_cmd, prepare, serve_cmd
-from guardcli.eval_cmd import _pending
 
 app = typer.Typer(
     name="guard",

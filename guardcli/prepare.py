@@ -63,7 +63,7 @@ def prepare(config: ConfigOpt = None) -> None:
         f"  anchor set        {anchors.name}, k={len(anchors)}, hash {anchors.hash[:12]}\n"
         f"  reference states  {path}\n"
         f"  SafetyLock        {lock}\n"
-        f"  serving           not built yet: `guard serve` arrives with issue #6"
+        f"  serve it with     guard serve  (OpenAI-compatible, http://{cfg.serve.host}:{cfg.serve.port}/v1)"
     )
 
 
