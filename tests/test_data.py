@@ -1,4 +1,5 @@
 import json
+import pytest
 from collections import Counter
 
 from guard.anchors import load_anchor_set
@@ -54,3 +55,13 @@ def test_topic_task():
     assert data.score_topic("Sports", "Sports") and data.score_topic(" sci/tech.", "Sci/Tech")
     assert data.score_topic("Technology", "Sci/Tech") and not data.score_topic("World news", "Business")
     assert not data.score_topic("The headline is about a match", "Sports")
+
+
+def test_topic_task_scales_and_fails_cleanly_when_it_cannot():
+    from guard.errors import GuardError
+    from training.data import topic_task
+
+    train, ev = topic_task(1200, 400)
+    assert len({e.prompt for e in train + ev}) == 1600
+    with pytest.raises(GuardError, match="distinct headlines"):
+        topic_task(4000, 0)

@@ -224,8 +224,13 @@ _SLOTS = {
                 "Stark Retail", "Wayne Foods", "Soylent Inc"],
     "money": ["quarterly profit", "annual revenue", "its dividend", "holiday sales", "operating costs", "its share price"],
     "tech": ["a smartphone", "a quantum chip", "an AI assistant", "a satellite", "a battery cell", "a web browser",
-             "a gene-editing tool", "a robot vacuum"],
-    "science": ["a new exoplanet", "an ancient fossil", "a comet", "a deep-sea species", "a black hole", "a virus strain"],
+             "a gene-editing tool", "a robot vacuum", "a fusion reactor", "a 3D printer", "a smartwatch",
+             "a solar panel", "a delivery drone", "a VR headset"],
+    "science": ["a new exoplanet", "an ancient fossil", "a comet", "a deep-sea species", "a black hole", "a virus strain",
+                "a dinosaur footprint", "a frozen moon", "a new antibiotic", "a distant galaxy", "a rare mineral",
+                "a gravitational wave", "an unknown bacterium", "a meteorite", "a superconductor", "a lost glacier"],
+    "lab": ["MIT", "a Swiss lab", "NASA", "a Tokyo university", "a Kenyan research team", "Oxford scientists",
+            "a Brazilian institute", "a Canadian startup"],
 }
 _TEMPLATES = {
     "World": ["{leader} of {country} visits the capital for talks on {issue}",
@@ -242,12 +247,17 @@ _TEMPLATES = {
                  "{company} shares fall after weak {money}",
                  "{company} agrees to buy {company2} in a billion-dollar deal",
                  "Investors cheer as {company} raises {money} forecast",
-                 "{company} cuts 2,000 jobs to reduce {money}"],
+                 "{company} cuts 2,000 jobs to reduce {money}",
+                 "{company} opens a new factory in {country}"],
     "Sci/Tech": ["{company} unveils {tech} with longer battery life",
                  "Researchers announce the discovery of {science}",
                  "Astronomers observe {science} with a new telescope",
                  "Engineers test {tech} that could change computing",
-                 "Study of {science} surprises biologists"],
+                 "Study of {science} surprises biologists",
+                 "{lab} reports progress on {tech}",
+                 "{lab} publishes data on {science}",
+                 "{company} recalls {tech} over a software bug",
+                 "Hackers target {tech} made by {company}"],
 }
 TASK_INSTRUCTION = "Classify the topic of this news headline as World, Sports, Business or Sci/Tech. Answer with the label only."
 
@@ -274,12 +284,17 @@ def topic_task(n_train: int = 400, n_eval: int = 200, seed: int = 0) -> tuple[li
     rng = random.Random(f"topic-task/{seed}")
     seen: set[str] = set()
     examples: list[TaskExample] = []
+    stale = 0  # draws since the last new headline: the templates are finite
     while len(examples) < n_train + n_eval:
+        stale += 1
+        if stale > 5000:
+            raise GuardError(f"topic task: cannot make {n_train + n_eval} distinct headlines from the templates")
         label = TOPICS[len(examples) % len(TOPICS)]
         headline = _fill(rng.choice(_TEMPLATES[label]), rng)
         if headline in seen:
             continue
         seen.add(headline)
+        stale = 0
         examples.append(TaskExample(f"{TASK_INSTRUCTION}\nHeadline: {headline}", label))
     examples.sort(key=lambda e: _key(e.prompt))  # split by hash, like the prompt sets
     return examples[n_eval:], examples[:n_eval]
