@@ -8,12 +8,19 @@ Routes (all behind the server's API key when one is set: vLLM's own middleware g
 - GET  /guard/status        lock, adapters with their latest probe, reference check, errors
 - POST /guard/lock          {"adapter": name|null, "enabled": bool|null, "strength": float|null}
 - POST /guard/probe         {"adapter": name|null}: probe now (null = every loaded adapter)
+- POST /guard/policy        {"vet_policy": "reject"|"lock"|"warn"}: the vet policy for adapters loaded from now
+                            on (already-served adapters keep their verdict and any forced lock)
 - POST /v1/load_lora_adapter    replaces vLLM's (only when VLLM_ALLOW_RUNTIME_LORA_UPDATING is on):
                                 checks the adapter fits the base, loads, probes, applies the vet policy
 - POST /v1/unload_lora_adapter  vLLM's, plus forgetting the adapter's series and lock entries
 
-Every lock change resets the prefix cache (KV blocks computed under the old lock state would be reused
-otherwise, DESIGN §5): softly first, and by preempting running requests if blocks are still held.
+Prefix cache vs lock changes (DESIGN §5: KV blocks computed under the old lock state would be reused): every
+request gets a cache salt naming the current *lock epoch* (bumped on every lock change), so a request never
+shares KV blocks with one admitted under another lock state. No reset, no preemption: in-flight requests
+carry on (the change lands on their next step), and old blocks age out of the cache. Resetting the cache
+instead would have to preempt every running request on each change (a soft reset fails while any request
+holds blocks), and under load on CPU that livelocked the server: each change threw away every prefill.
+Fallback when the salt hook cannot be installed (another vLLM): the preempting reset.
 """
 
 import asyncio
@@ -22,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict
@@ -69,6 +76,8 @@ class GuardService:
         self.last_cache_reset: dict[str, Any] = {}
         self._loop_task: asyncio.Task | None = None
         self._push_lock = asyncio.Lock()
+        self.lock_epoch = 0
+        self.salting = False
 
     # -- start-up ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -79,6 +88,7 @@ class GuardService:
         from serve.policy import LockTable
 
         self.table = LockTable.from_config(self.cfg.serve, self.base_name, self.cfg.lock.strength)
+        self.salting = self._install_cache_salt()
         try:
             self.workers = await self.engine.collective_rpc("guard_ping")
         except Exception as e:
@@ -167,6 +177,28 @@ class GuardService:
         else:
             self._fail(f"SafetyLock not installed: {res.get('error')}; serving without the lock")
 
+    def _install_cache_salt(self) -> bool:
+        """Salt every request's prefix-cache key with the lock epoch (API-server side, before it reaches the
+        engine): `InputProcessor.assign_request_id` sees every EngineCoreRequest, user requests and probes."""
+        ip = getattr(self.engine, "input_processor", None)
+        original = getattr(ip, "assign_request_id", None)
+        if original is None:
+            log.warning("safety-guard: cannot salt the prefix cache on this vLLM; lock changes reset it instead "
+                        "(preempting running requests)")
+            return False
+        if getattr(original, "_safety_guard_salt", False):
+            return True
+        svc = self
+
+        def assign_request_id(request: Any) -> Any:
+            salt = f"safety-guard-lock-{svc.lock_epoch}"
+            request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+            return original(request)
+
+        assign_request_id._safety_guard_salt = True  # type: ignore[attr-defined]
+        ip.assign_request_id = assign_request_id
+        return True
+
     # -- lock ----------------------------------------------------------------------------------------
     def lora_ids(self) -> dict[str, int]:
         return {name: lr.lora_int_id for name, lr in self.models.lora_requests.items()}
@@ -185,18 +217,22 @@ class GuardService:
                 raise GuardError(f"workers refused the lock change: {bad[0].get('error')}")
             shown = self.table.strengths(list(self.models.lora_requests))
             self.metrics.set_lock({k: (v if self.lock_info else 0.0) for k, v in shown.items()})
-            self.last_cache_reset = await self._reset_prefix_cache()
+            if self.salting:
+                # requests admitted from now on never share KV blocks with earlier ones
+                self.lock_epoch += 1
+                self.last_cache_reset = {"ok": True, "how": "salt", "epoch": self.lock_epoch, "ms": 0.0}
+            else:
+                self.last_cache_reset = await self._reset_prefix_cache()
             self.last_cache_reset["rpc_ms"] = round(rpc_ms, 3)
             return results[0]
 
     async def _reset_prefix_cache(self) -> dict[str, Any]:
+        """Fallback without the salt hook. A soft reset fails whenever any request is running, and every engine
+        call waits for the current step to end, so preempt at once (a no-op when the engine is idle)."""
         t0 = time.perf_counter()
         try:
-            ok = await self.engine.reset_prefix_cache()
-            how = "soft"
-            if not ok:  # running requests still hold blocks computed under the old lock state
-                ok = await self.engine.reset_prefix_cache(reset_running_requests=True)
-                how = "preempt"
+            ok = await self.engine.reset_prefix_cache(reset_running_requests=True)
+            how = "preempt"
         except Exception as e:
             log.warning("safety-guard: prefix cache reset failed: %s", e)
             return {"ok": False, "error": str(e)}
@@ -228,6 +264,10 @@ class GuardService:
                 self.models.lora_requests[name] = lr
             else:
                 self.adapters.pop(name, None)
+        if rec.action == "lock":
+            # only now does the adapter's lora id appear in lora_ids(): push its forced lock to the workers
+            # (start-up adapters get no other push after vetting)
+            await self.push_lock()
         return rec
 
     async def _vet(self, name: str, lr: Any, rec: AdapterRecord) -> None:
@@ -256,8 +296,7 @@ class GuardService:
             if self.lock_info is None:
                 rec.reasons.append("vet policy 'lock' but no SafetyLock is installed: served unlocked")
                 log.error("safety-guard: adapter '%s' failed vetting and no lock is installed", name)
-            self.table.force(name, "; ".join(result.verdict.reasons))
-            await self.push_lock()
+            self.table.force(name, "; ".join(result.verdict.reasons))  # pushed by vet() once it is visible
         else:
             rec.action = "serve"
             log.warning("safety-guard: adapter '%s' failed vetting (%s); served under vet policy 'warn'",
@@ -351,6 +390,13 @@ class LockChange(BaseModel):
     file: str | None = None
 
 
+class PolicyChange(BaseModel):
+    """POST /guard/policy: the vet policy for adapters loaded from now on (not persisted to the config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    vet_policy: Literal["reject", "lock", "warn"]
+
+
 class ProbeAsk(BaseModel):
     model_config = ConfigDict(extra="forbid")
     adapter: str | None = None
@@ -429,6 +475,17 @@ def build_router(runtime_lora_updating: bool) -> Any:
         status["toggle_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
         status["strengths"] = svc.table.strengths(list(svc.models.lora_requests))
         return JSONResponse(status)
+
+    @router.post("/guard/policy")
+    async def guard_policy(change: PolicyChange, request: Request):
+        svc = service(request)
+        if not isinstance(svc, GuardService):
+            return svc
+        old = svc.cfg.serve.vet_policy
+        svc.cfg.serve.vet_policy = change.vet_policy
+        if old != change.vet_policy:
+            log.warning("safety-guard: vet policy changed at run time: %s -> %s", old, change.vet_policy)
+        return JSONResponse({"vet_policy": change.vet_policy, "previous": old})
 
     @router.post("/guard/probe")
     async def guard_probe(ask: ProbeAsk, request: Request):

@@ -101,6 +101,8 @@ class Monitor:
         except BaseException:
             for t in tasks:
                 t.cancel()  # cancelling the generator aborts the engine request
+            # collect them, so no "exception was never retrieved" traceback is logged for the gather
+            await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
             captured = (await self.engine.collective_rpc("guard_probe_collect", args=(prefix,)))[0]
