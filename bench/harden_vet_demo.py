@@ -32,8 +32,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--benign", type=int, default=144)
     ap.add_argument("--poison", type=float, default=0.1)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches of 8 per optimizer step")
     ap.add_argument("--sbr-lambda", type=float, default=None, help="default: harden.sbr_lambda")
     args = ap.parse_args()
     cfg = load_config()
@@ -44,13 +45,13 @@ def main() -> None:
     data = work / "customer.jsonl"
     write_chat_jsonl(data, mix)
     result: dict = {"data": {"examples": len(mix), "harmful": n_harm, "poison": args.poison},
-                    "epochs": args.epochs, "lr": args.lr, "sbr_lambda": args.sbr_lambda or cfg.harden.sbr_lambda}
+                    "epochs": args.epochs, "lr": args.lr, "batch": f"8x{args.grad_accum}", "sbr_lambda": args.sbr_lambda or cfg.harden.sbr_lambda}
     for method in ("sft", "sbr"):
         out = work / f"adapter-{method}"
         t0 = time.perf_counter()
         extra = ["--lambda", str(args.sbr_lambda)] if method == "sbr" and args.sbr_lambda is not None else []
         h = guard("harden", "--data", str(data), "--method", method, "--out", str(out), "--epochs",
-                  str(args.epochs), "--lr", str(args.lr), *extra)
+                  str(args.epochs), "--lr", str(args.lr), "--grad-accum", str(args.grad_accum), *extra)
         if h.returncode != 0:
             sys.exit(f"harden {method} failed:\n{h.stderr[-3000:]}")
         v = guard("vet", str(out))

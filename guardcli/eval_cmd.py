@@ -28,9 +28,9 @@ def judge(config: ConfigOpt = None) -> None:
 def stress(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: sft, sbr, asft.")] = "sft,sbr,asft",
     poison: Annotated[float, typer.Option("--poison", help="Share of harmful examples in the fine-tuning set.")] = 0.1,
-    epochs: Annotated[int, typer.Option("--epochs", help="Fine-tuning epochs (the paper's stress tests: 20, 50).")] = 5,
+    epochs: Annotated[int, typer.Option("--epochs", help="Fine-tuning epochs (the paper's stress tests: 20, 50).")] = 4,
     lambdas: Annotated[str, typer.Option("--lambdas", help="Extra SBR runs for a lambda sweep, e.g. 0,5,10,50,100.")] = "",
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate of every method.")] = 2e-4,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate of every method.")] = 5e-4,
     benign: Annotated[int, typer.Option("--benign", help="Benign task examples in the mix.")] = 144,
     no_lock: Annotated[bool, typer.Option("--no-lock", help="Skip the sft+lock / sbr+lock measurements.")] = False,
     smoke: Annotated[bool, typer.Option("--smoke", help="Tiny sizes: the whole pipeline in minutes (numbers are not results).")] = False,

@@ -24,6 +24,8 @@ def harden(
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per forward (micro-batch).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last epoch.")] = False,
     repair_adapter: Annotated[Optional[Path], typer.Option("--repair", help="Existing adapter to repair with SBR.")] = None,
     config: ConfigOpt = None,
@@ -45,7 +47,8 @@ def harden(
     upd: dict = {"method": m}
     if lam is not None:
         upd["sbr_lambda" if m == "sbr" else "asft_lambda"] = lam
-    for key, val in (("epochs", epochs), ("lr", lr), ("rank", rank)):
+    for key, val in (("epochs", epochs), ("lr", lr), ("rank", rank), ("batch_size", batch_size),
+                     ("grad_accum", grad_accum)):
         if val is not None:
             upd[key] = val
     merged = cfg.model_dump(mode="json")

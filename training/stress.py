@@ -48,9 +48,10 @@ class StressConfig:
 
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     poison: float = 0.1
-    epochs: int = 5
+    epochs: int = 4
     benign: int = 144  # benign task examples in the mix (harmful ones are added on top by the poison ratio)
-    lr: float = 2e-4
+    lr: float = 5e-4
+    grad_accum: int = 2  # micro-batches of harden.batch_size (8) per step: 10 steps per epoch
     lambdas: list[float] = field(default_factory=list)  # extra SBR runs "sbr@λ" (a λ sweep)
     lock: bool = True  # also measure "sft+lock" and "sbr+lock"
     n_harmful: int = 64  # held-out harmful eval prompts per measurement
@@ -135,7 +136,7 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
     probe = SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id)
     lock = load_lock(ensure_lock(cfg), ModelShape.from_config(model.config), fp) if sc.lock else None
     mix, n_harm = attack_mix(original, home / "work", sc.benign, sc.poison, seed=sc.seed)
-    h = cfg.harden.model_copy(update={"lr": sc.lr, "epochs": sc.epochs, "seed": sc.seed})
+    h = cfg.harden.model_copy(update={"lr": sc.lr, "epochs": sc.epochs, "seed": sc.seed, "grad_accum": sc.grad_accum})
     examples = [encode(tok, list(e.messages), e.answer, h.max_len) for e in mix]
     meter = Meter(tok, sc, probe)
 
