@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--poison", type=float, default=0.1)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--grid", default="0.5,1,1.5,2,3", help="strength scales tried on the development sets")
+    ap.add_argument("--grid", default="0.1,0.2,0.3,0.5,0.75,1,1.5,2", help="strength scales tried on the development sets")
     ap.add_argument("--strength", type=float, default=None, help="skip the search and use this strength")
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
