@@ -76,8 +76,7 @@ def lock_eval(d: dict) -> str:
         out.append(f"| {label} | {d[k]['hs']:.1f} | **{d[k + '_locked']['hs']:.1f}** | {d[k]['over_refusal']:.1f} | "
                    f"{d[k + '_locked']['over_refusal']:.1f} |")
     cut = d.get("hs_relative_cut")
-    out.append(f"
-Lock: {d['lock']['heads']} heads in {d['lock']['layers']} layers, alpha {d['lock']['alpha']}, "
+    out.append(f"\nLock: {d['lock']['heads']} heads in {d['lock']['layers']} layers, alpha {d['lock']['alpha']}, "
                f"strength {d['strength']:g} (chosen on development prompts only). HS cut on the attacked adapter: "
                f"**{'n/a' if cut is None else f'{100 * cut:.0f}%'}** relative (goal ≥ 80%); over-refusal "
                f"{d['over_refusal_rise_points']:+.1f} points (goal ≤ +10); toggle (on+off, HF) "
@@ -92,7 +91,33 @@ def stress(d: dict) -> str:
     return body + "\n\n![stress test](bench/results/stress_default.png)\n\nCommit " + str(d.get("commit")) + "."
 
 
-TABLES: dict[str, Callable[[dict], str]] = {"align_eval": align, "judge_eval": judge, "fa_task": fa,
+def serve(d: dict) -> str:
+    load = _load("serve_load")
+    out = ["| measure | value | goal |", "|---|---|---|",
+           f"| throughput guarded (lock on) / plain | **{d['throughput_ratio_guarded']:.3f}** | ≥ 0.98 |",
+           f"| throughput guarded (lock off) / plain | **{d['throughput_ratio_lock_off']:.3f}** | ≥ 0.995 |",
+           f"| lock change in the worker (median / max) | **{d['lock_toggle_ms']:.3f} ms** / {d['lock_toggle_max_ms']:.3f} ms | ≤ 1 ms |",
+           f"| lock change over HTTP, idle server (median) | {d['lock_toggle_http_ms']:.2f} ms | |",
+           f"| one probe of {d['probe_anchors']} anchors, one adapter ({d['probe_tokens']} greedy tokens) | {d['probe_seconds']:.1f} s | |",
+           f"| in-engine base anchor states vs offline HF cache (max rel L2) | {d['reference_offline_max_deviation']:.4f} | |"]
+    text = "\n".join(out) + (
+        f"\n\n`bench/serve_overhead.py`: {d['requests']} requests × {d['reps']} reps at concurrency {d['concurrency']}, "
+        f"{d['max_tokens']} tokens each, order {d['order']}; plain {d['plain_tokens_per_s']:.2f} tok/s "
+        f"(both engines cannot run at once on this 2-core box). Real SafetyLock ({d['lock_heads']} heads). "
+        f"Commit {d['commit']}.")
+    if load is not None:
+        r = load["requests"]
+        text += (f"\n\n`bench/serve_load.py`: {load['clients']} concurrent clients for {load['window_seconds']:.0f} s "
+                 f"against one guarded server (lock policy `{load['lock_policy']}`, vet policy `{load['vet_policy']}`) "
+                 f"while the lock was changed, an adapter hot-loaded and vetted, and probes ran: **{r['ok']}/{r['total']} "
+                 f"requests ok, {r['failed']} failed**; {load['admin_actions_total'] - len(load['admin_failed'])}/"
+                 f"{load['admin_actions_total']} admin actions returned 200. Median latency "
+                 f"{load['latency_s'].get('median', load['latency_s'].get('p50', float('nan'))):.1f} s on 2 shared cores. "
+                 f"Commit {load['commit']}.")
+    return text
+
+
+TABLES: dict[str, Callable[[dict], str]] = {"serve_overhead": serve, "align_eval": align, "judge_eval": judge, "fa_task": fa,
                                             "train_overhead": overhead, "harden_vet": harden_vet,
                                             "lock_eval": lock_eval, "stress_default": stress}
 
