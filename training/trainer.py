@@ -67,8 +67,8 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
                on_epoch: Callable[[int], dict[str, float] | None] | None = None) -> list[dict[str, float]]:
     """Fine-tune the LoRA parameters of a peft `model` on `examples`; returns the per-step log.
 
-    `on_epoch(epoch)` runs after every epoch in eval mode (and outside autograd's way: it must not train);
-    what it returns is merged into that epoch's last log row.
+    `on_epoch(epoch)` runs after every epoch with the model in eval mode (for measurements; it must not change
+    the weights); what it returns is merged into that epoch's last log row.
     """
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
