@@ -34,6 +34,9 @@ def register() -> None:
     """General plugin: idempotent, re-entrant (vLLM may call it several times per process)."""
     if not guard_enabled():
         return
+    from serve.vllm_fixes import patch_cpu_lora_ops
+
+    patch_cpu_lora_ops()  # base-model rows must never run through an adapter (serve/vllm_fixes.py)
     from vllm.engine.arg_utils import EngineArgs
 
     original = EngineArgs.create_engine_config

