@@ -128,7 +128,11 @@ class LockConfig(_Section):
     prompts: int = Field(64, ge=8, description="Harmful prompts from the lock split used for safe/unsafe answer pairs.")
     answer_tokens: int = Field(48, ge=4, le=512, description="Greedy tokens of each safe/unsafe answer.")
     holdout: float = Field(0.3, gt=0, lt=1, description="Share of pairs held out to score each head's probe.")
-    strength: float = Field(1.0, ge=0, le=10, description="Scale on the built strength when the lock is applied (1 = as built).")
+    strength: float = Field(
+        0.2, ge=0, le=10,
+        description="Scale on the built strength when the lock is applied (1 = as built, alpha x std). 0.2 is what "
+                    "bench/lock_eval.py picks for the default model on development prompts: the most harmful prompts "
+                    "refused while over-refusal rises <= 10 points (at 0.5 the 135M model refuses 2/3 of edgy-benign prompts).")
     path: Path | None = Field(None, description="Lock file to use. Default: the one `guard prepare` builds for the base.")
 
 

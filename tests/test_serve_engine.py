@@ -41,6 +41,8 @@ LONG = ("You are helping a small bakery. They sell bread, cakes, and pastries, o
 CONFIG = """\
 anchors:
   k: 4
+lock:
+  strength: 1.0  # the stand-in lock as built (the default 0.2 is tuned for the real lock)
 drift:
   probe_tokens: 8
   min_refusal_ratio: 0.0
