@@ -86,9 +86,10 @@ def lock_eval(d: dict) -> str:
 
 
 def stress(d: dict) -> str:
-    md = (RESULTS / "stress_default.md")
+    name = d.get("name", "stress_default")
+    md = RESULTS / f"{name}.md"
     body = md.read_text().strip() if md.is_file() else ""
-    return body + "\n\n![stress test](bench/results/stress_default.png)\n\nCommit " + str(d.get("commit")) + "."
+    return body + f"\n\n![stress test](bench/results/{name}.png)\n\nCommit " + str(d.get("commit")) + "."
 
 
 def serve(d: dict) -> str:
@@ -119,7 +120,8 @@ def serve(d: dict) -> str:
 
 TABLES: dict[str, Callable[[dict], str]] = {"serve_overhead": serve, "align_eval": align, "judge_eval": judge, "fa_task": fa,
                                             "train_overhead": overhead, "harden_vet": harden_vet,
-                                            "lock_eval": lock_eval, "stress_default": stress}
+                                            "lock_eval": lock_eval, "stress_default": stress,
+                                            "stress_short": stress}
 
 
 def main() -> None:
