@@ -58,13 +58,7 @@ class SafetyLock:
 
     def displacement(self) -> torch.Tensor:
         """[num_layers, num_heads * head_dim]: the shift added to each layer's o_proj input."""
-        import torch
-
-        s = self.shape
-        d = torch.zeros(s.num_layers, s.num_heads * s.head_dim)
-        for h, vec in zip(self.heads, self.directions):
-            d[h.layer, h.head * s.head_dim : (h.head + 1) * s.head_dim] += h.strength * vec.float()
-        return d
+        return head_displacement(self.heads, self.directions, self.shape)
 
     @property
     def layers(self) -> list[int]:
@@ -87,15 +81,25 @@ class SafetyLock:
         return Path(path)
 
 
+def head_displacement(heads: tuple[LockHead, ...] | list[LockHead], directions: torch.Tensor,
+                      shape: ModelShape) -> torch.Tensor:
+    """[num_layers, num_heads * head_dim]: strength · direction in each selected head's slice, zeros elsewhere."""
+    import torch
+
+    d = torch.zeros(shape.num_layers, shape.num_heads * shape.head_dim)
+    for h, vec in zip(heads, directions):
+        d[h.layer, h.head * shape.head_dim : (h.head + 1) * shape.head_dim] += h.strength * vec.float()
+    return d
+
+
 def fold_biases(heads: tuple[LockHead, ...] | list[LockHead], directions: torch.Tensor, shape: ModelShape,
                 o_proj_weights: dict[int, torch.Tensor]) -> torch.Tensor:
     """Per-layer biases W_o(layer) · d(layer) in float32; `o_proj_weights` maps layer -> [hidden, heads*head_dim]."""
     import torch
 
-    tmp = SafetyLock(tuple(heads), directions, torch.zeros(shape.num_layers, shape.hidden_size), shape, "", 0.0)
-    disp = tmp.displacement()
+    disp = head_displacement(heads, directions, shape)
     biases = torch.zeros(shape.num_layers, shape.hidden_size)
-    for layer in tmp.layers:
+    for layer in sorted({h.layer for h in heads}):
         if layer not in o_proj_weights:
             raise GuardError(f"SafetyLock: no o_proj weight for layer {layer}")
         w = o_proj_weights[layer].float()

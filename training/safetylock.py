@@ -32,6 +32,7 @@ from guard.generation import generate_greedy
 from guard.judge import DEFAULT_JUDGE
 from guard.lock import LockHead, SafetyLock, fold_biases, o_proj_layers
 from guard.models import ModelShape
+from guard.states import pad_right
 
 
 @dataclass
@@ -77,12 +78,7 @@ def head_activations(model: Any, tokenizer: Any, prompts: list[str], answers: li
         with torch.no_grad():
             for b in range(0, len(seqs), batch_size):
                 chunk = seqs[b : b + batch_size]
-                width = max(map(len, chunk))
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, s in enumerate(chunk):
-                    ids[r, : len(s)] = torch.tensor(s)
-                    mask[r, : len(s)] = 1
+                ids, mask, _ = pad_right(chunk, pad)
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
                 for r, s in enumerate(chunk):
                     idx = [max(len(s) + p, starts[b + r]) if p < 0 else min(starts[b + r] + p, len(s) - 1)

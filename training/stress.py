@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from guard.anchors import load_anchor_set
@@ -33,7 +32,7 @@ from guard.states import cached_reference
 from training import data
 from training.attack import attack_mix
 from training.evaluate import refusal_rate, task_accuracy
-from training.harden import base_dir, build_regularizer, hparams, original_dir
+from training.harden import anchor_report, base_dir, build_regularizer, hparams, original_dir
 from training.regularizers import SBR
 from training.safetylock import ensure_lock
 from training.sft import encode
@@ -117,9 +116,7 @@ class Meter:
         refused, _ = refusal_rate(model, self.tok, self.harmful, self.sc.max_tokens, desc=f"{label}: HS")
         over, _ = refusal_rate(model, self.tok, self.benign, self.sc.max_tokens, desc=f"{label}: over-refusal")
         fa = task_accuracy(model, self.tok, self.task, desc=f"{label}: FA")
-        with torch.no_grad():
-            h = self.probe.states(model).float()
-        drift = float(((h - self.probe.reference).norm(dim=-1) / self.probe.reference.norm(dim=-1)).mean())
+        drift = anchor_report(model, self.probe).mean_rel_l2
         return {"hs": round(100.0 - refused, 2), "fa": round(fa, 2), "over_refusal": round(over, 2),
                 "drift": round(drift, 5)}
 
