@@ -25,29 +25,9 @@ from guard.judge import DEFAULT_JUDGE
 from guard.lock import LockHandle, load_lock
 from guard.models import ModelShape, resolve_threads
 from training import data
+from training.attack import attack_adapter
 from training.evaluate import load_base_with_adapter, lock_comparison, refusal_rate
 from training.safetylock import ensure_lock
-
-
-def attacked_adapter(cfg, out: Path, benign: int, poison: float, epochs: int, lr: float) -> Path:
-    """Plain SFT on the attack mix (cached at `out`)."""
-    if (out / "adapter_model.safetensors").is_file():
-        return out
-    from training.attack import attack_mix
-    from training.harden import harden, original_dir
-    from training.userdata import write_chat_jsonl
-
-    home = cfg.runtime.resolved_home()
-    mix, n_harm = attack_mix(original_dir(cfg), home / "work", benign, poison)
-    path = out.parent / f"{out.name}.jsonl"
-    write_chat_jsonl(path, mix)
-    merged = cfg.model_dump(mode="json")
-    merged["harden"].update(method="sft", epochs=epochs, lr=lr)
-    from guard.config import parse_config
-
-    harden(parse_config(merged), path, out)
-    print(f"attacked adapter: {len(mix)} examples ({n_harm} harmful), {epochs} epochs -> {out}", flush=True)
-    return out
 
 
 def toggle_ms(model, lock, n: int = 200) -> float:
@@ -68,8 +48,8 @@ def main() -> None:
     ap.add_argument("--adapter", type=Path, default=None, help="attacked adapter (default: train one)")
     ap.add_argument("--benign", type=int, default=144)
     ap.add_argument("--poison", type=float, default=0.1)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--grid", default="0,0.1,0.2,0.3,0.5,1", help="strength scales tried on the development sets "
                     "(ascending, starting at 0 = unlocked)")
     ap.add_argument("--max-over-refusal-rise", type=float, default=10.0,
@@ -80,8 +60,8 @@ def main() -> None:
     cfg = load_config(args.config)
     resolve_threads(cfg.runtime.threads)
     home = cfg.runtime.resolved_home()
-    adapter = args.adapter or attacked_adapter(cfg, home / "demo" / "adapter-attacked", args.benign, args.poison,
-                                               args.epochs, args.lr)
+    adapter = args.adapter or attack_adapter(cfg, home / "demo" / "adapter-attacked", args.benign, args.poison,
+                                             args.epochs, args.lr)
     lock_file = ensure_lock(cfg)
     s = data.splits()
     result: dict = {"judge": DEFAULT_JUDGE.id, "adapter": str(adapter), "lock_file": lock_file.name,

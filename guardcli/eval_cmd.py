@@ -33,6 +33,8 @@ def stress(
     lr: Annotated[float, typer.Option("--lr", help="Learning rate of every method.")] = 5e-4,
     benign: Annotated[int, typer.Option("--benign", help="Benign task examples in the mix.")] = 144,
     no_lock: Annotated[bool, typer.Option("--no-lock", help="Skip the sft+lock / sbr+lock measurements.")] = False,
+    relock: Annotated[bool, typer.Option("--relock", help="Only re-measure the +lock rows of the existing <out>/<name>.json "
+                                         "with the current lock, from the adapters that run saved.")] = False,
     smoke: Annotated[bool, typer.Option("--smoke", help="Tiny sizes: the whole pipeline in minutes (numbers are not results).")] = False,
     out: Annotated[Path, typer.Option("--out", help="Directory for <name>.json/.md/.png.")] = Path("bench/results"),
     name: Annotated[str, typer.Option("--name", help="Result file stem.")] = "stress_default",
@@ -45,7 +47,12 @@ def stress(
     The default run takes about an hour on 2 CPU cores; --smoke takes minutes.
     """
     cfg = setup(config)
-    from training.stress import StressConfig, run_stress
+    from training.stress import StressConfig, relock as relock_run, run_stress
+
+    if relock:
+        relock_run(cfg, out, name)
+        typer.echo((out / f"{name}.md").read_text())
+        return
 
     try:
         lams = [float(x) for x in lambdas.split(",") if x.strip()]

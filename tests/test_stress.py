@@ -58,3 +58,15 @@ def test_smoke_run_writes_every_output(mini_prepared, tmp_path):
     assert res["methods"]["sft"]["epochs"][0]["drift"] > 0  # training moved the anchors
     assert (tmp_path / "smoke.md").is_file() and (tmp_path / "smoke.png").stat().st_size > 10_000
     assert not (tmp_path / "smoke.partial.json").exists()
+    # the run kept its SFT/SBR adapters: --relock re-measures the +lock rows from them and, with the same
+    # lock and strength, reproduces what the run measured
+    r = subprocess.run([sys.executable, "-m", "guardcli.main", "eval", "stress", "--relock", "--config", str(cfg),
+                        "--out", str(tmp_path), "--name", "smoke"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=1200, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "smoke.json").read_text())
+    assert "relock" in again and again["methods"]["sft"] == res["methods"]["sft"]
+    for k in ("sft+lock", "sbr+lock"):
+        before, after = res["methods"][k]["epochs"][0], again["methods"][k]["epochs"][0]
+        assert {m: after[m] for m in ("hs", "fa", "over_refusal")} == {m: before[m] for m in ("hs", "fa", "over_refusal")}
+        assert after["drift"] == pytest.approx(before["drift"], rel=1e-3, abs=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from guard.anchors import render_chat
 from guard.artifacts import atomic_path
@@ -53,3 +54,27 @@ def attack_mix(original: Path, cache_dir: Path, n_benign: int, poison: float, se
     return mix, len(harmful)
 
 
+
+
+def attack_adapter(cfg: Any, out: Path, n_benign: int = 144, poison: float = 0.1, epochs: int = 4,
+                   lr: float = 5e-4, grad_accum: int = 2) -> Path:
+    """A harmful fine-tuning attack: plain LoRA SFT of the configured base on `attack_mix` (cached at `out`).
+
+    What a red team (or a test of the vetting gate) needs: the adapter a careless customer upload produces.
+    The mix is kept next to it as `<out>.jsonl`.
+    """
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    from guard.config import parse_config
+    from training.harden import harden, original_dir
+    from training.userdata import write_chat_jsonl
+
+    home = cfg.runtime.resolved_home()
+    mix, _ = attack_mix(original_dir(cfg), home / "work", n_benign, poison)
+    path = out.parent / f"{out.name}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_chat_jsonl(path, mix)
+    merged = cfg.model_dump(mode="json")
+    merged["harden"].update(method="sft", epochs=epochs, lr=lr, grad_accum=grad_accum)
+    harden(parse_config(merged), path, out)
+    return out

@@ -22,7 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from guard.anchors import load_anchor_set
-from guard.artifacts import provenance, write_json_atomic, write_text_atomic
+from guard.artifacts import atomic_path, provenance, read_json, write_json_atomic, write_text_atomic
 from guard.config import GuardConfig
 from guard.errors import GuardError
 from guard.judge import DEFAULT_JUDGE
@@ -142,13 +142,15 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
         "config": {**asdict(sc), "examples": len(examples), "harmful_examples": n_harm,
                    "hparams": asdict(hparams(h)), "sbr_lambda": h.sbr_lambda, "asft_lambda": h.asft_lambda,
                    "anchors_k": len(anchors), "lock_heads": len(lock.heads) if lock else None,
-                   "lock_strength": cfg.lock.strength,
+                   "lock_strength": cfg.lock.strength, "lock_positions": list(lock.positions) if lock else None,
                    "eval_sets": {"harmful": f"StrongREJECT eval split, first {len(meter.harmful)} (out of distribution)",
                                  "benign": f"held-out benign-but-edgy, first {len(meter.benign)}",
                                  "task": f"topic classification held-out, {len(meter.task)}"}},
         "methods": {},
     }
     result["base"] = meter(model, "base")
+    saved = adapters_dir(home, name)
+    result["adapters"] = str(saved)
     runs: list[tuple[str, str, float | None]] = [(m, m, None) for m in sc.methods]
     runs += [(f"sbr@{lam:g}", "sbr", lam) for lam in sc.lambdas]
     for label, method, lam in runs:
@@ -165,6 +167,9 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
         def on_epoch(epoch: int) -> dict[str, float]:
             m = meter(peft_model, f"{label} epoch {epoch}")
             rows[label].append({"epoch": epoch, **m})
+            if label in ("sft", "sbr"):  # kept for `relock` (another lock or strength, no retraining)
+                with atomic_path(saved / label / f"epoch-{epoch}") as tmp:
+                    peft_model.save_pretrained(str(tmp))
             if with_lock:
                 handle.on()
                 rows[f"{label}+lock"].append({"epoch": epoch, **meter(peft_model, f"{label}+lock epoch {epoch}")})
@@ -185,11 +190,66 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
     result["spearman_drift_hs"] = None if rho is None else round(rho, 4)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result.update(provenance())
+    write_outputs(result, out, name)
+    (out / f"{name}.partial.json").unlink(missing_ok=True)
+    return result
+
+
+def adapters_dir(home: Path, name: str) -> Path:
+    """Where a run keeps the SFT and SBR adapters of every epoch (under the data dir, not the results)."""
+    return home / "work" / "stress" / name
+
+
+def write_outputs(result: dict[str, Any], out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / f"{name}.json", result)
-    (out / f"{name}.partial.json").unlink(missing_ok=True)
     write_text_atomic(out / f"{name}.md", markdown(result))
     plot(result, out, name)
+
+
+def relock(cfg: GuardConfig, out: Path, name: str = "stress_default") -> dict[str, Any]:
+    """Re-measure the "+lock" rows of a finished run with the current lock, from the adapters it saved.
+
+    A lock rebuilt with other settings (or a new default strength) does not need the training re-run: the
+    SFT and SBR adapters of every epoch are kept, so only the locked measurements are repeated.
+    """
+    from peft import PeftModel
+
+    t0 = time.perf_counter()
+    result = read_json(out / f"{name}.json", "stress result")
+    saved = Path(result.get("adapters") or adapters_dir(cfg.runtime.resolved_home(), name))
+    base = base_dir(cfg)
+    fp = fingerprint_dir(base)
+    model, tok = load_causal_lm(base, "float32")
+    anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)
+    ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
+    probe = SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id)
+    known = set(StressConfig.__dataclass_fields__)
+    sc = StressConfig(**{k: v for k, v in result["config"].items() if k in known})
+    meter = Meter(tok, sc, probe)
+    lock_file = ensure_lock(cfg)
+    lock = load_lock(lock_file, ModelShape.from_config(model.config), fp)
+    for label in ("sft", "sbr"):
+        epochs = [e["epoch"] for e in result["methods"].get(label, {}).get("epochs", [])]
+        if not epochs:
+            continue
+        missing = [e for e in epochs if not (saved / label / f"epoch-{e}" / "adapter_config.json").is_file()]
+        if missing:
+            raise GuardError(f"relock: the {label} adapters of epochs {missing} are not in {saved} (re-run the stress test)")
+        rows = []
+        for e in epochs:
+            peft_model = PeftModel.from_pretrained(model, str(saved / label / f"epoch-{e}"), is_trainable=False)
+            handle = LockHandle(peft_model, lock)
+            handle.set_strength(cfg.lock.strength)
+            handle.on()
+            rows.append({"epoch": e, **meter(peft_model, f"{label}+lock epoch {e}")})
+            handle.remove()
+            model = peft_model.unload()
+        result["methods"][f"{label}+lock"] = {"epochs": rows}
+    result["config"].update(lock_heads=len(lock.heads), lock_strength=cfg.lock.strength,
+                            lock_positions=list(lock.positions))
+    result["relock"] = {"lock_file": lock_file.name, "seconds": round(time.perf_counter() - t0, 1), **provenance()}
+    write_outputs(result, out, name)
     return result
 
 
