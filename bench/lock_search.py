@@ -33,6 +33,8 @@ VARIANTS = {  # name: (answer positions, heads)
     "last4_h24": ([-1, -2, -3, -4], 24),
     "start4_h24": ([0, 1, 2, 3], 24),
     "start4_h48": ([0, 1, 2, 3], 48),
+    "start4_h12": ([0, 1, 2, 3], 12),
+    "start8_h24": (list(range(8)), 24),
     "start1_h24": ([0], 24),
 }
 
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--grid", default="0.1,0.2,0.3,0.5,0.75,1")
     ap.add_argument("--max-over-refusal-rise", type=float, default=10.0)
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--name", default="lock_search", help="result file stem under bench/results")
     args = ap.parse_args()
     cfg = load_config(args.config)
     resolve_threads(cfg.runtime.threads)
@@ -110,7 +113,7 @@ def main() -> None:
         best = max(ok, key=lambda r: (r["dev_refused"], -r["strength"])) if ok else None
         result["variants"][name] = {"positions": positions, "heads": heads, "sweep": sweep, "best": best}
         print(name, "best", best, flush=True)
-    write_result("lock_search", result)
+    write_result(args.name, result)
 
 
 
