@@ -158,3 +158,8 @@ def test_head_activations_are_the_o_proj_inputs(tiny_model, tiny_tokenizer):
     hook.remove()
     torch.testing.assert_close(acts[1, 0, 1].reshape(-1), seen["x"][0, -1], atol=1e-5, rtol=0)
     torch.testing.assert_close(acts[1, 1, 1].reshape(-1), seen["x"][0, -2], atol=1e-5, rtol=0)
+    # non-negative positions count from the answer's first token (where a refusal or compliance begins)
+    start = len(render_chat(tiny_tokenizer, [{"role": "user", "content": prompts[1]}]))
+    head = head_activations(tiny_model, tiny_tokenizer, prompts, answers, positions=[0, 1])
+    torch.testing.assert_close(head[1, 0, 1].reshape(-1), seen["x"][0, start], atol=1e-5, rtol=0)
+    torch.testing.assert_close(head[1, 1, 1].reshape(-1), seen["x"][0, start + 1], atol=1e-5, rtol=0)
