@@ -74,7 +74,10 @@ def main() -> None:
     result["lock"] = {"heads": len(lock.heads), "layers": len(lock.layers), "alpha": lock.alpha,
                       "positions": list(lock.positions)}
     strength = args.strength
-    if strength is None:  # development sets only: lock-split harmful prompts, alignment-side edgy prompts
+    if strength is not None:
+        result["strength_search"] = {"chosen": strength, "rule": "given with --strength (bench/lock_search.py picks it "
+                                     "on the same development sets: bench/results/lock_search*.json)"}
+    else:  # development sets only: lock-split harmful prompts, alignment-side edgy prompts
         dev_h, dev_b = list(s.lock), list(s.edgy_align)
         sweep = []
         handle = LockHandle(model, lock)

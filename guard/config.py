@@ -121,18 +121,20 @@ class HardenConfig(_Section):
 class LockConfig(_Section):
     """SafetyLock: build (`guard lock build`) and default strength (HF evaluation and serving)."""
 
-    heads: int = Field(24, ge=1, le=4096, description="Top-K attention heads kept (the paper's K=24; capped by the model).")
+    heads: int = Field(48, ge=1, le=4096, description="Top-K attention heads kept (the paper's K=24; 48 of the 135M "
+                       "model's 270 heads won on development prompts, bench/results/lock_search_fine.json; capped by the model).")
     alpha: float = Field(6.0, gt=0, le=100, description="Strength multiplier: shift = alpha * std of the probe projections.")
-    positions: list[int] = Field([-1], min_length=1, description="Answer-token positions whose head activations "
-                                 "train the probes (negative = from the end of the answer, e.g. [-1, -2, -3]).")
+    positions: list[int] = Field([0, 1, 2, 3], min_length=1, description="Answer-token positions whose head activations "
+                                 "train the probes: 0, 1, ... from the answer's first token (where a refusal or compliance "
+                                 "begins), -1, -2, ... from its end. The first four beat the last token(s) on development prompts.")
     prompts: int = Field(64, ge=8, description="Harmful prompts from the lock split used for safe/unsafe answer pairs.")
     answer_tokens: int = Field(48, ge=4, le=512, description="Greedy tokens of each safe/unsafe answer.")
     holdout: float = Field(0.3, gt=0, lt=1, description="Share of pairs held out to score each head's probe.")
     strength: float = Field(
-        0.2, ge=0, le=10,
-        description="Scale on the built strength when the lock is applied (1 = as built, alpha x std). 0.2 is what "
-                    "bench/lock_eval.py picks for the default model on development prompts: the most harmful prompts "
-                    "refused while over-refusal rises <= 10 points (at 0.5 the 135M model refuses 2/3 of edgy-benign prompts).")
+        0.25, ge=0, le=10,
+        description="Scale on the built strength when the lock is applied (1 = as built, alpha x std). 0.25 is what "
+                    "bench/lock_search.py picks for the default model on development prompts: the most harmful prompts "
+                    "refused while over-refusal rises <= 10 points (at 0.3 edgy-benign over-refusal already rises 18 points).")
     path: Path | None = Field(None, description="Lock file to use. Default: the one `guard prepare` builds for the base.")
 
 
