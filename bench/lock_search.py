@@ -19,6 +19,7 @@ import torch
 
 from common import write_result
 
+from guard.artifacts import write_json_atomic
 from guard.config import load_config
 from guard.judge import DEFAULT_JUDGE
 from guard.lock import LockHandle
@@ -55,7 +56,12 @@ def main() -> None:
     s = data.splits()
     dev_h, dev_b = list(s.lock), list(s.edgy_align)
 
-    pairs_file = home / "work" / "lock_pairs.json"
+    names = args.variants.split(",")
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    fp = fingerprint_dir(base_dir(cfg))
+    pairs_file = home / "work" / f"lock-pairs-{fp[:16]}-{cfg.lock.prompts}-{cfg.lock.answer_tokens}.json"
     aligned, tok = load_causal_lm(base_dir(cfg), "float32")
     if pairs_file.is_file():
         pairs = json.loads(pairs_file.read_text())
@@ -63,17 +69,16 @@ def main() -> None:
         original, _ = load_causal_lm(original_dir(cfg), "float32")
         cp = contrast_pairs(aligned, original, tok, dev_h[: cfg.lock.prompts], cfg.lock.answer_tokens)
         pairs = {"prompts": cp.prompts, "safe": cp.safe, "unsafe": cp.unsafe}
-        pairs_file.write_text(json.dumps(pairs))
+        write_json_atomic(pairs_file, pairs)
         del original
-    all_pos = sorted({p for v in args.variants.split(",") for p in VARIANTS[v][0]})
+    all_pos = sorted({p for v in names for p in VARIANTS[v][0]})
     safe = head_activations(aligned, tok, pairs["prompts"], pairs["safe"], all_pos)
     unsafe = head_activations(aligned, tok, pairs["prompts"], pairs["unsafe"], all_pos)
     n = len(pairs["prompts"])
     train_prompts = split_by_prompt(n, cfg.lock.holdout)
-    fp = fingerprint_dir(base_dir(cfg))
     shape = ModelShape.from_config(aligned.config)
     locks = {}
-    for name in args.variants.split(","):
+    for name in names:
         positions, heads = VARIANTS[name]
         idx = [all_pos.index(q) for q in positions]
         p = len(idx)
