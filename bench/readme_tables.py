@@ -196,8 +196,8 @@ def main() -> None:
         d = _load(name)
         if d is None:
             continue
-        text = re.sub(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results -->)", lambda m: m.group(1) + render(d) + m.group(2),
-                      text, flags=re.S)
+        text = re.sub(rf"(<!-- results:{name} -->\n)(?:.*?\n)??(<!-- /results -->)",
+                      lambda m: m.group(1) + render(d) + "\n" + m.group(2), text, flags=re.S)
     readme.write_text(text)
 
 
