@@ -106,8 +106,10 @@ class HardenConfig(_Section):
     rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha.")
     targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
-                               description="Module names LoRA adapts (AsFT regularises q_proj and v_proj among them).")
-    asft_targets: list[str] = Field(["q_proj", "v_proj"], min_length=1, description="Modules AsFT constrains.")
+                               description="Module names LoRA adapts.")
+    asft_targets: list[str] | None = Field(
+        None, min_length=1, description="Modules AsFT constrains (default: every LoRA target). The paper's q_proj, "
+        "v_proj matches its q,v-only LoRA; with more targets adapted, an unconstrained one lets the attack through.")
     lr: float = Field(1e-4, gt=0, lt=1, description="AdamW learning rate.")
     epochs: int = Field(3, ge=1, le=1000, description="Passes over the user's data.")
     batch_size: int = Field(8, ge=1, le=512, description="Examples per forward (micro-batch).")
@@ -116,6 +118,13 @@ class HardenConfig(_Section):
     max_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted from users (harden, vet, repair, serving).")
     repair_max_epochs: int = Field(10, ge=1, description="`--repair`: stop after this many epochs if drift stays high.")
     seed: int = Field(0, description="Seed for LoRA init and data order.")
+
+    @model_validator(mode="after")
+    def _asft_subset(self) -> HardenConfig:
+        extra = sorted(set(self.asft_targets or []) - set(self.targets))
+        if extra:
+            raise ValueError(f"asft_targets {extra} are not LoRA targets {self.targets}")
+        return self
 
 
 class LockConfig(_Section):

@@ -154,3 +154,24 @@ def test_sbr_rotation_averages_to_the_full_term(tiny_model, tiny_tokenizer):
     assert not torch.allclose(parts[0], parts[1])
     with pytest.raises(GuardError, match="anchors per step"):
         SBR(ANCHORS.render(tiny_tokenizer), ref.states, 1.0, 0, per_step=3)
+
+
+def test_asft_constrains_every_lora_target_by_default(tiny_tokenizer, tmp_path):
+    """An adapted module AsFT leaves free is a bypass: by default it constrains every LoRA target."""
+    from guard.config import HardenConfig
+    from training.harden import build_regularizer
+
+    original = make_tiny_llama(len(tiny_tokenizer), seed=0)
+    aligned = make_tiny_llama(len(tiny_tokenizer), seed=0)
+    with torch.no_grad():
+        for p in aligned.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    original.save_pretrained(tmp_path / "original")
+    aligned.save_pretrained(tmp_path / "aligned")
+    h = HardenConfig(targets=["q_proj", "o_proj", "up_proj"])
+    reg = build_regularizer("asft", h, aligned, tiny_tokenizer, None, None, tmp_path / "aligned", tmp_path / "original")
+    assert sorted(reg.projectors) == sorted(f"model.layers.{i}.{blk}.{m}.weight" for i in range(2)
+                                            for blk, m in (("self_attn", "q_proj"), ("self_attn", "o_proj"), ("mlp", "up_proj")))
+    paper = build_regularizer("asft", h.model_copy(update={"asft_targets": ["q_proj"]}), aligned, tiny_tokenizer,
+                              None, None, tmp_path / "aligned", tmp_path / "original")
+    assert sorted(paper.projectors) == [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)]

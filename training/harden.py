@@ -61,6 +61,9 @@ def load_weights(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+_BLOCK = {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # Llama layout: everything else is attention
+
+
 def build_regularizer(method: str, h: HardenConfig, model: Any, tok: Any, anchors: AnchorSet,
                       ref: ReferenceStates, base: Path, original: Path | None) -> Any:
     if method == "sft":
@@ -72,7 +75,8 @@ def build_regularizer(method: str, h: HardenConfig, model: Any, tok: Any, anchor
         if original is None:
             raise GuardError("AsFT needs the original (unaligned) model: set model.original")
         layers = model.config.num_hidden_layers
-        names = [f"model.layers.{i}.self_attn.{m}.weight" for i in range(layers) for m in h.asft_targets]
+        names = [f"model.layers.{i}.{_BLOCK.get(m, 'self_attn')}.{m}.weight"
+                 for i in range(layers) for m in (h.asft_targets or h.targets)]
         return AsFT(alignment_projectors(load_weights(base, names), load_weights(original, names), names),
                     h.asft_lambda)
     raise GuardError(f"unknown method '{method}' (sft, sbr, asft)")
