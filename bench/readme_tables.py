@@ -118,11 +118,11 @@ def stress(d: dict) -> str:
     name = d.get("name", "stress_default")
     md = RESULTS / f"{name}.md"
     body = md.read_text().strip() if md.is_file() else ""
-    goals = "\n".join(stress_goals(d))
+    goals = "\n".join(stress_goals(d)) if name == "stress_default" else ""  # the goals: default run only
     relock = d.get("relock")
     extra = (f" Lock rows re-measured with `--relock` ({relock['lock_file']}, {relock['seconds'] / 60:.1f} min, "
              f"commit {relock['commit']}).") if relock else ""
-    return (body + f"\n\n{goals}\n\n![stress test](bench/results/{name}.png)\n\nCommit " + str(d.get("commit")) +
+    return (body + (f"\n\n{goals}" if goals else "") + f"\n\n![stress test](bench/results/{name}.png)\n\nCommit " + str(d.get("commit")) +
             "." + extra)
 
 
