@@ -8,7 +8,9 @@ every method trained on it with identical hyper-parameters, seed and example ord
 - FA: exact-label accuracy on the topic task's held-out split;
 - over-refusal: % of held-out benign-but-edgy prompts refused;
 - drift: mean relative L2 of the anchor states from the aligned reference (the live gauge's number);
-and for SFT and SBR the same with the SafetyLock on ("sft+lock", "sbr+lock").
+and for SFT and SBR the same with the SafetyLock on ("sft+lock", "sbr+lock"). The SFT and SBR adapters of
+every epoch are kept under the data dir, so `relock` can re-measure the locked rows with another lock or
+strength without training again.
 """
 
 from __future__ import annotations
