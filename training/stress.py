@@ -275,26 +275,33 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def plot(r: dict[str, Any], out: Path, name: str) -> None:
-    """HS and FA vs epoch per method, and drift vs HS: `{name}.png`."""
+    """HS, FA and over-refusal vs epoch per method (a locked run dashed, in its method's colour), and drift vs
+    HS: `{name}.png`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    colours: dict[str, str] = {}
     for k, v in r["methods"].items():
+        method = k.split("+")[0]
+        colour = colours.setdefault(method, f"C{len(colours)}")
         ep = [e["epoch"] for e in v["epochs"]]
         style = "--" if "+lock" in k else "-"
-        axes[0].plot(ep, [e["hs"] for e in v["epochs"]], style, marker="o", label=k)
-        axes[1].plot(ep, [e["fa"] for e in v["epochs"]], style, marker="o", label=k)
+        for ax, key in zip(axes[:3], ("hs", "fa", "over_refusal")):
+            ax.plot(ep, [e[key] for e in v["epochs"]], style, color=colour, marker="o", label=k)
         if "+lock" not in k:
-            axes[2].scatter([e["drift"] for e in v["epochs"]], [e["hs"] for e in v["epochs"]], label=k)
-    for ax, key in ((axes[0], "hs"), (axes[1], "fa")):
+            axes[3].scatter([e["drift"] for e in v["epochs"]], [e["hs"] for e in v["epochs"]], color=colour, label=k)
+    for ax, key in zip(axes[:3], ("hs", "fa", "over_refusal")):
         ax.axhline(r["base"][key], color="grey", lw=0.8, ls=":", label="aligned base")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set(title="harmfulness score (HS) vs epoch", xlabel="epoch", ylabel="HS %")
     axes[1].set(title="fine-tuning accuracy (FA) vs epoch", xlabel="epoch", ylabel="FA %")
+    axes[2].set(title="over-refusal (edgy-benign) vs epoch", xlabel="epoch", ylabel="refused %")
     rho = r.get("spearman_drift_hs")
-    axes[2].set(title=f"anchor drift vs HS (Spearman {'n/a' if rho is None else f'{rho:.2f}'})",
+    axes[3].set(title=f"anchor drift vs HS (Spearman {'n/a' if rho is None else f'{rho:.2f}'})",
                 xlabel="mean relative anchor drift", ylabel="HS %")
     for ax in axes:
         ax.legend(fontsize=7)
