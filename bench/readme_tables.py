@@ -186,7 +186,7 @@ def serve(d: dict) -> str:
 TABLES: dict[str, Callable[[dict], str]] = {"serve_overhead": serve, "align_eval": align, "judge_eval": judge, "fa_task": fa,
                                             "train_overhead": overhead, "harden_vet": harden_vet,
                                             "lock_eval": lock_eval, "stress_default": stress, "lock_search": lock_search,
-                                            "stress_short": stress}
+                                            "stress_short": stress, "stress_asft": stress}
 
 
 def main() -> None:
