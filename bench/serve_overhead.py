@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--toggles", type=int, default=20)
     a = ap.parse_args()
 
@@ -90,11 +90,11 @@ def main() -> None:
         result["guarded_start_seconds"] = round(time.perf_counter() - t0, 1)
         throughput(guarded, name, 4, 8, 4)
         on_tps, off_tps = [], []
-        for _ in range(a.reps):
-            assert http("POST", guarded.url + "/guard/lock", {"enabled": True})[0] == 200
-            on_tps.append(throughput(guarded, name, a.requests, a.max_tokens, a.concurrency))
-            assert http("POST", guarded.url + "/guard/lock", {"enabled": False})[0] == 200
-            off_tps.append(throughput(guarded, name, a.requests, a.max_tokens, a.concurrency))
+        for rep in range(a.reps):  # ABBA: on/off, then off/on, so neither state always runs first
+            for enabled in ((True, False) if rep % 2 == 0 else (False, True)):
+                assert http("POST", guarded.url + "/guard/lock", {"enabled": enabled})[0] == 200
+                (on_tps if enabled else off_tps).append(throughput(guarded, name, a.requests, a.max_tokens,
+                                                                   a.concurrency))
         toggles, worker_ms = [], []
         for i in range(a.toggles):
             t = time.perf_counter()
@@ -129,7 +129,7 @@ def main() -> None:
         "reference_offline_max_deviation": st["reference"]["offline_max_deviation"],
         "raw": {"plain_before": plain_before, "plain_after": plain_after, "lock_on": on_tps, "lock_off": off_tps,
                 "toggle_http_ms": toggles, "toggle_worker_ms": worker_ms, "probe_s": probes},
-        "order": "plain (before) -> guarded (lock on/off interleaved per rep) -> plain (after)",
+        "order": "plain (before) -> guarded (lock on/off interleaved ABBA) -> plain (after)",
         "note": "2-core box shared with other jobs: expect noise of +-10% between repetitions",
     })
     write_result("serve_overhead", result)
