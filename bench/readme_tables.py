@@ -157,6 +157,14 @@ def lock_search(d: dict) -> str:
     return "\n".join(out)
 
 
+def _paired_on_off(d: dict) -> str:
+    raw = d.get("raw", {})
+    pairs = [on / off for on, off in zip(raw.get("lock_on", []), raw.get("lock_off", []))]
+    if not pairs:
+        return "n/a"
+    return f"{100 * (1 - sum(pairs) / len(pairs)):.1f}% (mean of {len(pairs)} pairs)"
+
+
 def serve(d: dict) -> str:
     load = _load("serve_load")
     out = ["| measure | value | goal |", "|---|---|---|",
@@ -169,7 +177,9 @@ def serve(d: dict) -> str:
     text = "\n".join(out) + (
         f"\n\n`bench/serve_overhead.py`: {d['requests']} requests × {d['reps']} reps at concurrency {d['concurrency']}, "
         f"{d['max_tokens']} tokens each, order {d['order']}; plain {d['plain_tokens_per_s']:.2f} tok/s "
-        f"(both engines cannot run at once on this 2-core box). Real SafetyLock ({d['lock_heads']} heads). "
+        f"(both engines cannot run at once on this 2-core box). Real SafetyLock ({d['lock_heads']} heads in "
+        f"{d.get('lock_layers', '?')} layers). Paired lock on/off runs of the same guarded engine: on is "
+        f"{_paired_on_off(d)} slower. "
         f"Commit {d['commit']}.")
     if load is not None:
         r = load["requests"]
