@@ -44,7 +44,7 @@ def stress(
 
     Every method trains on the same mix of benign topic-classification examples and harmful examples (poison
     ratio) with identical hyper-parameters and seed. Writes <out>/<name>.json, a markdown table and plots.
-    The default run takes about an hour on 2 CPU cores; --smoke takes minutes.
+    The default run takes about 50 minutes on 2 quiet CPU cores; --smoke takes minutes.
     """
     cfg = setup(config)
     from training.stress import StressConfig, relock as relock_run, run_stress
