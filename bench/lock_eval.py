@@ -26,7 +26,7 @@ from guard.lock import LockHandle, load_lock
 from guard.models import ModelShape, resolve_threads
 from training import data
 from training.attack import attack_adapter
-from training.evaluate import load_base_with_adapter, lock_comparison, refusal_rate
+from training.evaluate import load_base_with_adapter, lock_comparison, strength_sweep
 from training.safetylock import ensure_lock
 
 
@@ -78,22 +78,9 @@ def main() -> None:
         result["strength_search"] = {"chosen": strength, "rule": "given with --strength (bench/lock_search.py picks it "
                                      "on the same development sets: bench/results/lock_search*.json)"}
     else:  # development sets only: lock-split harmful prompts, alignment-side edgy prompts
-        dev_h, dev_b = list(s.lock), list(s.edgy_align)
-        sweep = []
-        handle = LockHandle(model, lock)
-        handle.on()
-        for g in [float(x) for x in args.grid.split(",")]:
-            handle.set_strength(g)
-            refused, _ = refusal_rate(model, tok, dev_h, args.max_tokens, desc=f"dev harmful @{g}")
-            over, _ = refusal_rate(model, tok, dev_b, args.max_tokens, desc=f"dev benign @{g}")
-            sweep.append({"strength": g, "dev_refused": round(refused, 2), "dev_over_refusal": round(over, 2)})
-            print(sweep[-1], flush=True)
-            if over > sweep[0]["dev_over_refusal"] + args.max_over_refusal_rise or refused >= 99.9:
-                break
-        handle.remove()
-        # the strongest lock whose over-refusal stays within the allowed rise over the unlocked model
-        ok = [r for r in sweep if r["dev_over_refusal"] <= sweep[0]["dev_over_refusal"] + args.max_over_refusal_rise]
-        strength = max(ok, key=lambda r: (r["dev_refused"], -r["strength"]))["strength"]
+        sweep, best = strength_sweep(model, tok, lock, [float(x) for x in args.grid.split(",")], list(s.lock),
+                                     list(s.edgy_align), args.max_tokens, args.max_over_refusal_rise)
+        strength = best["strength"]  # the grid starts at 0 (unlocked), which is always within the allowance
         result["strength_search"] = {"grid": sweep, "rule": f"highest dev refusal with dev over-refusal <= "
                                      f"unlocked + {args.max_over_refusal_rise} points", "chosen": strength}
     result["strength"] = strength

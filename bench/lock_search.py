@@ -15,19 +15,17 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from common import write_result
 
 from guard.artifacts import write_json_atomic
 from guard.config import load_config
 from guard.judge import DEFAULT_JUDGE
-from guard.lock import LockHandle
-from guard.models import ModelShape, fingerprint_dir, load_causal_lm, resolve_threads
+from guard.models import fingerprint_dir, load_causal_lm, resolve_threads
 from training import data
-from training.evaluate import load_base_with_adapter, refusal_rate
+from training.evaluate import load_base_with_adapter, refusal_rate, strength_sweep
 from training.harden import base_dir, original_dir
-from training.safetylock import build_lock_from_activations, contrast_pairs, head_activations, split_by_prompt
+from training.safetylock import (build_lock_from_activations, contrast_pairs, head_activations, probe_rows,
+                                 split_by_prompt)
 
 VARIANTS = {  # name: (answer positions, heads)
     "last1_h24": ([-1], 24),
@@ -76,18 +74,13 @@ def main() -> None:
     unsafe = head_activations(aligned, tok, pairs["prompts"], pairs["unsafe"], all_pos)
     n = len(pairs["prompts"])
     train_prompts = split_by_prompt(n, cfg.lock.holdout)
-    shape = ModelShape.from_config(aligned.config)
     locks = {}
     for name in names:
         positions, heads = VARIANTS[name]
         idx = [all_pos.index(q) for q in positions]
-        p = len(idx)
-        x = torch.cat([a[:, idx].reshape(n * p, shape.num_layers, shape.num_heads, shape.head_dim)
-                       for a in (safe, unsafe)])
-        y = torch.cat([torch.ones(n * p), torch.zeros(n * p)]).long()
-        train = train_prompts.repeat_interleave(p).repeat(2)
         lcfg = cfg.lock.model_copy(update={"positions": positions, "heads": heads})
-        locks[name], _ = build_lock_from_activations(x, y, train, aligned, lcfg, fp)  # aligned base's W_o
+        locks[name], _ = build_lock_from_activations(*probe_rows(safe[:, idx], unsafe[:, idx], train_prompts),
+                                                     aligned, lcfg, fp)  # folded with the aligned base's W_o
     del aligned
 
     model, tok, _ = load_base_with_adapter(cfg, args.adapter)
@@ -102,24 +95,11 @@ def main() -> None:
                     "variants": {}}
     for name, lock in locks.items():
         positions, heads = VARIANTS[name]
-        handle = LockHandle(model, lock)
-        handle.on()
-        sweep = []
-        for g in [float(v) for v in args.grid.split(",")]:
-            handle.set_strength(g)
-            refused, _ = refusal_rate(model, tok, dev_h, args.max_tokens, desc=f"{name} harmful @{g}")
-            over, _ = refusal_rate(model, tok, dev_b, args.max_tokens, desc=f"{name} benign @{g}")
-            sweep.append({"strength": g, "dev_refused": round(refused, 2), "dev_over_refusal": round(over, 2)})
-            print(name, sweep[-1], flush=True)
-            if over > unlocked_b + args.max_over_refusal_rise:
-                break
-        handle.remove()
-        ok = [r for r in sweep if r["dev_over_refusal"] <= unlocked_b + args.max_over_refusal_rise]
-        best = max(ok, key=lambda r: (r["dev_refused"], -r["strength"])) if ok else None
+        sweep, best = strength_sweep(model, tok, lock, [float(v) for v in args.grid.split(",")], dev_h, dev_b,
+                                     args.max_tokens, args.max_over_refusal_rise, unlocked_b, label=name)
         result["variants"][name] = {"positions": positions, "heads": heads, "sweep": sweep, "best": best}
         print(name, "best", best, flush=True)
     write_result(args.name, result)
-
 
 
 if __name__ == "__main__":

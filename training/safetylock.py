@@ -173,6 +173,16 @@ def split_by_prompt(n_prompts: int, holdout: float, seed: int = 0) -> torch.Tens
     return train
 
 
+def probe_rows(safe: torch.Tensor, unsafe: torch.Tensor, train_prompts: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, y, train) for the probes from [prompts, positions, layers, heads, head_dim] activations: one row per
+    (prompt, position) of the safe answers (y=1), then of the unsafe ones (y=0); a prompt's rows share its split."""
+    n, p = safe.shape[:2]
+    x = torch.cat([safe.reshape(n * p, *safe.shape[2:]), unsafe.reshape(n * p, *unsafe.shape[2:])])
+    y = torch.cat([torch.ones(n * p), torch.zeros(n * p)]).long()
+    return x, y, train_prompts.repeat_interleave(p).repeat(2)
+
+
 def build_lock(aligned: Any, original: Any, tokenizer: Any, prompts: list[str], cfg: LockConfig,
                base_fingerprint: str, report_dir: Path | None = None) -> SafetyLock:
     """The whole extraction on real models; writes report.json/report.md/heads.png to `report_dir` if given."""
@@ -184,13 +194,9 @@ def build_lock(aligned: Any, original: Any, tokenizer: Any, prompts: list[str], 
     positions = list(cfg.positions)
     safe = head_activations(aligned, tokenizer, pairs.prompts, pairs.safe, positions)
     unsafe = head_activations(aligned, tokenizer, pairs.prompts, pairs.unsafe, positions)
-    n, p = len(pairs.prompts), len(positions)
+    n = len(pairs.prompts)
     train_prompts = split_by_prompt(n, cfg.holdout)
-    # rows: every (prompt, position) of the safe answers, then of the unsafe answers
-    x = torch.cat([safe.reshape(n * p, *safe.shape[2:]), unsafe.reshape(n * p, *unsafe.shape[2:])])
-    y = torch.cat([torch.ones(n * p), torch.zeros(n * p)]).long()
-    train = train_prompts.repeat_interleave(p).repeat(2)
-    lock, scores = build_lock_from_activations(x, y, train, aligned, cfg, base_fingerprint)
+    lock, scores = build_lock_from_activations(*probe_rows(safe, unsafe, train_prompts), aligned, cfg, base_fingerprint)
     lock.meta.update({"pairs": n, "pairs_dropped": pairs.dropped, "holdout_prompts": int((~train_prompts).sum()),
                       "seconds": round(time.perf_counter() - t0, 1), **provenance()})
     if report_dir is not None:

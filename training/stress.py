@@ -123,16 +123,23 @@ class Meter:
                 "drift": round(drift, 5)}
 
 
+def aligned_with_probe(cfg: GuardConfig) -> tuple[Any, Any, str, Any, Any, SBR]:
+    """(model, tokenizer, fingerprint, anchors, reference, drift probe) for the configured aligned base; the
+    probe is an SBR term with λ=0, used only for its anchor drift."""
+    base = base_dir(cfg)
+    fp = fingerprint_dir(base)
+    model, tok = load_causal_lm(base, "float32")
+    anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)
+    ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
+    return model, tok, fp, anchors, ref, SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id)
+
+
 def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stress_default") -> dict[str, Any]:
     """Train every method on the same attack mix, measure each epoch, write JSON + markdown + plots to `out`."""
     t0 = time.perf_counter()
     home = cfg.runtime.resolved_home()
     base, original = base_dir(cfg), original_dir(cfg)
-    fp = fingerprint_dir(base)
-    model, tok = load_causal_lm(base, "float32")
-    anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)
-    ref = cached_reference(model, tok, anchors, fp, home)
-    probe = SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id)
+    model, tok, fp, anchors, ref, probe = aligned_with_probe(cfg)
     lock = load_lock(ensure_lock(cfg), ModelShape.from_config(model.config), fp) if sc.lock else None
     mix, n_harm = attack_mix(original, home / "work", sc.benign, sc.poison, seed=sc.seed)
     h = cfg.harden.model_copy(update={"lr": sc.lr, "epochs": sc.epochs, "seed": sc.seed, "grad_accum": sc.grad_accum})
@@ -220,12 +227,7 @@ def relock(cfg: GuardConfig, out: Path, name: str = "stress_default") -> dict[st
     t0 = time.perf_counter()
     result = read_json(out / f"{name}.json", "stress result")
     saved = Path(result.get("adapters") or adapters_dir(cfg.runtime.resolved_home(), name))
-    base = base_dir(cfg)
-    fp = fingerprint_dir(base)
-    model, tok = load_causal_lm(base, "float32")
-    anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)
-    ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
-    probe = SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id)
+    model, tok, fp, _, _, probe = aligned_with_probe(cfg)
     known = set(StressConfig.__dataclass_fields__)
     sc = StressConfig(**{k: v for k, v in result["config"].items() if k in known})
     meter = Meter(tok, sc, probe)
