@@ -159,6 +159,10 @@ class ServeConfig(_Section):
         "reject", description="What happens to an adapter that fails the probe at load: reject it (4xx), serve it "
                               "with the lock forced on, or serve it and raise the gauge.")
     probe_interval_seconds: float = Field(60.0, ge=0, description="Seconds between health probes of every adapter (0 = only on load).")
+    enable_lora: bool = Field(True, description="Serve LoRA adapters (vLLM --enable-lora). vLLM's CPU backend runs "
+                              "eager whenever LoRA is on; GPUs compile and use CUDA graphs either way.")
+    enforce_eager: bool = Field(False, description="vLLM --enforce-eager: no torch.compile, no CUDA graphs. The lock "
+                                "works in both modes; compiled is faster.")
     max_lora_rank: int = Field(16, ge=1, le=512, description="vLLM --max-lora-rank.")
     max_loras: int = Field(4, ge=1, le=256, description="vLLM --max-loras (adapters in one batch).")
     max_model_len: int = Field(512, ge=64, description="vLLM --max-model-len.")

