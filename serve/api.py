@@ -7,7 +7,8 @@
 Routes (all behind the server's API key when one is set: vLLM's own middleware guards /v1 only):
 - GET  /guard/status        lock, adapters with their latest probe, reference check, errors
 - POST /guard/lock          {"adapter": name|null, "enabled": bool|null, "strength": float|null}
-- POST /guard/probe         {"adapter": name|null}: probe now (null = every loaded adapter)
+- POST /guard/probe         {"adapter": name|null}: probe now (the base model's name = the base; null = every
+                            loaded adapter)
 - POST /guard/policy        {"vet_policy": "reject"|"lock"|"warn"}: the vet policy for adapters loaded from now
                             on (already-served adapters keep their verdict and any forced lock)
 - POST /v1/load_lora_adapter    replaces vLLM's (only when VLLM_ALLOW_RUNTIME_LORA_UPDATING is on):
@@ -423,6 +424,8 @@ class PolicyChange(BaseModel):
 
 
 class ProbeAsk(BaseModel):
+    """POST /guard/probe: one adapter, the base model (its served name), or null for every loaded adapter."""
+
     model_config = ConfigDict(extra="forbid")
     adapter: str | None = None
 
@@ -528,8 +531,8 @@ def build_router(runtime_lora_updating: bool) -> Any:
         if ask.adapter is None:
             return JSONResponse(await svc.probe_all())
         lr = svc.models.lora_requests.get(ask.adapter)
-        if lr is None:
-            known = ", ".join(svc.models.lora_requests) or "none"
+        if lr is None and ask.adapter != svc.base_name:
+            known = ", ".join([svc.base_name, *svc.models.lora_requests])
             return _error(404, f"unknown adapter '{ask.adapter}' (loaded: {known})", "NotFoundError")
         try:
             return JSONResponse((await svc.monitor.probe(ask.adapter, lr)).to_dict(answers=True))

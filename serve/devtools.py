@@ -132,10 +132,11 @@ class GuardServer:
         return cls([guard, "serve", "--port", str(port), *guard_args], env, port, log_path)
 
     @classmethod
-    def plain(cls, port: int, model_dir: Path, *vllm_args: str, log_path: Path | None = None) -> GuardServer:
+    def plain(cls, port: int, model_dir: Path, *vllm_args: str, eager: bool = True,
+              log_path: Path | None = None) -> GuardServer:
         argv = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(model_dir),
                 "--served-model-name", model_dir.name, "--host", "127.0.0.1", "--port", str(port),
-                "--max-model-len", "512", "--enforce-eager", *vllm_args]
+                "--max-model-len", "512", *(["--enforce-eager"] if eager else []), *vllm_args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SAFETY_GUARD")}
         return cls(argv, {**env, "VLLM_PLUGINS": ""}, port, log_path)
 

@@ -144,9 +144,22 @@ def test_guard_serve_dry_run_prints_the_guarded_command(served):
     assert "VLLM_PLUGINS=safety_guard,safety_guard_api" in out
     assert "-m vllm.entrypoints.launchers.api_server.entry" in out
     assert "--worker-extension-cls serve.worker.GuardWorkerExtension" in out
-    assert f"--lora-modules good={served['good']}" in out and "--enforce-eager" in out
+    assert f"--lora-modules good={served['good']}" in out and "--enable-lora" in out
+    assert "--enforce-eager" not in out  # vLLM's default compiled mode: the lock lives in the graph
     assert "--max-model-len 512" in out and "--port 8444" in out and out.rstrip().endswith("--api-key k")
     assert f"SAFETY_GUARD_LOCK={served['lock']}" in out and "VLLM_CPU_KVCACHE_SPACE=" in out
+
+
+def test_guard_serve_eager_and_no_lora_are_config_options(served):
+    cfg = served["tmp"] / "eager.yaml"
+    cfg.write_text("serve:\n  enforce_eager: true\n  enable_lora: false\n")
+    r = _guard("serve", "--dry-run", "--config", str(cfg), "--model", str(served["model"]))
+    assert r.exit_code == 0, r.output
+    assert "--enforce-eager" in r.output and "--enable-lora" not in r.output
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in r.output
+    r = _guard("serve", "--dry-run", "--config", str(cfg), "--model", str(served["model"]),
+               "--lora-modules", f"good={served['good']}")
+    assert r.exit_code == 1 and "needs LoRA on" in str(r.exception)
 
 
 @pytest.mark.parametrize("case, expect", [

