@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import random
 import tempfile
 import threading
@@ -126,6 +127,8 @@ def main() -> None:
                     stats["failed"] += 1
                     failures.append(f"{target}: {status} {str(body)[:200]}")
 
+    bad_cycle = itertools.cycle(["nan", "truncated", "rank64", "alien", "missing"])
+
     def admin_once() -> None:
         kind = rng.choice(["lock_on", "lock_off", "strength", "adapter_lock", "policy", "probe", "load_good",
                            "unload_good", "bad_adapter", "bad_lock", "status"] if lora else
@@ -147,7 +150,7 @@ def main() -> None:
         elif kind == "unload_good":
             req = ("POST", "/v1/unload_lora_adapter", {"lora_name": "good2"})
         elif kind == "bad_adapter":
-            which = rng.choice(["nan", "truncated", "rank64", "alien", "missing"])
+            which = next(bad_cycle)  # every kind in turn
             kind = f"bad_adapter:{which}"
             req = ("POST", "/v1/load_lora_adapter", {"lora_name": f"bad-{which}", "lora_path": str(bad[which])})
         elif kind == "bad_lock":
