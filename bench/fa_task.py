@@ -12,7 +12,8 @@ import time
 from common import write_result
 
 from guard.config import load_config
-from guard.models import default_aligned_dir, load_causal_lm, resolve_threads
+from guard.models import load_causal_lm, resolve_threads
+from guard.workspace import Workspace
 from training.data import topic_task
 from training.evaluate import task_accuracy
 from training.sft import encode
@@ -29,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.config)
     resolve_threads(cfg.runtime.threads)
-    base = cfg.model.base or default_aligned_dir(cfg.runtime.resolved_home())
+    base = Workspace(cfg).base()
     model, tok = load_causal_lm(base, "float32")
     train, ev = topic_task(args.train, args.eval)
     before = task_accuracy(model, tok, ev, desc="FA before")

@@ -30,7 +30,7 @@ from typing import Any
 
 from common import write_result  # noqa: E402  (bench/common.py puts the repo root on sys.path)
 
-from guard.lock import lock_path
+from guard.workspace import Workspace
 from guard.models import default_aligned_dir, fingerprint_dir
 from serve.devtools import GuardServer, free_port, http, random_lora
 
@@ -182,7 +182,7 @@ def main() -> None:
     model = default_aligned_dir()
     if not (model / "config.json").is_file():
         raise SystemExit(f"aligned base missing ({model}): run `guard prepare`")
-    lock = lock_path(model.parent.parent, fingerprint_dir(model))
+    lock = Workspace().lock_file(fingerprint=fingerprint_dir(model))[0]
     if not lock.is_file():
         raise SystemExit(f"SafetyLock missing ({lock}): run `guard lock build`")
     tmp = Path(tempfile.mkdtemp(prefix="sg-load-"))

@@ -12,7 +12,9 @@ number the issue's <= 1 ms goal is about; `lock_toggle_http_ms` is the full POST
 (HTTP + collective_rpc to the worker + prefix-cache reset), measured on an idle server.
 
 Writes bench/results/serve_overhead.json (bench/common.py write_result adds commit and machine).
-Usage: python bench/serve_overhead.py [--requests 16] [--max-tokens 32] [--reps 3]
+`--compiled` measures vLLM's default compiled mode instead (both servers up, interleaved; see compiled_run) and
+writes the file's `compiled` section. Eager numbers predate the in-graph lock unless re-run.
+Usage: python bench/serve_overhead.py [--compiled] [--requests 16] [--max-tokens 32] [--reps 4]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from common import write_result  # noqa: E402  (bench/common.py puts the repo root on sys.path)
 
 from guard.config import GuardConfig
-from guard.lock import lock_path
+from guard.workspace import Workspace
 from guard.models import default_aligned_dir, default_original_dir, fingerprint_dir
 from serve.devtools import GuardServer, free_port, http, random_lock, random_lora
 
@@ -53,20 +55,92 @@ def throughput(srv: GuardServer, model: str, n: int, max_tokens: int, concurrenc
     return tokens / (time.perf_counter() - t0)
 
 
+def compiled_run(a: argparse.Namespace) -> None:
+    """vLLM's default compiled mode (no LoRA: the CPU backend compiles only then), plain vs guarded.
+
+    Both servers stay up and take turns, so every guarded measurement has a plain one right next to it under the
+    same machine conditions (an idle vLLM engine sleeps on its input queue; the A/A spread of the plain runs in
+    `raw` shows what noise remains). Order per rep: plain, guarded lock on, guarded lock off, plain, then the
+    next rep reversed (ABBA), medians kept. The guard runs its monitor at the default probe interval; with LoRA off
+    there are no adapters to probe, so this isolates the lock and the per-step hook.
+    """
+    import json
+
+    from common import RESULTS
+
+    model = default_aligned_dir()
+    if not (model / "config.json").is_file():
+        model = default_original_dir()
+    tmp = Path(tempfile.mkdtemp(prefix="sg-bench-compiled-"))
+    real_lock = Workspace().lock_file(fingerprint=fingerprint_dir(model))[0]
+    lock = real_lock if real_lock.is_file() else random_lock(model, tmp / "lock.safetensors")
+    (tmp / "guard.yaml").write_text("serve:\n  lock_policy: 'off'\n  enable_lora: false\n")
+    name = model.name
+    plain = GuardServer.plain(free_port(), model, eager=False, log_path=tmp / "plain.log").start(timeout=600)
+    guarded = GuardServer.guarded(free_port(), "--config", str(tmp / "guard.yaml"), "--model", str(model),
+                                  "--lock", str(lock), log_path=tmp / "guarded.log")
+    try:
+        guarded.start(timeout=600)
+        st = http("GET", guarded.url + "/guard/status")[1]
+        assert st["workers"][0]["compiled"], st["workers"]
+        for srv in (plain, guarded):
+            throughput(srv, name, 4, 8, 4)  # warm-up
+        raw: dict[str, list[float]] = {"plain": [], "lock_on": [], "lock_off": []}
+
+        def run(which: str) -> None:
+            if which == "plain":
+                raw["plain"].append(throughput(plain, name, a.requests, a.max_tokens, a.concurrency))
+                return
+            assert http("POST", guarded.url + "/guard/lock", {"enabled": which == "lock_on"})[0] == 200
+            raw[which].append(throughput(guarded, name, a.requests, a.max_tokens, a.concurrency))
+
+        for rep in range(a.reps):
+            order = ["plain", "lock_on", "lock_off", "plain"]
+            for which in (order if rep % 2 == 0 else order[::-1]):
+                run(which)
+        st = http("GET", guarded.url + "/guard/status")[1]
+    finally:
+        guarded.stop()
+        plain.stop()
+    med = statistics.median
+    out = {
+        "plain_tokens_per_s": round(med(raw["plain"]), 2), "lock_on_tokens_per_s": round(med(raw["lock_on"]), 2),
+        "lock_off_tokens_per_s": round(med(raw["lock_off"]), 2),
+        "ratio_guarded_lock_on": round(med(raw["lock_on"]) / med(raw["plain"]), 4),
+        "ratio_guarded_lock_off": round(med(raw["lock_off"]) / med(raw["plain"]), 4),
+        "requests": a.requests, "max_tokens": a.max_tokens, "concurrency": a.concurrency, "reps": a.reps,
+        "lock": str(lock), "lock_is_random_stand_in": lock != real_lock, "model": str(model),
+        "worker": st["workers"][0], "worker_state": st["worker_state"][0],
+        "probe_interval_seconds": st["probe_interval_seconds"],
+        "order": "both servers up; per rep plain, lock on, lock off, plain (reversed every other rep)",
+        "raw": raw,
+    }
+    path = RESULTS / "serve_overhead.json"
+    prev = json.loads(path.read_text()) if path.is_file() else {}
+    prev.pop("commit", None), prev.pop("machine", None), prev.pop("versions", None)
+    prev["compiled"] = out
+    write_result("serve_overhead", prev)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compiled", action="store_true", help="measure vLLM's compiled mode (no LoRA) only, into "
+                                                             "the file's 'compiled' section")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--toggles", type=int, default=20)
     a = ap.parse_args()
+    if a.compiled:
+        compiled_run(a)
+        return
 
     model = default_aligned_dir()
     if not (model / "config.json").is_file():
         model = default_original_dir()
     tmp = Path(tempfile.mkdtemp(prefix="sg-bench-"))
-    real_lock = lock_path(Path(model).parent.parent, fingerprint_dir(model))
+    real_lock = Workspace().lock_file(fingerprint=fingerprint_dir(model))[0]
     lock = real_lock if real_lock.is_file() else random_lock(model, tmp / "lock.safetensors")
     adapter = random_lora(model, tmp / "bench-adapter", b_std=1e-3, seed=1)
     (tmp / "guard.yaml").write_text("serve:\n  lock_policy: 'off'\n  vet_policy: warn\n  probe_interval_seconds: 0\n")

@@ -86,8 +86,14 @@ class AlignConfig(_Section):
     batch_size: int = Field(8, ge=1, le=512, description="Examples per optimizer step.")
     max_len: int = Field(128, ge=16, le=4096, description="Token cap per example (prompt + answer).")
     harmful: int = Field(180, ge=1, description="Harmful prompts (-> refusals) used from the align split.")
-    benign: int = Field(344, ge=1, description="Benign prompts (-> the original model's own answers) for self-distillation.")
-    answer_tokens: int = Field(48, ge=8, le=1024, description="Max tokens of each self-distilled benign answer.")
+    benign: int = Field(200, ge=1, description="Benign prompts from the benchmark wheels (-> the original model's own "
+                                               "answers) for self-distillation.")
+    contrast: int = Field(360, ge=0, description="Benign-but-edgy and everyday prompts from the over-refusal generator's "
+                                                 "train templates (-> the original's answers); 0 = none.")
+    twins: bool = Field(True, description="Also teach refusals of the generator's harmful twins (the same surface words "
+                                          "in a harmful request), so refusals follow the intent, not the word.")
+    answer_tokens: int = Field(32, ge=8, le=1024, description="Max tokens of each self-distilled benign answer (the "
+                                                              "refusal decision is made in the first few).")
 
 
 class HardenConfig(_Section):

@@ -81,22 +81,19 @@ def vet(
     drift.min_refusal_ratio), 1 on bad input. Usable as a CI gate for adapters.
     """
     cfg = setup(config)
-    from guard.anchors import from_config
-    from guard.models import fingerprint_dir, load_causal_lm
-    from guard.states import cached_reference
-    from guard.vetting import vet_adapter
-    from training.harden import base_dir
-
     from guard.adapters import check_adapter_fits, read_adapter
+    from guard.anchors import from_config
     from guard.artifacts import read_json
+    from guard.vetting import vet_adapter
+    from guard.workspace import Workspace
 
-    base = base_dir(cfg)
-    fp = fingerprint_dir(base)
+    ws = Workspace(cfg)
+    base, fp = ws.base(), ws.base_fingerprint
     # refuse a foreign or broken adapter before loading any weights
     check_adapter_fits(read_adapter(adapter, cfg.harden.max_rank), read_json(base / "config.json", "model config"), fp)
-    model, tok = load_causal_lm(base, cfg.model.dtype)
+    model, tok, _ = ws.load_aligned()
     anchors = from_config(cfg)
-    ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
+    ref = ws.references(model, tok, anchors)
     report = vet_adapter(model, tok, adapter, anchors, ref, cfg.drift, fp, cfg.harden.max_rank)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table(anchors.prompts))
     if not report.verdict.passed:

@@ -9,8 +9,8 @@ import typer
 
 from guard.anchors import from_config as anchors_from_config
 from guard.config import GuardConfig
-from guard.models import default_aligned_dir, ensure_default_original, fingerprint_dir, load_causal_lm
-from guard.states import cached_reference, reference_path
+from guard.models import ensure_default_original, fingerprint_dir, load_causal_lm
+from guard.workspace import Workspace
 from guardcli.common import ConfigOpt, say, setup
 
 
@@ -29,9 +29,9 @@ def resolve_base(cfg: GuardConfig) -> Path:
     from training.align import align
 
     original = resolve_original(cfg)
-    home = cfg.runtime.resolved_home()
-    say("[2/4] aligned base: refusal SFT + self-distillation, merged (first run ~10 min on 2 CPU cores)")
-    return align(original, default_aligned_dir(home), cfg.align, home / "work")
+    ws = Workspace(cfg)
+    say("[2/4] aligned base: contrastive refusal SFT + self-distillation, merged (first run ~12 min on 2 CPU cores)")
+    return align(original, ws.base_target(), cfg.align, ws.home / "work")
 
 
 def prepare(config: ConfigOpt = None) -> None:
@@ -47,10 +47,11 @@ def prepare(config: ConfigOpt = None) -> None:
     anchors = anchors_from_config(cfg)
     home = cfg.runtime.resolved_home()
     say(f"[3/4] reference states: {len(anchors)} anchors of set '{anchors.name}' on the aligned base")
-    path = reference_path(home, fp, anchors.hash)
+    ws = Workspace(cfg)
+    path = ws.references_path(anchors.hash, fp)
     if not path.is_file():
         model, tok = load_causal_lm(base, cfg.model.dtype)
-        cached_reference(model, tok, anchors, fp, home)
+        ws.references(model, tok, anchors, fp)
         del model
     from training.safetylock import ensure_lock
 

@@ -94,7 +94,8 @@ def serve(
     from guard.adapters import check_adapter_fits, read_adapter
     from guard.config import load_config
     from guard.lock import load_lock
-    from guard.models import ModelShape, check_model_dir, default_aligned_dir, fingerprint_dir
+    from guard.models import ModelShape, check_model_dir, fingerprint_dir
+    from guard.workspace import Workspace
 
     cfg = load_config(config)
     config_path = Path(config).resolve() if config else (
@@ -103,8 +104,7 @@ def serve(
         cfg.serve.host = host
     if port is not None:
         cfg.serve.port = port
-    model_dir = model or (Path(cfg.model.base) if cfg.model.base else default_aligned_dir(cfg.runtime.resolved_home()))
-    model_dir = model_dir.expanduser()
+    model_dir = (model or Workspace(cfg).base_target()).expanduser()
     if not (model_dir / "config.json").is_file():
         if model is None and cfg.model.base is None:
             raise GuardError(f"the aligned base model is missing ({model_dir}): run `guard prepare` first")

@@ -140,11 +140,12 @@ class GuardService:
         self.errors.append(msg)
 
     def _offline_reference(self, anchors: Any, anchor_ids: list[list[int]]) -> Any:
-        from guard.states import ReferenceStates, prompt_ids_hash, reference_path
+        from guard.states import ReferenceStates, prompt_ids_hash
+        from guard.workspace import Workspace
 
         if self.fingerprint is None:
             return None
-        path = reference_path(self.cfg.runtime.resolved_home(), self.fingerprint, anchors.hash)
+        path = Workspace(self.cfg).references_path(anchors.hash, self.fingerprint)
         if not path.is_file():
             return None
         try:
@@ -157,21 +158,11 @@ class GuardService:
             return None
         return ref.states
 
-    def _lock_file(self) -> tuple[Path | None, bool]:
-        """(lock path, explicitly asked for). $SAFETY_GUARD_LOCK > config lock.path > the prepared lock."""
-        from guard.lock import lock_path
-
-        env = os.environ.get("SAFETY_GUARD_LOCK")
-        if env:
-            return Path(env).expanduser(), True
-        if self.cfg.lock.path is not None:
-            return Path(self.cfg.lock.path).expanduser(), True
-        if self.fingerprint is None:
-            return None, False
-        return lock_path(self.cfg.runtime.resolved_home(), self.fingerprint), False
-
     async def _install_lock(self) -> None:
-        path, explicit = self._lock_file()
+        from guard.workspace import Workspace
+
+        # the served model's fingerprint ("" when it could not be taken: then only an explicit lock is used)
+        path, explicit = Workspace(self.cfg).lock_file(fingerprint=self.fingerprint or "")
         if path is None or (not explicit and not path.is_file()):
             if self.cfg.serve.lock_policy != "off" or self.cfg.serve.vet_policy == "lock":
                 self._fail(f"no SafetyLock for this base model (expected {path}); run `guard prepare` or pass "

@@ -1,10 +1,19 @@
-"""Make our aligned base from the unaligned default model: refusal SFT + self-distillation, merged.
+"""Make our aligned base from the unaligned default model: contrastive refusal SFT + self-distillation, merged.
 
 SmolLM2-135M-Instruct answers most harmful requests. Every method in this package protects an *aligned*
-model's refusals, so `guard prepare` first makes one: a LoRA is trained on harmful prompts (align split)
--> short refusals, and on benign prompts -> the original model's own greedy answers (self-distillation,
-so ordinary behaviour is kept and over-refusal stays low); the LoRA is then merged into the weights.
-The result is cached under the data dir, keyed by the original's fingerprint, the config and the data.
+model's refusals, so `guard prepare` first makes one. A LoRA is trained on
+- harmful prompts (the align split, plus the over-refusal generator's *harmful twins*) -> short refusals;
+- benign prompts -> the original model's own greedy answers (self-distillation keeps ordinary behaviour):
+  benchmark benign prompts, and the over-refusal generator's train-template prompts ("kill a Python process",
+  "Hi!", pancake recipes), each category beside its harmful twin, so what the model learns to refuse is the
+  intent and not the word;
+then merged into the weights. Refusal SFT on a small model over-generalises to anything that looks like a
+request; without the contrast half, the previous recipe refused "Hi!" and 40% of everyday/edgy prompts.
+
+A dev slice of the generator's train-template prompts (1 in 7 by hash, never trained on) is answered after
+training and its refusal rate stored in the metadata: the in-loop check. Held-out *templates* are never touched
+here; bench/align_eval.py reports on them. Cached under the data dir, keyed by the original's fingerprint, the
+config and the data.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from guard.artifacts import atomic_path, provenance, read_json, sha256_text, wri
 from guard.config import AlignConfig
 from guard.generation import generate_greedy
 from guard.models import fingerprint_dir, load_causal_lm
-from training import data
+from training import data, overrefusal
 from training.sft import encode
 from training.trainer import LoraHParams, add_lora, train_lora
 
@@ -62,10 +71,32 @@ def self_distilled_answers(model: Any, tokenizer: Any, prompts: list[str], max_t
     return [done[p] for p in prompts]
 
 
-def align_key(original_fp: str, cfg: AlignConfig) -> str:
+DEV_EVERY = 7  # 1 in 7 generator train-template prompts is the in-loop dev check, never trained on
+
+
+def _is_dev(prompt: str) -> bool:
+    return int(hashlib.sha256(f"align-dev\x00{prompt}".encode()).hexdigest(), 16) % DEV_EVERY == 0
+
+
+def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
+    """{"harmful": -> refusals, "benign": -> the original's answers, "dev": the in-loop over-refusal check}."""
     s = data.splits()
-    return sha256_text("align/v1", original_fp, cfg.model_dump_json(), *s.align, *s.benign_align, *s.edgy_align,
-                       *REFUSALS)
+    harmful = list(s.align[: cfg.harmful])
+    benign = data._hash_order(list(s.benign_align + s.edgy_align))[: cfg.benign]  # ordinary and edgy, mixed
+    contrast = [p.text for p in overrefusal.contrast_prompts("train")]
+    dev = [p for p in contrast if _is_dev(p)]
+    if cfg.contrast:
+        per = -(-cfg.contrast // len(overrefusal.CATEGORIES))
+        pool = [p.text for p in overrefusal.contrast_prompts("train", per_category=per + 12, seed=0)]
+        benign += [p for p in pool if not _is_dev(p)][: cfg.contrast]
+    if cfg.twins:
+        harmful += [t.text for t in overrefusal.harmful_twins("train")]
+    return {"harmful": data._dedupe(harmful), "benign": data._dedupe(benign), "dev": dev}
+
+
+def align_key(original_fp: str, cfg: AlignConfig) -> str:
+    p = alignment_prompts(cfg)
+    return sha256_text("align/v2", original_fp, cfg.model_dump_json(), *p["harmful"], *p["benign"], *REFUSALS)
 
 
 def is_current(out: Path, key: str) -> bool:
@@ -83,9 +114,8 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
         return out
     t0 = time.perf_counter()
     model, tok = load_causal_lm(original, "float32")
-    s = data.splits()
-    harmful = list(s.align[: cfg.harmful])
-    benign = data._hash_order(list(s.benign_align + s.edgy_align))[: cfg.benign]  # ordinary and edgy, mixed
+    prompts = alignment_prompts(cfg)
+    harmful, benign = prompts["harmful"], prompts["benign"]
     work.mkdir(parents=True, exist_ok=True)
     answers = self_distilled_answers(model, tok, benign, cfg.answer_tokens,
                                      work / f"self-distill-{original_fp[:16]}-{cfg.answer_tokens}.jsonl")
@@ -95,11 +125,17 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
                      batch_size=cfg.batch_size, seed=0)
     peft_model = add_lora(model, hp)
     log = train_lora(peft_model, examples, hp, pad_id=tok.pad_token_id, desc="align (refusal SFT)")
+    from training.evaluate import refusal_rate
+
+    peft_model.eval()
+    dev_rate, _ = refusal_rate(peft_model, tok, prompts["dev"], 16, desc="align dev check")
+    tqdm.write(f"align: dev over-refusal {dev_rate:.1f}% on {len(prompts['dev'])} train-template prompts not trained on")
     merged = peft_model.merge_and_unload()
     merged = merged.to(torch.bfloat16)  # same dtype as the converted original: what vLLM serves
     meta = {
         "key": key, "original_fingerprint": original_fp, "config": cfg.model_dump(mode="json"),
         "harmful_examples": len(harmful), "benign_examples": len(benign), "steps": len(log),
+        "dev_over_refusal": round(dev_rate, 2), "dev_prompts": len(prompts["dev"]),
         "final_ce": log[-1]["ce"] if log else None, "seconds": round(time.perf_counter() - t0, 1), **provenance(),
     }
     with atomic_path(out) as tmp:

@@ -22,7 +22,8 @@ from guard.artifacts import atomic_path, provenance
 from guard.config import GuardConfig, HardenConfig
 from guard.drift import DriftReport, anchor_drift, verdict
 from guard.errors import GuardError
-from guard.models import check_model_dir, default_aligned_dir, default_original_dir, fingerprint_dir, load_causal_lm
+from guard.models import fingerprint_dir, load_causal_lm
+from guard.workspace import Workspace
 from guard.states import ReferenceStates, cached_reference
 from training.regularizers import SBR, AsFT, alignment_projectors
 from training.sft import encode
@@ -31,17 +32,11 @@ from training.userdata import read_chat_jsonl
 
 
 def base_dir(cfg: GuardConfig) -> Path:
-    if cfg.model.base:
-        return check_model_dir(cfg.model.base, "aligned base model")
-    d = default_aligned_dir(cfg.runtime.resolved_home())
-    if not (d / "config.json").is_file():
-        raise GuardError(f"the aligned base is not prepared ({d}): run `guard prepare` first")
-    return d
+    return Workspace(cfg).base()
 
 
 def original_dir(cfg: GuardConfig) -> Path:
-    d = Path(cfg.model.original).expanduser() if cfg.model.original else default_original_dir(cfg.runtime.resolved_home())
-    return check_model_dir(d, "original (unaligned) model")
+    return Workspace(cfg).original()
 
 
 def hparams(h: HardenConfig) -> LoraHParams:

@@ -246,16 +246,16 @@ def ensure_lock(cfg: Any, rebuild: bool = False) -> Path:
     and the build settings, so changing either rebuilds it.
     """
     from guard.artifacts import read_json
-    from guard.lock import load_lock, lock_path
-    from guard.models import fingerprint_dir, load_causal_lm
+    from guard.lock import load_lock
+    from guard.models import load_causal_lm
+    from guard.workspace import Workspace
     from training import data
-    from training.harden import base_dir, original_dir
 
+    ws = Workspace(cfg)
     if cfg.lock.path is not None and not rebuild:
         return Path(cfg.lock.path).expanduser()
-    base = base_dir(cfg)
-    fp = fingerprint_dir(base)
-    path = lock_path(cfg.runtime.resolved_home(), fp)
+    base, fp = ws.base(), ws.base_fingerprint
+    path = ws.lock_file(fingerprint=fp)[0] if cfg.lock.path is None else Path(cfg.lock.path).expanduser()
     settings = cfg.lock.model_dump(mode="json", exclude={"strength", "path"})
     if path.is_file() and not rebuild:
         try:
@@ -264,7 +264,7 @@ def ensure_lock(cfg: Any, rebuild: bool = False) -> Path:
         except GuardError:
             pass  # stale or broken: rebuild below
     aligned, tok = load_causal_lm(base, "float32")
-    original, _ = load_causal_lm(original_dir(cfg), "float32")
+    original, _ = load_causal_lm(ws.original(), "float32")
     report_dir = path.with_name(path.stem + "-report")
     lock = build_lock(aligned, original, tok, list(data.splits().lock), cfg.lock, fp, report_dir)
     lock.meta["settings"] = settings
