@@ -117,7 +117,10 @@ def compiled_run(a: argparse.Namespace) -> None:
     }
     path = RESULTS / "serve_overhead.json"
     prev = json.loads(path.read_text()) if path.is_file() else {}
-    prev.pop("commit", None), prev.pop("machine", None), prev.pop("versions", None)
+    if "commit" in prev:  # the eager numbers keep the commit and machine they were measured on
+        prev.setdefault("eager_commit", prev.pop("commit"))
+        prev.setdefault("eager_machine", prev.pop("machine", None))
+    prev.pop("versions", None)
     prev["compiled"] = out
     write_result("serve_overhead", prev)
 

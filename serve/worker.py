@@ -304,6 +304,11 @@ def install(runner: Any) -> GuardRuntime:
               if hasattr(getattr(layer, "self_attn", None), "o_proj")}
     if not layers:
         raise RuntimeError("no layers.N.self_attn.o_proj modules found")
+    for i, mod in layers.items():
+        base = _base_linear(mod)
+        if int(getattr(base, "tp_size", 1)) > 1 and not getattr(base, "reduce_results", True):
+            raise RuntimeError(f"layer {i}'s o_proj leaves its tensor-parallel all-reduce to a later op; the lock adds "
+                               f"after o_proj and would be counted once per rank")
     first = next(iter(layers.values()))
     model_dtype = runner.vllm_config.model_config.dtype
     try:  # the activation dtype as the kernel produces it, not as the first parameter claims

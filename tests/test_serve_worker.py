@@ -285,3 +285,55 @@ def test_engine_args_carry_the_graph_key(monkeypatch):
     EngineArgs.create_engine_config(args)
     assert seen == {"ext": patches.EXTENSION, "extra": {patches.CONFIG_KEY: patches.GRAPH_VERSION}}
     monkeypatch.setattr(EngineArgs, "create_engine_config", original)
+
+
+class ShardedRowLinear(RowLinear):
+    """One tensor-parallel rank of a row-parallel linear: a slice of the input dim, then an all-reduce (here: the
+    sum over the ranks' partial products, as vLLM's RowParallelLinear does with reduce_results=True)."""
+
+    def __init__(self, full: RowLinear, rank: int, tp: int, group: list) -> None:
+        super().__init__(0, full.weight.dtype)
+        cols = HIDDEN // tp
+        self.weight = nn.Parameter(full.weight[:, rank * cols:(rank + 1) * cols].clone(), requires_grad=False)
+        self.input_size_per_partition, self.tp_rank, self.tp_size, self.reduce_results = cols, rank, tp, True
+        self.group = group
+
+    def forward(self, x: torch.Tensor):
+        cols = self.input_size_per_partition
+        parts = [m.quant_method.apply(m, x[:, m.tp_rank * cols:(m.tp_rank + 1) * cols]) for m in self.group]
+        return sum(parts), None  # every rank holds the reduced output
+
+
+def test_tensor_parallel_ranks_each_add_the_full_bias_once_after_the_reduce():
+    single = Runner(torch.float32)
+    single.load_model()
+    ranks = []
+    for r in range(2):
+        rr = Runner(torch.float32)
+        for i, layer in enumerate(rr.model.model.layers):
+            layer.self_attn.o_proj = None
+        ranks.append(rr)
+    for i in range(3):
+        group: list = []
+        full = single.model.model.layers[i].self_attn.o_proj
+        for r, rr in enumerate(ranks):
+            shard = ShardedRowLinear(full, r, 2, group)
+            group.append(shard)
+            rr.model.model.layers[i].self_attn.o_proj = shard
+    for rr in ranks:
+        rr.load_model()
+    ids = single.schedule([("a", 0, 5, 5)])
+    for rr in (single, *ranks):
+        rr.schedule([("a", 0, 5, 5)])
+        rt = install(rr)
+        rt.default = 1.0
+        rt.apply()
+    want = single._model_forward(input_ids=ids)
+    for rr in ranks:
+        assert torch.allclose(rr._model_forward(input_ids=ids), want, atol=1e-5)
+
+    bad = Runner(torch.float32)
+    o = bad.model.model.layers[1].self_attn.o_proj
+    o.tp_size, o.reduce_results = 2, False
+    with pytest.raises(RuntimeError, match="counted once per rank"):
+        worker.install(bad)
