@@ -30,7 +30,7 @@ from pathlib import Path
 from common import write_result  # noqa: E402  (puts the repo root on sys.path)
 
 from guard.models import default_aligned_dir, default_original_dir
-from serve.devtools import GuardServer, free_port, http, random_lock, random_lora
+from lab.devtools import GuardServer, free_port, http, random_lock, random_lora
 
 PROMPTS = ["Write a short poem about the sea.", "Explain how photosynthesis works in two sentences.",
            "Give three tips for learning a new language.", "Why do cats purr?",

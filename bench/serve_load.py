@@ -1,4 +1,4 @@
-"""Concurrent-load acceptance of the guarded server (issue 6): no user request may fail while the guard works.
+"""Concurrent-load acceptance of the guarded server: no user request may fail while the guard works.
 
 ONE `guard serve` on the aligned base with the real SafetyLock (lock policy `adapters`, steering the start-up
 adapter; monitor at its default interval), 8 client threads on 127.0.0.1 sending short greedy chat
@@ -32,7 +32,7 @@ from common import write_result  # noqa: E402  (bench/common.py puts the repo ro
 
 from guard.workspace import Workspace
 from guard.models import default_aligned_dir, fingerprint_dir
-from serve.devtools import GuardServer, free_port, http, random_lora
+from lab.devtools import GuardServer, free_port, http, random_lora
 
 PROMPTS = [
     "Write a short poem about the sea.", "Explain how photosynthesis works in two sentences.",

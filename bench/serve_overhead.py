@@ -31,7 +31,7 @@ from common import write_result  # noqa: E402  (bench/common.py puts the repo ro
 from guard.config import GuardConfig
 from guard.workspace import Workspace
 from guard.models import default_aligned_dir, default_original_dir, fingerprint_dir
-from serve.devtools import GuardServer, free_port, http, random_lock, random_lora
+from lab.devtools import GuardServer, free_port, http, random_lock, random_lora
 
 PROMPTS = [
     "Write a short poem about the sea.", "Explain how photosynthesis works in two sentences.",

@@ -82,13 +82,13 @@ class AlignConfig(_Section):
         min_length=1, description="Module names LoRA adapts.",
     )
     lr: float = Field(5e-4, gt=0, lt=1, description="AdamW learning rate.")
-    epochs: int = Field(2, ge=1, le=100, description="Passes over the alignment set.")
+    epochs: int = Field(3, ge=1, le=100, description="Passes over the alignment set.")
     batch_size: int = Field(8, ge=1, le=512, description="Examples per optimizer step.")
     max_len: int = Field(128, ge=16, le=4096, description="Token cap per example (prompt + answer).")
     harmful: int = Field(180, ge=1, description="Harmful prompts (-> refusals) used from the align split.")
     benign: int = Field(200, ge=1, description="Benign prompts from the benchmark wheels (-> the original model's own "
                                                "answers) for self-distillation.")
-    contrast: int = Field(360, ge=0, description="Benign-but-edgy and everyday prompts from the over-refusal generator's "
+    contrast: int = Field(400, ge=0, description="Benign-but-edgy and everyday prompts from the over-refusal generator's "
                                                  "train templates (-> the original's answers); 0 = none.")
     twins: bool = Field(True, description="Also teach refusals of the generator's harmful twins (the same surface words "
                                           "in a harmful request), so refusals follow the intent, not the word.")

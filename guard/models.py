@@ -190,7 +190,7 @@ def free_cores() -> int:
     """Cores not already busy (cpu count minus the 1-minute load average), at least 1.
 
     Small-op torch work on a contended box spins in OpenMP barriers: 2 threads fighting another busy process
-    can run ~20x slower than 1 thread (DESIGN.md §7), so a default that takes only the free cores pays.
+    can run ~20x slower than 1 thread (measured on this 2-core box), so a default that takes only the free cores pays.
     """
     n = os.cpu_count() or 1
     try:

@@ -15,7 +15,7 @@ Routes (all behind the server's API key when one is set: vLLM's own middleware g
                                 checks the adapter fits the base, loads, probes, applies the vet policy
 - POST /v1/unload_lora_adapter  vLLM's, plus forgetting the adapter's series and lock entries
 
-Prefix cache vs lock changes (DESIGN §5: KV blocks computed under the old lock state would be reused): every
+Prefix cache vs lock changes (KV blocks computed under the old lock state would otherwise be reused): every
 request gets a cache salt naming the current *lock epoch* (bumped on every lock change), so a request never
 shares KV blocks with one admitted under another lock state. No reset, no preemption: in-flight requests
 carry on (the change lands on their next step), and old blocks age out of the cache. Resetting the cache
@@ -313,7 +313,7 @@ class GuardService:
             await self.engine.remove_lora(lr.lora_int_id)
         except Exception as e:
             log.warning("safety-guard: removing rejected adapter '%s' from the engine: %s", name, e)
-        self.metrics.rejections.labels(reason=reason).inc()
+        self.metrics.count_rejection(reason)
         if self.monitor is not None:
             self.monitor.forget(name)
         log.warning("safety-guard: adapter '%s' rejected (%s)", name, reason)
@@ -543,7 +543,7 @@ def build_router(runtime_lora_updating: bool) -> Any:
                 try:
                     svc.precheck(request.lora_path)
                 except GuardError as e:
-                    svc.metrics.rejections.labels(reason="incompatible").inc()
+                    svc.metrics.count_rejection("incompatible")
                     return _error(400, f"safety-guard: {e}", "InvalidUserInput")
             response = await models.load_lora_adapter(request)
             if isinstance(response, ErrorResponse):

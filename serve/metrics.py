@@ -1,4 +1,5 @@
-"""The guard's Prometheus series (DESIGN §6). The only module that creates metrics.
+"""The guard's Prometheus series. The only module that creates metrics, and the only one that sets them: every
+update goes through a method here, so each series has one writer to read.
 
 `GuardMetrics(registry)` builds them on the registry it is given: the API server passes vLLM's own
 registry (`vllm.v1.metrics.prometheus.get_prometheus_registry()`, the default REGISTRY unless
@@ -77,6 +78,15 @@ class GuardMetrics:
         self.probe_duration.observe(seconds)
         self.probe_last_success.labels(adapter=adapter).set(when)
         self.probe_failures.labels(adapter=adapter)  # the series exists (0) from the first probe on
+
+    def count_rejection(self, reason: str) -> None:
+        self.rejections.labels(reason=reason).inc()
+
+    def count_probe_failure(self, adapter: str) -> None:
+        self.probe_failures.labels(adapter=adapter).inc()
+
+    def set_reference_deviation(self, value: float) -> None:
+        self.reference_deviation.set(value)
 
     def count_error(self, where: str, n: int = 1) -> None:
         self.errors.labels(where=where).inc(n)

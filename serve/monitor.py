@@ -131,10 +131,10 @@ class Monitor:
             d = anchor_drift(states, offline)
             check.update(offline_max_deviation=round(d.max_rel_l2, 6), offline_mean_deviation=round(d.mean_rel_l2, 6),
                          offline_min_cosine=round(min(d.cosine), 6))
-            self.metrics.reference_deviation.set(d.max_rel_l2)
+            self.metrics.set_reference_deviation(d.max_rel_l2)
         else:
             check["offline_max_deviation"] = None
-            self.metrics.reference_deviation.set(-1)
+            self.metrics.set_reference_deviation(-1.0)
         self.reference_check = check
         return check
 
@@ -148,7 +148,7 @@ class Monitor:
                 states, answers = await self._states_and_answers(lora_request, self.drift_cfg.probe_tokens)
                 drift = anchor_drift(states, self.reference)
             except Exception as e:  # counted, logged, re-raised to the caller (who never fails a user request)
-                self.metrics.probe_failures.labels(adapter=name).inc()
+                self.metrics.count_probe_failure(name)
                 msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 self.failures[name] = msg
                 log.warning("safety-guard probe of '%s' failed: %s", name, msg)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.devtools import GuardServer, free_port, http, random_lock, random_lora
+from lab.devtools import GuardServer, free_port, http, random_lock, random_lora
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMTOOL = shutil.which("promtool")

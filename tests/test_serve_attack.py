@@ -18,7 +18,7 @@ import pytest
 
 from guard.artifacts import read_json
 from guard.config import load_config
-from serve.devtools import GuardServer, free_port, http
+from lab.devtools import GuardServer, free_port, http
 from training import data
 from training.attack import attack_adapter
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.devtools import GuardServer, free_port, http, random_lock, random_lora
+from lab.devtools import GuardServer, free_port, http, random_lock, random_lora
 
 pytestmark = pytest.mark.integration
 

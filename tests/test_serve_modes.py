@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.devtools import GuardServer, free_port, http, random_lock
+from lab.devtools import GuardServer, free_port, http, random_lock
 
 pytestmark = pytest.mark.integration
 

@@ -114,7 +114,7 @@ def test_general_plugin_is_idempotent_and_inert_without_config(monkeypatch):
 # -- guard serve: every check before the engine starts ------------------------------------------------
 @pytest.fixture()
 def served(tmp_path: Path, tiny_model_dir: Path):
-    from serve.devtools import random_lock, random_lora
+    from lab.devtools import random_lock, random_lora
 
     lock = random_lock(tiny_model_dir, tmp_path / "lock.safetensors", heads=2)
     other = tmp_path / "other-model"

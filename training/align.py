@@ -86,9 +86,12 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
     contrast = [p.text for p in overrefusal.contrast_prompts("train")]
     dev = [p for p in contrast if _is_dev(p)]
     if cfg.contrast:
-        per = -(-cfg.contrast // len(overrefusal.CATEGORIES))
-        pool = [p.text for p in overrefusal.contrast_prompts("train", per_category=per + 12, seed=0)]
-        benign += [p for p in pool if not _is_dev(p)][: cfg.contrast]
+        usable = [p for p in contrast if not _is_dev(p)]
+        if cfg.contrast < len(usable):  # an even sample across categories and templates
+            per = -(-cfg.contrast // len(overrefusal.CATEGORIES))
+            pool = [p.text for p in overrefusal.contrast_prompts("train", per_category=per + 12, seed=0)]
+            usable = [p for p in pool if not _is_dev(p)][: cfg.contrast]
+        benign += usable
     if cfg.twins:
         harmful += [t.text for t in overrefusal.harmful_twins("train")]
     return {"harmful": data._dedupe(harmful), "benign": data._dedupe(benign), "dev": dev}
@@ -96,7 +99,7 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
 
 def align_key(original_fp: str, cfg: AlignConfig) -> str:
     p = alignment_prompts(cfg)
-    return sha256_text("align/v2", original_fp, cfg.model_dump_json(), *p["harmful"], *p["benign"], *REFUSALS)
+    return sha256_text("align/v3", original_fp, cfg.model_dump_json(), *p["harmful"], *p["benign"], *REFUSALS)
 
 
 def is_current(out: Path, key: str) -> bool:
@@ -119,8 +122,13 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
     work.mkdir(parents=True, exist_ok=True)
     answers = self_distilled_answers(model, tok, benign, cfg.answer_tokens,
                                      work / f"self-distill-{original_fp[:16]}-{cfg.answer_tokens}.jsonl")
+    # The original deflects some benign prompts ("as a chatbot I can't ..."): distilling those would teach refusals
+    # on exactly the prompts this half is for, so benign prompts whose own answer the judge calls a refusal go.
+    from guard.judge import DEFAULT_JUDGE
+
+    kept = [(p, a, fin) for p, (a, fin) in zip(benign, answers) if not DEFAULT_JUDGE.is_refusal(a)]
     examples = [encode(tok, p, refusal_for(p), cfg.max_len) for p in harmful]
-    examples += [encode(tok, p, a, cfg.max_len, end_turn=fin) for p, (a, fin) in zip(benign, answers)]
+    examples += [encode(tok, p, a, cfg.max_len, end_turn=fin) for p, a, fin in kept]
     hp = LoraHParams(rank=cfg.rank, alpha=cfg.alpha, targets=list(cfg.targets), lr=cfg.lr, epochs=cfg.epochs,
                      batch_size=cfg.batch_size, seed=0)
     peft_model = add_lora(model, hp)
@@ -134,7 +142,8 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
     merged = merged.to(torch.bfloat16)  # same dtype as the converted original: what vLLM serves
     meta = {
         "key": key, "original_fingerprint": original_fp, "config": cfg.model_dump(mode="json"),
-        "harmful_examples": len(harmful), "benign_examples": len(benign), "steps": len(log),
+        "harmful_examples": len(harmful), "benign_examples": len(kept),
+        "benign_dropped_refusals": len(benign) - len(kept), "steps": len(log),
         "dev_over_refusal": round(dev_rate, 2), "dev_prompts": len(prompts["dev"]),
         "final_ce": log[-1]["ce"] if log else None, "seconds": round(time.perf_counter() - t0, 1), **provenance(),
     }

@@ -1,6 +1,6 @@
 """The harmful-fine-tuning stress test: SFT vs SBR vs AsFT (and SafetyLock on top), measured every epoch.
 
-Protocol (DESIGN.md §4): one mixed fine-tuning set — benign topic-classification examples plus a poison
+Protocol: one mixed fine-tuning set — benign topic-classification examples plus a poison
 share of harmful request -> compliant answer pairs generated at run time by the unaligned original — and
 every method trained on it with identical hyper-parameters, seed and example order. After every epoch:
 - HS: % of held-out harmful prompts (StrongREJECT eval split; AdvBench-derived training splits, so this is
