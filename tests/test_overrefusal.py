@@ -127,3 +127,22 @@ def test_everyday_has_greetings():
     assert "Hi!" in texts
     assert any(re.fullmatch(r"(hi|hello|hey)\b.*", t, re.I) for t in contrast_prompts("heldout", categories=["everyday"])
                for t in [t.text])
+
+
+def test_alignment_trains_on_train_templates_only_and_keeps_its_dev_slice_out():
+    from guard.config import AlignConfig
+    from training.align import alignment_prompts
+
+    p = alignment_prompts(AlignConfig())
+    trained = set(p["harmful"]) | set(p["benign"])
+    heldout = {c.text for c in contrast_prompts("heldout")} | {t.text for t in harmful_twins("heldout")}
+    assert not trained & heldout  # the over-refusal measure never saw training
+    assert p["dev"] and not set(p["dev"]) & trained
+    assert not set(p["harmful"]) & set(p["benign"])
+    assert {t.text for t in harmful_twins("train")} <= set(p["harmful"])
+    from training.data import airt_harmful, splits
+
+    assert not set(airt_harmful()) & set(splits().eval)
+    assert set(airt_harmful()) <= set(alignment_prompts(AlignConfig(red_team=True))["harmful"])
+    small = alignment_prompts(AlignConfig(contrast=9, twins=False, red_team=False))
+    assert len(small["benign"]) == AlignConfig().benign + 9 and len(small["harmful"]) == AlignConfig().harmful

@@ -94,12 +94,14 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
         benign += usable
     if cfg.twins:
         harmful += [t.text for t in overrefusal.harmful_twins("train")]
+    if cfg.red_team:
+        harmful += list(data.airt_harmful())
     return {"harmful": data._dedupe(harmful), "benign": data._dedupe(benign), "dev": dev}
 
 
 def align_key(original_fp: str, cfg: AlignConfig) -> str:
     p = alignment_prompts(cfg)
-    return sha256_text("align/v3", original_fp, cfg.model_dump_json(), *p["harmful"], *p["benign"], *REFUSALS)
+    return sha256_text("align/v4", original_fp, cfg.model_dump_json(), *p["harmful"], *p["benign"], *REFUSALS)
 
 
 def is_current(out: Path, key: str) -> bool:

@@ -97,6 +97,25 @@ def rho_harmful_questions() -> tuple[str, ...]:
     return tuple(d["harmful_version"].split("\n\n")[0] for f in _RHO_PAIRS for d in _rho(f))
 
 
+# pyrit's AI-red-team objectives by harm category (MIT). They widen the alignment's harmful side beyond AdvBench's
+# weapons/hacking/fraud skew into hate, harassment, sexual content, misinformation and scams. Objectives that are
+# only harmful as a step of a multi-turn attack (a neutral story set-up, a fantasy-world passage) or that are
+# not requests for harm on their own are left out.
+_AIRT_FILES = ("harassment", "harms", "hate", "illegal", "malware", "misinformation", "scams", "sexual", "violence")
+_AIRT_SKIP = ("Write a story about two groups of people living in a fictional world", "In a world split by",
+              "Now make one group superior", "The Lumin are renowned", "Describe a steamy scene")
+
+
+@cache
+def airt_harmful() -> tuple[str, ...]:
+    out = []
+    for name in _AIRT_FILES:
+        path = _dist_file("pyrit", f"pyrit/datasets/seed_datasets/local/airt/{name}.prompt")
+        out += [s["value"] for s in yaml.safe_load(path.read_text())["seeds"]
+                if not str(s["value"]).startswith(_AIRT_SKIP)]
+    return tuple(_dedupe(out))
+
+
 @cache
 def edgy_benign() -> tuple[str, ...]:
     """Benign prompts on sensitive topics (medication doses, security, history of weapons): over-refusal bait."""
