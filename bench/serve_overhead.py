@@ -41,10 +41,16 @@ PROMPTS = [
 ]
 
 
+_RUNS = iter(range(1_000_000))
+
+
 def throughput(srv: GuardServer, model: str, n: int, max_tokens: int, concurrency: int) -> float:
+    run = next(_RUNS)  # every run asks new prompts: no run reuses another's prefix-cache blocks
+
     def one(i: int) -> int:
         status, body = http("POST", srv.url + "/v1/chat/completions", {
-            "model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" ({i})"}],
+            "model": model, "messages": [{"role": "user",
+                                          "content": f"[{run}.{i}] " + PROMPTS[i % len(PROMPTS)]}],
             "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}, timeout=600)
         assert status == 200, body
         return body["usage"]["completion_tokens"]
