@@ -145,13 +145,17 @@ class GuardServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 240.0) -> GuardServer:
+        if self.proc is not None and self.proc.poll() is None:
+            return self  # already running: a second start would orphan the first process group
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}")
+                code = self.proc.returncode
+                self.stop()  # its engine and worker processes may outlive the API server
+                raise RuntimeError(f"server exited with {code}; log: {self.log_path}")
             try:
                 if http("GET", self.url + "/health", timeout=2)[0] == 200:
                     return self
