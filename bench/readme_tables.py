@@ -209,7 +209,9 @@ def serve(d: dict) -> str:
         f"{d.get('lock_layers', '?')} layers). Paired lock on/off runs of the same guarded engine: on is "
         f"{_paired_on_off(d)} slower. "
         f"Commit {d.get('eager_commit', d['commit'])}.")
-    if chaos is not None:
+    for chaos in (chaos, _load("serve_chaos-float32")):
+        if chaos is None:
+            continue
         text += (f"\n\n`bench/serve_chaos.py` ({chaos['dtype']}, {chaos['mode']}{' + LoRA' if chaos['lora'] else ''}): "
                  f"{chaos['clients']} clients for {chaos['seconds']:.0f} s while the lock, policies and adapters churned "
                  f"and bad adapters/locks were thrown at it: **{chaos['requests']} user requests, {chaos['failed']} failed; "
