@@ -182,7 +182,7 @@ def main() -> None:
     model = default_aligned_dir()
     if not (model / "config.json").is_file():
         raise SystemExit(f"aligned base missing ({model}): run `guard prepare`")
-    lock = Workspace().lock_file(fingerprint=fingerprint_dir(model))[0]
+    lock = Workspace().prepared_lock(fingerprint_dir(model))
     if not lock.is_file():
         raise SystemExit(f"SafetyLock missing ({lock}): run `guard lock build`")
     tmp = Path(tempfile.mkdtemp(prefix="sg-load-"))

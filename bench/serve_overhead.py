@@ -61,6 +61,18 @@ def throughput(srv: GuardServer, model: str, n: int, max_tokens: int, concurrenc
     return tokens / (time.perf_counter() - t0)
 
 
+def bench_setup(prefix: str) -> tuple[Path, Path, Path, Path]:
+    """(model, temp dir, lock to serve, the prepared lock): the aligned base when prepared (else the original),
+    its real SafetyLock when built (else a random stand-in in the temp dir)."""
+    model = default_aligned_dir()
+    if not (model / "config.json").is_file():
+        model = default_original_dir()
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    real_lock = Workspace().prepared_lock(fingerprint_dir(model))
+    lock = real_lock if real_lock.is_file() else random_lock(model, tmp / "lock.safetensors")
+    return model, tmp, lock, real_lock
+
+
 def compiled_run(a: argparse.Namespace) -> None:
     """vLLM's default compiled mode (no LoRA: the CPU backend compiles only then), plain vs guarded.
 
@@ -74,12 +86,7 @@ def compiled_run(a: argparse.Namespace) -> None:
 
     from common import RESULTS
 
-    model = default_aligned_dir()
-    if not (model / "config.json").is_file():
-        model = default_original_dir()
-    tmp = Path(tempfile.mkdtemp(prefix="sg-bench-compiled-"))
-    real_lock = Workspace().lock_file(fingerprint=fingerprint_dir(model))[0]
-    lock = real_lock if real_lock.is_file() else random_lock(model, tmp / "lock.safetensors")
+    model, tmp, lock, real_lock = bench_setup("sg-bench-compiled-")
     (tmp / "guard.yaml").write_text("serve:\n  lock_policy: 'off'\n  enable_lora: false\n")
     name = model.name
     plain = GuardServer.plain(free_port(), model, eager=False, log_path=tmp / "plain.log").start(timeout=600)
@@ -145,12 +152,7 @@ def main() -> None:
         compiled_run(a)
         return
 
-    model = default_aligned_dir()
-    if not (model / "config.json").is_file():
-        model = default_original_dir()
-    tmp = Path(tempfile.mkdtemp(prefix="sg-bench-"))
-    real_lock = Workspace().lock_file(fingerprint=fingerprint_dir(model))[0]
-    lock = real_lock if real_lock.is_file() else random_lock(model, tmp / "lock.safetensors")
+    model, tmp, lock, real_lock = bench_setup("sg-bench-")
     adapter = random_lora(model, tmp / "bench-adapter", b_std=1e-3, seed=1)
     (tmp / "guard.yaml").write_text("serve:\n  lock_policy: 'off'\n  vet_policy: warn\n  probe_interval_seconds: 0\n")
     engine_args = ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "4"]

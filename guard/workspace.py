@@ -71,6 +71,11 @@ class Workspace:
 
         return cached_reference(model, tokenizer, anchors, fingerprint or self.base_fingerprint, self.home)
 
+    def prepared_lock(self, fingerprint: str | None = None) -> Path:
+        """Where `guard prepare` / `guard lock build` keep the lock of the base with `fingerprint` (default: the
+        configured base), whether or not it was built yet."""
+        return lock_path(self.home, fingerprint or self.base_fingerprint)
+
     def lock_file(self, explicit: str | os.PathLike[str] | None = None,
                   fingerprint: str | None = None) -> tuple[Path | None, bool]:
         """(lock path, chosen explicitly). `explicit` > $SAFETY_GUARD_LOCK > config lock.path > the prepared
@@ -84,4 +89,4 @@ class Workspace:
             fp = fingerprint if fingerprint is not None else self.base_fingerprint
         except GuardError:
             return None, False
-        return (lock_path(self.home, fp), False) if fp else (None, False)
+        return (self.prepared_lock(fp), False) if fp else (None, False)

@@ -255,7 +255,7 @@ def ensure_lock(cfg: Any, rebuild: bool = False) -> Path:
     if cfg.lock.path is not None and not rebuild:
         return Path(cfg.lock.path).expanduser()
     base, fp = ws.base(), ws.base_fingerprint
-    path = ws.lock_file(fingerprint=fp)[0] if cfg.lock.path is None else Path(cfg.lock.path).expanduser()
+    path = ws.prepared_lock(fp)
     settings = cfg.lock.model_dump(mode="json", exclude={"strength", "path"})
     if path.is_file() and not rebuild:
         try:
