@@ -17,8 +17,8 @@ import time
 from common import ROOT, write_result
 
 from guard.config import load_config
-from training.attack import attack_mix
-from training.harden import original_dir
+from lab.attack import attack_mix
+from guard.workspace import Workspace
 from training.userdata import write_chat_jsonl
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     home = cfg.runtime.resolved_home()
     work = home / "demo"
     work.mkdir(parents=True, exist_ok=True)
-    mix, n_harm = attack_mix(original_dir(cfg), home / "work", args.benign, args.poison)
+    mix, n_harm = attack_mix(Workspace(cfg).original(), home / "work", args.benign, args.poison)
     data = work / "customer.jsonl"
     write_chat_jsonl(data, mix)
     result: dict = {"data": {"examples": len(mix), "harmful": n_harm, "poison": args.poison},

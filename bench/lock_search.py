@@ -22,8 +22,9 @@ from guard.config import load_config
 from guard.judge import DEFAULT_JUDGE
 from guard.models import fingerprint_dir, load_causal_lm, resolve_threads
 from training import data
-from training.evaluate import load_base_with_adapter, refusal_rate, strength_sweep
-from training.harden import base_dir, original_dir
+from lab.sweeps import strength_sweep
+from training.evaluate import load_base_with_adapter, refusal_rate
+from guard.workspace import Workspace
 from training.safetylock import (build_lock_from_activations, contrast_pairs, head_activations, probe_rows,
                                  split_by_prompt)
 
@@ -58,13 +59,13 @@ def main() -> None:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    fp = fingerprint_dir(base_dir(cfg))
+    fp = fingerprint_dir(Workspace(cfg).base())
     pairs_file = home / "work" / f"lock-pairs-{fp[:16]}-{cfg.lock.prompts}-{cfg.lock.answer_tokens}.json"
-    aligned, tok = load_causal_lm(base_dir(cfg), "float32")
+    aligned, tok = load_causal_lm(Workspace(cfg).base(), "float32")
     if pairs_file.is_file():
         pairs = json.loads(pairs_file.read_text())
     else:
-        original, _ = load_causal_lm(original_dir(cfg), "float32")
+        original, _ = load_causal_lm(Workspace(cfg).original(), "float32")
         cp = contrast_pairs(aligned, original, tok, dev_h[: cfg.lock.prompts], cfg.lock.answer_tokens)
         pairs = {"prompts": cp.prompts, "safe": cp.safe, "unsafe": cp.unsafe}
         write_json_atomic(pairs_file, pairs)

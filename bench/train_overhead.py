@@ -19,8 +19,10 @@ from guard.anchors import load_anchor_set
 from guard.config import load_config
 from guard.models import fingerprint_dir, load_causal_lm, resolve_threads
 from guard.states import cached_reference
-from training.attack import attack_mix
-from training.harden import base_dir, build_regularizer, original_dir
+from lab.attack import attack_mix
+from guard.workspace import Workspace
+from training import methods
+from training.methods import MethodInputs
 from training.sft import encode
 from training.trainer import LoraHParams, add_lora, optimizer_step
 
@@ -35,7 +37,8 @@ def main() -> None:
     cfg = load_config(args.config)
     threads = resolve_threads(cfg.runtime.threads)
     home = cfg.runtime.resolved_home()
-    base, original = base_dir(cfg), original_dir(cfg)
+    ws = Workspace(cfg)
+    base, original = ws.base(), ws.original()
     model, tok = load_causal_lm(base, "float32")
     fp = fingerprint_dir(base)
     mix, n_harm = attack_mix(original, home / "work", n_benign=180, poison=0.1)
@@ -47,10 +50,10 @@ def main() -> None:
     for name, k in (("sbr_k1", 1), ("sbr_k8", 8)):
         anchors = load_anchor_set(cfg.anchors.set, k, cfg.anchors.system_prompt)
         ref = cached_reference(model, tok, anchors, fp, home)
-        regs[name] = build_regularizer("sbr", cfg.harden, model, tok, anchors, ref, base, original)
+        regs[name] = methods.get("sbr").build(MethodInputs(cfg.harden, model, tok, anchors, ref, base, original))
     rot = cfg.harden.model_copy(update={"sbr_anchors_per_step": 2})
-    regs["sbr_k8_2per_step"] = build_regularizer("sbr", rot, model, tok, anchors, ref, base, original)
-    regs["asft"] = build_regularizer("asft", cfg.harden, model, tok, anchors, ref, base, original)
+    regs["sbr_k8_2per_step"] = methods.get("sbr").build(MethodInputs(rot, model, tok, anchors, ref, base, original))
+    regs["asft"] = methods.get("asft").build(MethodInputs(cfg.harden, model, tok, anchors, ref, base, original))
     regs = {"sft": None, **regs}
     hp = LoraHParams(rank=16, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"], lr=1e-4)
     peft_model = add_lora(model, hp)

@@ -90,6 +90,8 @@ class AlignConfig(_Section):
     red_team: bool = Field(False, description="Also refuse pyrit's red-team objectives (hate, harassment, sexual "
                                               "content, misinformation, scams), categories AdvBench barely covers. "
                                               "Off: with 300 harmful prompts it doubled dev over-refusal (20%).")
+    framed: bool = Field(False, description="Also refuse each harmful prompt inside a framing (a story, a claimed role, "
+                                            "a hypothetical), as real requests arrive.")
     benign: int = Field(200, ge=1, description="Benign prompts from the benchmark wheels (-> the original model's own "
                                                "answers) for self-distillation.")
     contrast: int = Field(400, ge=0, description="Benign-but-edgy and everyday prompts from the over-refusal generator's "

@@ -46,14 +46,14 @@ class GuardEndpointPlugin:
     def attach_router(self, app: Any) -> None:
         from vllm import envs
 
-        from serve.api import build_router
+        from serve.routes import build_router
 
         app.include_router(build_router(bool(envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING)))
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         from guard.config import load_config
         from guard.errors import GuardError
-        from serve.api import GuardService
+        from serve.service import GuardService
         from serve.metrics import GuardMetrics
 
         if engine_client is None:  # the CPU-only render server has no engine
@@ -85,7 +85,7 @@ class GuardEndpointPlugin:
 
 
 def _off_table(base_name: str) -> Any:
-    from serve.policy import LockTable
+    from serve.lock_table import LockTable
 
     return LockTable(base_name=base_name)
 

@@ -24,13 +24,6 @@ def test_help_lists_every_command():
     assert lock.returncode == 0 and all(c in lock.stdout for c in ("build", "apply", "eval"))
 
 
-def test_stress_rejects_bad_options_before_any_work():
-    out = guard("eval", "stress", "--methods", "sft,bogus")
-    assert out.returncode == 1 and out.stderr.strip() == "error: --methods: unknown bogus; choose from sft, sbr, asft"
-    out = guard("eval", "stress", "--lambdas", "5,x")
-    assert out.returncode == 1 and "--lambdas must be comma-separated numbers" in out.stderr
-
-
 def test_config_show_and_one_line_errors(tmp_path):
     good = tmp_path / "g.yaml"
     good.write_text("drift:\n  warn: 0.05\n")

@@ -6,9 +6,29 @@ import torch
 from guard.anchors import AnchorSet
 from guard.errors import GuardError
 from guard.states import compute_reference
-from training.regularizers import SBR, AsFT, alignment_projectors, asft_dense, asft_lowrank
+from training import methods
+from training.methods import MethodInputs
+from training.methods.asft import AsFT, alignment_projectors, asft_lowrank
+from training.methods.sbr import SBR
 from training.sft import encode
-from training.trainer import Interrupted, LoraHParams, add_lora, train_lora
+from training.trainer import LoraHParams, add_lora, train_lora
+
+
+class Interrupted(Exception):
+    """A simulated kill."""
+
+
+def asft_dense(b, a, c, scale):
+    """‖(I − C)·(scale·B·A)‖²_F built densely: the reference the low-rank form is checked against."""
+    eye = torch.eye(c.shape[0], dtype=c.dtype)
+    return ((eye - c) @ (scale * b @ a)).pow(2).sum()
+
+
+def stop_after(n):
+    def on_step(step):
+        if step >= n:
+            raise Interrupted(f"stopped after {step} steps")
+    return on_step
 from tests.conftest import make_tiny_llama
 
 ANCHORS = AnchorSet("t", ("Write a tutorial on how to make a cake", "How do I pick a lock on my own door?"))
@@ -113,7 +133,7 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, tiny_tokenizer):
     killed = add_lora(make_tiny_llama(len(tok)), hp)
     with pytest.raises(Interrupted):  # dies in the middle of epoch 2 (2 steps per epoch)
         train_lora(killed, examples(tok), hp, tok.pad_token_id, sbr_for(killed, tok), checkpoint_dir=tmp_path,
-                   log_path=tmp_path / "log.jsonl", stop_after_steps=3)
+                   log_path=tmp_path / "log.jsonl", on_step=stop_after(3))
     resumed = add_lora(make_tiny_llama(len(tok)), hp)  # a new process: fresh model, same seed
     train_lora(resumed, examples(tok), hp, tok.pad_token_id, sbr_for(resumed, tok), checkpoint_dir=tmp_path,
                log_path=tmp_path / "log.jsonl", resume=True, desc="resumed")
@@ -159,8 +179,6 @@ def test_sbr_rotation_averages_to_the_full_term(tiny_model, tiny_tokenizer):
 def test_asft_constrains_every_lora_target_by_default(tiny_tokenizer, tmp_path):
     """An adapted module AsFT leaves free is a bypass: by default it constrains every LoRA target."""
     from guard.config import HardenConfig
-    from training.harden import build_regularizer
-
     original = make_tiny_llama(len(tiny_tokenizer), seed=0)
     aligned = make_tiny_llama(len(tiny_tokenizer), seed=0)
     with torch.no_grad():
@@ -169,9 +187,24 @@ def test_asft_constrains_every_lora_target_by_default(tiny_tokenizer, tmp_path):
     original.save_pretrained(tmp_path / "original")
     aligned.save_pretrained(tmp_path / "aligned")
     h = HardenConfig(targets=["q_proj", "o_proj", "up_proj"])
-    reg = build_regularizer("asft", h, aligned, tiny_tokenizer, None, None, tmp_path / "aligned", tmp_path / "original")
+    reg = methods.get("asft").build(MethodInputs(h, aligned, tiny_tokenizer, None, None, tmp_path / "aligned",
+                                                 tmp_path / "original"))
     assert sorted(reg.projectors) == sorted(f"model.layers.{i}.{blk}.{m}.weight" for i in range(2)
                                             for blk, m in (("self_attn", "q_proj"), ("self_attn", "o_proj"), ("mlp", "up_proj")))
-    paper = build_regularizer("asft", h.model_copy(update={"asft_targets": ["q_proj"]}), aligned, tiny_tokenizer,
-                              None, None, tmp_path / "aligned", tmp_path / "original")
+    paper = methods.get("asft").build(MethodInputs(h.model_copy(update={"asft_targets": ["q_proj"]}), aligned,
+                                                   tiny_tokenizer, None, None, tmp_path / "aligned", tmp_path / "original"))
     assert sorted(paper.projectors) == [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)]
+
+
+def test_method_registry_matches_the_config():
+    """Every method the config accepts is registered once, and each names its own λ."""
+    import typing
+
+    from guard.config import HardenConfig
+
+    accepted = typing.get_args(HardenConfig.model_fields["method"].annotation)
+    assert sorted(methods.names()) == sorted(accepted)
+    h = HardenConfig(sbr_lambda=3.0, asft_lambda=7.0)
+    assert [methods.get(m).lam(h) for m in ("sft", "sbr", "asft")] == [None, 3.0, 7.0]
+    with pytest.raises(GuardError, match="unknown method 'dpo'"):
+        methods.get("dpo")

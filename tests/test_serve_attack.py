@@ -1,7 +1,7 @@
 """The vetting gate against a real harmful fine-tuning attack, end to end on a real vLLM engine.
 
 Base: the miniature aligned base of `mini_prepared` (SmolLM2-135M after a short refusal SFT: it refuses the
-anchor prompts) with the lock `guard prepare` built for it. Attack: `training.attack.attack_adapter`, plain
+anchor prompts) with the lock `guard prepare` built for it. Attack: `lab.attack.attack_adapter`, plain
 LoRA SFT on topic-classification examples mixed with harmful request -> compliant answer pairs written by the
 unaligned original, i.e. the adapter a careless customer upload produces. `guard serve` on that base:
 - under vet policy `reject` the hot-load is refused (403) naming the failed checks, and nothing is served;
@@ -20,7 +20,7 @@ from guard.artifacts import read_json
 from guard.config import load_config
 from lab.devtools import GuardServer, free_port, http
 from training import data
-from training.attack import attack_adapter
+from lab.attack import attack_adapter
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from guard.config import ServeConfig
 from guard.errors import GuardError
 from serve.metrics import GuardMetrics
 from serve.monitor import request_index
-from serve.policy import LockTable
+from serve.lock_table import LockTable
 
 
 def _table(policy: str = "off", adapters: list[str] | None = None) -> LockTable:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from guard.errors import GuardError
-from training.stress import StressConfig, markdown, spearman
+from lab.stress import StressConfig, markdown, spearman
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,6 +32,16 @@ def test_stress_config_refuses_bad_values():
     assert StressConfig.smoke().epochs == 1
 
 
+def test_stress_rejects_bad_options_before_any_work():
+    def run(*args):
+        return subprocess.run([sys.executable, "bench/stress.py", *args], capture_output=True, text=True, cwd=ROOT)
+
+    out = run("--methods", "sft,bogus")
+    assert out.returncode == 1 and out.stderr.strip() == "error: --methods: unknown bogus; choose from sft, sbr, asft"
+    out = run("--lambdas", "5,x")
+    assert out.returncode == 1 and "--lambdas must be comma-separated numbers" in out.stderr
+
+
 def test_markdown_reports_final_and_worst_epoch():
     r = {"judge": "keyword-refusal@1", "seconds": 60, "spearman_drift_hs": 0.9,
          "config": {"poison": 0.1, "epochs": 2, "examples": 10, "harmful_examples": 1},
@@ -45,7 +55,7 @@ def test_markdown_reports_final_and_worst_epoch():
 @pytest.mark.integration
 def test_smoke_run_writes_every_output(mini_prepared, tmp_path):
     cfg, _ = mini_prepared
-    r = subprocess.run([sys.executable, "-m", "guardcli.main", "eval", "stress", "--smoke", "--config", str(cfg),
+    r = subprocess.run([sys.executable, "bench/stress.py", "--smoke", "--config", str(cfg),
                         "--out", str(tmp_path), "--name", "smoke"], capture_output=True, text=True, cwd=ROOT,
                        timeout=1200, env=dict(os.environ))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -60,7 +70,7 @@ def test_smoke_run_writes_every_output(mini_prepared, tmp_path):
     assert not (tmp_path / "smoke.partial.json").exists()
     # the run kept its SFT/SBR adapters: --relock re-measures the +lock rows from them and, with the same
     # lock and strength, reproduces what the run measured
-    r = subprocess.run([sys.executable, "-m", "guardcli.main", "eval", "stress", "--relock", "--config", str(cfg),
+    r = subprocess.run([sys.executable, "bench/stress.py", "--relock", "--config", str(cfg),
                         "--out", str(tmp_path), "--name", "smoke"], capture_output=True, text=True, cwd=ROOT,
                        timeout=1200, env=dict(os.environ))
     assert r.returncode == 0, r.stderr[-3000:]

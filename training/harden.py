@@ -17,64 +17,25 @@ from typing import Any
 import torch
 
 from guard.adapters import read_adapter, check_adapter_fits, write_guard_meta
-from guard.anchors import AnchorSet, load_anchor_set
+from guard.anchors import load_anchor_set
 from guard.artifacts import atomic_path, provenance
 from guard.config import GuardConfig, HardenConfig
 from guard.drift import DriftReport, anchor_drift, verdict
 from guard.errors import GuardError
 from guard.models import fingerprint_dir, load_causal_lm
 from guard.workspace import Workspace
-from guard.states import ReferenceStates, cached_reference
-from training.regularizers import SBR, AsFT, alignment_projectors
+from guard.states import cached_reference
+from training import methods
+from training.methods import MethodInputs
+from training.methods.sbr import SBR
 from training.sft import encode
 from training.trainer import LoraHParams, add_lora, train_lora
 from training.userdata import read_chat_jsonl
 
 
-def base_dir(cfg: GuardConfig) -> Path:
-    return Workspace(cfg).base()
-
-
-def original_dir(cfg: GuardConfig) -> Path:
-    return Workspace(cfg).original()
-
-
 def hparams(h: HardenConfig) -> LoraHParams:
     return LoraHParams(rank=h.rank, alpha=h.alpha, targets=list(h.targets), lr=h.lr, epochs=h.epochs,
                        batch_size=h.batch_size, grad_accum=h.grad_accum, seed=h.seed)
-
-
-def load_weights(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for n in names:
-                if n in st.keys():
-                    out[n] = st.get_tensor(n)
-    return out
-
-
-_BLOCK = {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # Llama layout: everything else is attention
-
-
-def build_regularizer(method: str, h: HardenConfig, model: Any, tok: Any, anchors: AnchorSet,
-                      ref: ReferenceStates, base: Path, original: Path | None) -> Any:
-    if method == "sft":
-        return None
-    if method == "sbr":
-        per_step = min(h.sbr_anchors_per_step, len(anchors)) if h.sbr_anchors_per_step else None
-        return SBR(anchors.render(tok), ref.states, h.sbr_lambda, tok.pad_token_id, per_step)
-    if method == "asft":
-        if original is None:
-            raise GuardError("AsFT needs the original (unaligned) model: set model.original")
-        layers = model.config.num_hidden_layers
-        names = [f"model.layers.{i}.{_BLOCK.get(m, 'self_attn')}.{m}.weight"
-                 for i in range(layers) for m in (h.asft_targets or h.targets)]
-        return AsFT(alignment_projectors(load_weights(base, names), load_weights(original, names), names),
-                    h.asft_lambda)
-    raise GuardError(f"unknown method '{method}' (sft, sbr, asft)")
 
 
 def anchor_report(model: Any, sbr_like: SBR) -> DriftReport:
@@ -97,8 +58,10 @@ def harden(cfg: GuardConfig, data: Path, out: Path, resume: bool = False) -> dic
     if h.rank > h.max_rank:
         raise GuardError(f"LoRA rank {h.rank} exceeds the configured maximum {h.max_rank} (harden.max_rank)")
     rows = read_chat_jsonl(data)  # validate everything before any heavy work
-    base = base_dir(cfg)
-    original = original_dir(cfg) if h.method == "asft" else None
+    method = methods.get(h.method)
+    ws = Workspace(cfg)
+    base = ws.base()
+    original = ws.original() if method.needs_original else None
     t0 = time.perf_counter()
     fp = fingerprint_dir(base)
     model, tok = load_causal_lm(base, "float32")
@@ -106,7 +69,7 @@ def harden(cfg: GuardConfig, data: Path, out: Path, resume: bool = False) -> dic
     ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
     examples = [encode(tok, list(r.messages), r.answer, h.max_len) for r in rows]
     hp = hparams(h)
-    reg = build_regularizer(h.method, h, model, tok, anchors, ref, base, original)
+    reg = method.build(MethodInputs(h, model, tok, anchors, ref, base, original))
     peft_model = add_lora(model, hp)
     work = out.parent / f".{out.name}.work"
     work.mkdir(parents=True, exist_ok=True)
@@ -115,7 +78,7 @@ def harden(cfg: GuardConfig, data: Path, out: Path, resume: bool = False) -> dic
     probe = reg if isinstance(reg, SBR) else SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id)
     drift = anchor_report(peft_model, probe)
     meta = {
-        "method": h.method, "lambda": {"sbr": h.sbr_lambda, "asft": h.asft_lambda}.get(h.method),
+        "method": h.method, "lambda": method.lam(h),
         "hparams": asdict(hp), "examples": len(examples), "steps": len(log), "data": str(data),
         "base_fingerprint": fp, "base_model": str(base), "anchors_hash": anchors.hash, "anchor_set": anchors.name,
         "final_drift": drift.to_dict(), "drift_status": verdict(drift.mean_rel_l2, None, cfg.drift).status,
@@ -136,7 +99,7 @@ def repair(cfg: GuardConfig, adapter: Path, out: Path, data: Path | None = None)
 
     h = cfg.harden
     rows = read_chat_jsonl(data) if data is not None else []
-    base = base_dir(cfg)
+    base = Workspace(cfg).base()
     info = read_adapter(adapter, h.max_rank)
     t0 = time.perf_counter()
     fp = fingerprint_dir(base)

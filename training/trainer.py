@@ -56,17 +56,14 @@ def add_lora(model: Any, hp: LoraHParams) -> Any:
     return get_peft_model(model, cfg)
 
 
-class Interrupted(Exception):
-    """Raised by `stop_after_steps` (tests simulate a kill with it)."""
-
-
 def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id: int,
                regularizer: Regularizer | None = None, log_path: Path | None = None,
                checkpoint_dir: Path | None = None, resume: bool = False, desc: str = "train",
-               stop_after_steps: int | None = None,
+               on_step: Callable[[int], None] | None = None,
                on_epoch: Callable[[int], dict[str, float] | None] | None = None) -> list[dict[str, float]]:
     """Fine-tune the LoRA parameters of a peft `model` on `examples`; returns the per-step log.
 
+    `on_step(step)` runs after every optimizer step (1-based; progress reporting, or a test simulating a kill).
     `on_epoch(epoch)` runs after every epoch with the model in eval mode (for measurements; it must not change
     the weights); what it returns is merged into that epoch's last log row.
     """
@@ -120,9 +117,12 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
             bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k in ("ce", "reg", "anchor_drift")},
                             epoch=epoch + 1)
             bar.update(1)
-            if stop_after_steps is not None and step >= stop_after_steps:
-                bar.close()
-                raise Interrupted(f"stopped after {step} steps")
+            if on_step is not None:
+                try:
+                    on_step(step)
+                except BaseException:
+                    bar.close()
+                    raise
         if on_epoch is not None:  # per-epoch measurements (the stress test); the model is put back in train mode
             model.eval()
             extra = on_epoch(epoch + 1)

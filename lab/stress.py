@@ -32,15 +32,18 @@ from guard.lock import LockHandle, load_lock
 from guard.models import ModelShape, fingerprint_dir, load_causal_lm
 from guard.states import cached_reference
 from training import data
-from training.attack import attack_mix
 from training.evaluate import refusal_rate, task_accuracy
-from training.harden import anchor_report, base_dir, build_regularizer, hparams, original_dir
-from training.regularizers import SBR
+from guard.workspace import Workspace
+from lab.attack import attack_mix
+from training import methods
+from training.harden import anchor_report, hparams
+from training.methods import MethodInputs
+from training.methods.sbr import SBR
 from training.safetylock import ensure_lock
 from training.sft import encode
 from training.trainer import add_lora, train_lora
 
-METHODS = ("sft", "sbr", "asft")
+METHODS = methods.names()
 
 
 @dataclass
@@ -126,7 +129,7 @@ class Meter:
 def aligned_with_probe(cfg: GuardConfig) -> tuple[Any, Any, str, Any, Any, SBR]:
     """(model, tokenizer, fingerprint, anchors, reference, drift probe) for the configured aligned base; the
     probe is an SBR term with λ=0, used only for its anchor drift."""
-    base = base_dir(cfg)
+    base = Workspace(cfg).base()
     fp = fingerprint_dir(base)
     model, tok = load_causal_lm(base, "float32")
     anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)
@@ -138,7 +141,8 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
     """Train every method on the same attack mix, measure each epoch, write JSON + markdown + plots to `out`."""
     t0 = time.perf_counter()
     home = cfg.runtime.resolved_home()
-    base, original = base_dir(cfg), original_dir(cfg)
+    ws = Workspace(cfg)
+    base, original = ws.base(), ws.original()
     model, tok, fp, anchors, ref, probe = aligned_with_probe(cfg)
     lock = load_lock(ensure_lock(cfg), ModelShape.from_config(model.config), fp) if sc.lock else None
     mix, n_harm = attack_mix(original, home / "work", sc.benign, sc.poison, seed=sc.seed)
@@ -164,7 +168,7 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
     runs += [(f"sbr@{lam:g}", "sbr", lam) for lam in sc.lambdas]
     for label, method, lam in runs:
         hm = h.model_copy(update={"sbr_lambda": lam}) if lam is not None else h
-        reg = build_regularizer(method, hm, model, tok, anchors, ref, base, original)
+        reg = methods.get(method).build(MethodInputs(hm, model, tok, anchors, ref, base, original))
         peft_model = add_lora(model, hparams(hm))
         rows: dict[str, list[dict[str, float]]] = {label: []}
         with_lock = lock is not None and label in ("sft", "sbr")

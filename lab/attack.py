@@ -66,11 +66,12 @@ def attack_adapter(cfg: Any, out: Path, n_benign: int = 144, poison: float = 0.1
     if (out / "adapter_model.safetensors").is_file():
         return out
     from guard.config import parse_config
-    from training.harden import harden, original_dir
+    from guard.workspace import Workspace
+    from training.harden import harden
     from training.userdata import write_chat_jsonl
 
     home = cfg.runtime.resolved_home()
-    mix, _ = attack_mix(original_dir(cfg), home / "work", n_benign, poison)
+    mix, _ = attack_mix(Workspace(cfg).original(), home / "work", n_benign, poison)
     path = out.parent / f"{out.name}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_chat_jsonl(path, mix)

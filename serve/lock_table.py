@@ -76,7 +76,9 @@ class LockTable:
         self.forced[adapter] = reason
 
     def forget(self, adapter: str) -> None:
+        """An unloaded adapter: its forced lock and its override go (a reload is vetted afresh)."""
         self.forced.pop(adapter, None)
+        self.overrides.pop(adapter, None)
 
     def strengths(self, names: list[str]) -> dict[str, float]:
         """Effective strength of the base model and each named adapter."""

@@ -1,0 +1,178 @@
+"""The guard's HTTP surface: `/guard/*` admin routes, request models, auth.
+
+Routes (all behind the server's API key when one is set: vLLM's own middleware guards /v1 only):
+- GET  /guard/status        lock, adapters with their latest probe, reference check, errors
+- POST /guard/lock          {"adapter": name|null, "enabled": bool|null, "strength": float|null, "file": path|null}
+- POST /guard/probe         {"adapter": name|null}: probe now (the base model's name = the base; null = every
+                            loaded adapter)
+- POST /guard/policy        {"vet_policy": "reject"|"lock"|"warn"}: the vet policy for adapters loaded from now
+                            on (already-served adapters keep their verdict and any forced lock)
+- POST /v1/load_lora_adapter, /v1/unload_lora_adapter: vLLM's, behind the vetting gate (serve/gate.py), when
+                            VLLM_ALLOW_RUNTIME_LORA_UPDATING is on
+
+Errors use the OpenAI error shape, so clients of the OpenAI endpoint parse them as they parse vLLM's.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from typing import Any, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict
+
+from guard.errors import GuardError
+from serve.gate import add_adapter_routes
+from serve.service import GuardService
+
+log = logging.getLogger("safety_guard.routes")
+
+
+def error_response(status: int, message: str, err_type: str) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": err_type, "param": None, "code": status}},
+                        status_code=status)
+
+
+class LockChange(BaseModel):
+    """POST /guard/lock. adapter: null = the default for every request not overridden; the base model's
+    name = requests without an adapter. file: install another lock file (checked against the base)."""
+
+    model_config = ConfigDict(extra="forbid")
+    adapter: str | None = None
+    enabled: bool | None = None
+    strength: float | None = None
+    file: str | None = None
+
+
+class PolicyChange(BaseModel):
+    """POST /guard/policy: the vet policy for adapters loaded from now on (not persisted to the config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    vet_policy: Literal["reject", "lock", "warn"]
+
+
+class ProbeAsk(BaseModel):
+    """POST /guard/probe: one adapter, the base model (its served name), or null for every loaded adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+    adapter: str | None = None
+
+
+def _api_keys(request: Any) -> list[str]:
+    args = getattr(request.app.state, "args", None)
+    keys = list(getattr(args, "api_key", None) or [])
+    if not keys and os.environ.get("VLLM_API_KEY"):
+        keys = [os.environ["VLLM_API_KEY"]]
+    return [k for k in keys if k]
+
+
+def _authorised(request: Any) -> bool:
+    import hmac
+
+    keys = _api_keys(request)
+    if not keys:
+        return True
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), k.encode()) for k in keys)
+
+
+def build_router(runtime_lora_updating: bool) -> Any:
+    from fastapi import APIRouter
+    from fastapi.responses import JSONResponse, Response
+
+    router = APIRouter()
+
+    def service(request: Request) -> Any:
+        if not _authorised(request):
+            return error_response(401, "Unauthorized", "Unauthorized")
+        svc = getattr(request.app.state, "guard", None)
+        if svc is None:
+            return error_response(503, "safety-guard is not running on this server (no engine)", "ServiceUnavailable")
+        return svc
+
+    @router.get("/guard/status")
+    async def guard_status(request: Request):
+        svc = service(request)
+        if not isinstance(svc, GuardService):
+            return svc
+        await svc.refresh_worker_state()
+        return JSONResponse(svc.status())
+
+    @router.post("/guard/lock")
+    async def guard_lock(change: LockChange, request: Request):
+        svc = service(request)
+        if not isinstance(svc, GuardService):
+            return svc
+        if change.file is not None:
+            try:
+                await svc.install_lock(change.file)
+            except GuardError as e:
+                return error_response(400, f"{e} (the previous lock stays)", "InvalidUserInput")
+            if change.enabled is None and change.strength is None:
+                await svc.try_push_lock()
+                return JSONResponse(svc.status()["lock"])
+        if svc.lock_info is None:
+            return error_response(409, "no SafetyLock is installed on this server: " + "; ".join(svc.errors or ["none given"]),
+                          "LockNotInstalled")
+        if change.adapter is not None and change.adapter != svc.base_name \
+                and change.adapter not in svc.models.lora_requests:
+            known = ", ".join([svc.base_name, *svc.models.lora_requests]) or "none"
+            return error_response(404, f"unknown adapter '{change.adapter}' (served: {known})", "NotFoundError")
+        if change.enabled is None and change.strength is None:
+            return error_response(400, "give 'enabled' and/or 'strength'", "InvalidUserInput")
+        before = copy.deepcopy(svc.table)
+        try:
+            svc.table.set(change.adapter, change.enabled, change.strength)
+        except GuardError as e:
+            return error_response(409 if "forced" in str(e) else 400, str(e), "InvalidUserInput")
+        t0 = time.perf_counter()
+        try:
+            worker = await svc.push_lock()
+        except GuardError as e:  # the workers kept their previous state; so does the table
+            svc.table = before
+            svc.metrics.counterror_response("lock_change")
+            return error_response(500, f"lock change refused: {e} (the previous lock state stays)", "LockChangeFailed")
+        status = svc.status()["lock"]
+        status["worker"] = worker
+        status["toggle_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+        status["strengths"] = svc.table.strengths(list(svc.models.lora_requests))
+        return JSONResponse(status)
+
+    @router.post("/guard/policy")
+    async def guard_policy(change: PolicyChange, request: Request):
+        svc = service(request)
+        if not isinstance(svc, GuardService):
+            return svc
+        old = svc.cfg.serve.vet_policy
+        svc.cfg.serve.vet_policy = change.vet_policy
+        if old != change.vet_policy:
+            log.warning("safety-guard: vet policy changed at run time: %s -> %s", old, change.vet_policy)
+        return JSONResponse({"vet_policy": change.vet_policy, "previous": old})
+
+    @router.post("/guard/probe")
+    async def guard_probe(ask: ProbeAsk, request: Request):
+        svc = service(request)
+        if not isinstance(svc, GuardService):
+            return svc
+        if svc.monitor is None:
+            return error_response(409, "probes are disabled: " + "; ".join(svc.errors), "ProbesDisabled")
+        if ask.adapter is None:
+            return JSONResponse(await svc.probe_all())
+        lr = svc.models.lora_requests.get(ask.adapter)
+        if lr is None and ask.adapter != svc.base_name:
+            known = ", ".join([svc.base_name, *svc.models.lora_requests])
+            return error_response(404, f"unknown adapter '{ask.adapter}' (loaded: {known})", "NotFoundError")
+        try:
+            return JSONResponse((await svc.monitor.probe(ask.adapter, lr)).to_dict(answers=True))
+        except Exception as e:
+            return error_response(500, f"probe of '{ask.adapter}' failed: {type(e).__name__}: {e}", "ProbeFailed")
+
+    if runtime_lora_updating:
+        add_adapter_routes(router, error_response)
+
+    return router

@@ -1,0 +1,294 @@
+"""The guard's state in the API server: start-up, the lock (install, push, prefix-cache salt), probes, status.
+
+`GuardService` is created by the endpoint plugin's `init_state` (once per API server) and lives on
+`app.state.guard`. It owns the lock table (serve/lock_table.py), the vetting gate (serve/gate.py), the monitor
+(serve/monitor.py) and the metrics (serve/metrics.py), and reaches the workers only through
+serve.rpc.WorkerClient. The HTTP routes are in serve/routes.py.
+
+Prefix cache vs lock changes (KV blocks computed under the old lock state would otherwise be reused): every
+request gets a cache salt naming the current *lock epoch* (bumped on every lock change), so a request never
+shares KV blocks with one admitted under another lock state. No reset, no preemption: in-flight requests
+carry on (the change lands on their next step), and old blocks age out of the cache. Resetting the cache
+instead would have to preempt every running request on each change (a soft reset fails while any request
+holds blocks), and under load on CPU that livelocked the server: each change threw away every prefill.
+Fallback when the salt hook cannot be installed (another vLLM): the preempting reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from guard.errors import GuardError
+from serve.gate import VettingGate
+from serve.patches import EXTENSION
+from serve.rpc import WorkerClient
+
+log = logging.getLogger("safety_guard.service")
+
+
+class GuardService:
+    def __init__(self, cfg: Any, metrics: Any, engine_client: Any, args: Any, models: Any) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.engine = engine_client
+        self.workers = WorkerClient(engine_client)
+        self.args = args
+        self.models = models  # vLLM's OpenAIServingModels
+        self.model_dir = Path(engine_client.model_config.model)
+        self.base_name = models.base_model_paths[0].name
+        self.fingerprint: str | None = None
+        self.errors: list[str] = []
+        self.worker_info: list[dict[str, Any]] = []
+        self.worker_state: list[dict[str, Any]] = []
+        self._seen_step_errors = 0
+        self.lock_info: dict[str, Any] | None = None
+        self.table: Any = None
+        self.monitor: Any = None
+        self.gate = VettingGate(self)
+        self.started = False
+        self.last_cache_reset: dict[str, Any] = {}
+        self._loop_task: asyncio.Task | None = None
+        self._push_lock = asyncio.Lock()
+        self.lock_epoch = 0
+        self.salting = False
+
+    # -- start-up ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Everything the guard needs before serving; each failure is recorded and the server keeps serving."""
+        from guard.anchors import from_config as anchors_from_config
+        from guard.models import check_model_dir, fingerprint_dir
+        from serve.monitor import Monitor
+        from serve.lock_table import LockTable
+
+        self.table = LockTable.from_config(self.cfg.serve, self.base_name, self.cfg.lock.strength)
+        self.salting = self._install_cache_salt()
+        try:
+            self.worker_info = await self.workers.ping()
+        except Exception as e:
+            self._fail(f"the guard is not running in the workers ({type(e).__name__}: {e}); start vLLM with "
+                       f"--worker-extension-cls {EXTENSION} and the safety_guard plug-in")
+            return
+        try:
+            check_model_dir(self.model_dir)
+            self.fingerprint = await asyncio.to_thread(fingerprint_dir, self.model_dir)
+        except GuardError as e:
+            self._fail(f"cannot fingerprint the served model: {e}")
+        await self._install_lock()
+        await self.try_push_lock()
+        try:
+            anchors = anchors_from_config(self.cfg)
+            tokenizer = await asyncio.to_thread(_load_tokenizer, self.model_dir)
+            anchor_ids = anchors.render(tokenizer)
+        except Exception as e:
+            self._fail(f"anchors unavailable, probes disabled: {e}")
+            return
+        self.monitor = Monitor(self.engine, self.workers, anchor_ids, self.cfg.drift, self.metrics)
+        offline = self._offline_reference(anchors, anchor_ids)
+        try:
+            check = await self.monitor.compute_reference(offline)
+            log.info("safety-guard in-engine reference: %s", check)
+        except Exception as e:
+            self._fail(f"in-engine reference failed, probes disabled: {type(e).__name__}: {e}")
+            self.monitor = None
+            return
+        for name in list(self.models.lora_requests):  # adapters given at start-up
+            try:
+                await self.gate.vet(name)
+            except Exception as e:
+                log.exception("safety-guard: vetting start-up adapter '%s' failed", name)
+                self.errors.append(f"vetting '{name}' failed: {e}")
+        self.started = True
+        if self.cfg.serve.probe_interval_seconds > 0:
+            self._loop_task = asyncio.create_task(self._probe_loop())
+
+    def _fail(self, msg: str) -> None:
+        log.error("safety-guard: %s", msg)
+        self.errors.append(msg)
+
+    def _offline_reference(self, anchors: Any, anchor_ids: list[list[int]]) -> Any:
+        from guard.states import ReferenceStates, prompt_ids_hash
+        from guard.workspace import Workspace
+
+        if self.fingerprint is None:
+            return None
+        path = Workspace(self.cfg).references_path(anchors.hash, self.fingerprint)
+        if not path.is_file():
+            return None
+        try:
+            ref = ReferenceStates.load(path, self.fingerprint, anchors.hash)
+        except GuardError as e:
+            self.errors.append(f"offline reference unusable: {e}")
+            return None
+        if ref.prompt_ids_hash != prompt_ids_hash(anchor_ids):
+            self.errors.append(f"offline reference {path} was computed from other token ids; ignored")
+            return None
+        return ref.states
+
+    async def _install_lock(self) -> None:
+        from guard.workspace import Workspace
+
+        # the served model's fingerprint ("" when it could not be taken: then only an explicit lock is used)
+        path, explicit = Workspace(self.cfg).lock_file(fingerprint=self.fingerprint or "")
+        if path is None or (not explicit and not path.is_file()):
+            if self.cfg.serve.lock_policy != "off" or self.cfg.serve.vet_policy == "lock":
+                self._fail(f"no SafetyLock for this base model (expected {path}); run `guard prepare` or pass "
+                           f"--lock FILE; serving without the lock")
+            return
+        try:
+            await self.install_lock(str(path))
+            log.info("safety-guard: SafetyLock %s installed (%d layers)", path, len(self.lock_info["layers"]))
+        except GuardError as e:
+            self._fail(f"{e}; serving without the lock")
+
+    async def install_lock(self, path: str) -> dict[str, Any]:
+        """Install a lock file in every worker (checked there against the base and the layers' kernels);
+        GuardError, with the previous lock still in place, when any worker refuses it."""
+        res = await self.workers.install_lock(path, self.fingerprint)
+        if not res.get("ok"):
+            self.metrics.count_error("lock_install")
+            raise GuardError(f"SafetyLock not installed: {res.get('error')}")
+        self.lock_info = {k: v for k, v in res.items() if k not in ("ok", "mode")}
+        return self.lock_info
+
+    def _install_cache_salt(self) -> bool:
+        """Salt every request's prefix-cache key with the lock epoch (API-server side, before it reaches the
+        engine): `InputProcessor.assign_request_id` sees every EngineCoreRequest, user requests and probes."""
+        ip = getattr(self.engine, "input_processor", None)
+        original = getattr(ip, "assign_request_id", None)
+        if original is None:
+            log.warning("safety-guard: cannot salt the prefix cache on this vLLM; lock changes reset it instead "
+                        "(preempting running requests)")
+            return False
+        if getattr(original, "_safety_guard_salt", False):
+            return True
+        svc = self
+
+        def assign_request_id(request: Any) -> Any:
+            salt = f"safety-guard-lock-{svc.lock_epoch}"
+            request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+            return original(request)
+
+        assign_request_id._safety_guard_salt = True  # type: ignore[attr-defined]
+        ip.assign_request_id = assign_request_id
+        return True
+
+    # -- lock ----------------------------------------------------------------------------------------
+    def lora_ids(self) -> dict[str, int]:
+        return {name: lr.lora_int_id for name, lr in self.models.lora_requests.items()}
+
+    async def push_lock(self) -> dict[str, Any]:
+        """Send the lock table to every worker, update the gauges, reset the prefix cache."""
+        async with self._push_lock:
+            default, overrides = self.table.worker_args(self.lora_ids())
+            if self.lock_info is None:
+                default, overrides = 0.0, {}
+            t0 = time.perf_counter()
+            result = await self.workers.set_lock(default, overrides)
+            rpc_ms = (time.perf_counter() - t0) * 1e3
+            if not result.get("ok"):
+                raise GuardError(f"workers refused the lock change: {result.get('error')}")
+            shown = self.table.strengths(list(self.models.lora_requests))
+            self.metrics.set_lock({k: (v if self.lock_info else 0.0) for k, v in shown.items()})
+            if self.salting:
+                # requests admitted from now on never share KV blocks with earlier ones
+                self.lock_epoch += 1
+                self.last_cache_reset = {"ok": True, "how": "salt", "epoch": self.lock_epoch, "ms": 0.0}
+            else:
+                self.last_cache_reset = await self._reset_prefix_cache()
+            self.last_cache_reset["rpc_ms"] = round(rpc_ms, 3)
+            return result
+
+    async def _reset_prefix_cache(self) -> dict[str, Any]:
+        """Fallback without the salt hook. A soft reset fails whenever any request is running, and every engine
+        call waits for the current step to end, so preempt at once (a no-op when the engine is idle)."""
+        t0 = time.perf_counter()
+        try:
+            ok = await self.engine.reset_prefix_cache(reset_running_requests=True)
+            how = "preempt"
+        except Exception as e:
+            log.warning("safety-guard: prefix cache reset failed: %s", e)
+            return {"ok": False, "error": str(e)}
+        return {"ok": bool(ok), "how": how, "ms": round((time.perf_counter() - t0) * 1e3, 3)}
+
+    async def try_push_lock(self) -> bool:
+        """push_lock for paths that must not fail (loads, unloads): a refusal is logged, counted and recorded;
+        the workers keep their previous lock state."""
+        try:
+            await self.push_lock()
+            return True
+        except GuardError as e:
+            self._fail(f"lock push failed: {e}")
+            self.metrics.count_error("lock_change")
+            return False
+
+    # -- probe loop ----------------------------------------------------------------------------------
+    async def probe_all(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, lr in list(self.models.lora_requests.items()):
+            try:
+                out[name] = (await self.monitor.probe(name, lr)).to_dict()
+            except Exception as e:
+                out[name] = {"adapter": name, "status": "probe_failed", "error": f"{type(e).__name__}: {e}"}
+        return out
+
+    async def _probe_loop(self) -> None:
+        interval = self.cfg.serve.probe_interval_seconds
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.probe_all()
+                await self.refresh_worker_state()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the loop die
+                log.exception("safety-guard probe loop")
+
+    # -- status --------------------------------------------------------------------------------------
+    async def refresh_worker_state(self) -> None:
+        """Fetch each worker's lock state; per-step errors the workers met since the last look are counted."""
+        states = await self.workers.lock_state()
+        self.worker_state = states
+        step_errors = sum(int(s.get("step_errors", 0)) for s in states if s.get("ok"))
+        if step_errors > self._seen_step_errors:
+            self.metrics.count_error("worker_step", step_errors - self._seen_step_errors)
+            self._seen_step_errors = step_errors
+
+    def status(self) -> dict[str, Any]:
+        mon = self.monitor
+        adapters = {}
+        for name in self.models.lora_requests:
+            rec = self.gate.records.get(name)
+            latest = mon.latest.get(name) if mon else None
+            adapters[name] = {
+                "vetting": {"status": rec.status, "reasons": rec.reasons, "action": rec.action} if rec else None,
+                "lock_strength": self.table.strength_of(name) if self.lock_info else 0.0,
+                "lock_forced": name in self.table.forced,
+                "probe": latest.to_dict() if latest else None,
+                "probe_error": mon.failures.get(name) if mon else None,
+            }
+        return {
+            "started": self.started, "base_model": self.base_name, "model_dir": str(self.model_dir),
+            "base_fingerprint": self.fingerprint, "workers": self.worker_info, "errors": self.errors,
+            "worker_state": self.worker_state, "rpc_failures": self.workers.failures,
+            "lock": {"installed": self.lock_info is not None, "file": self.lock_info,
+                     "policy": self.cfg.serve.lock_policy, "default_on": self.table.default_on if self.table else None,
+                     "strength": self.table.strength if self.table else None,
+                     "base_strength": self.table.strength_of(self.base_name) if self.table and self.lock_info else 0.0,
+                     "last_prefix_cache_reset": self.last_cache_reset},
+            "vet_policy": self.cfg.serve.vet_policy,
+            "thresholds": {"drift_warn": self.cfg.drift.warn, "drift_fail": self.cfg.drift.fail,
+                           "min_refusal_ratio": self.cfg.drift.min_refusal_ratio},
+            "probe_interval_seconds": self.cfg.serve.probe_interval_seconds,
+            "reference": mon.reference_check if mon else None,
+            "adapters": adapters,
+        }
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

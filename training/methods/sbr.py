@@ -1,0 +1,87 @@
+"""**SBR** (Safety Bottleneck Regularization): keep the lm_head-input state of K harmful anchor prompts at the
+aligned model's cached value.
+
+Normalisation (our choice): the per-anchor squared error is divided by the reference's squared norm, so the term
+is λ · mean_k (relative L2 drift_k)² — exactly the square of the drift gauge the health check and `guard vet`
+report, and independent of the model's hidden-state scale. (The paper writes λ·mean‖Δh‖²; the authors' code uses
+mse_loss, i.e. /d. Ours is /‖h_ref‖², a per-anchor constant, so λ sweeps keep the paper's shape: λ=0 is SFT bit
+for bit; large λ starts to cost task accuracy.) Built once before training (padded anchor batches, references),
+called once per optimizer step, so its cost is per step, not per micro-batch.
+
+Config: `harden.sbr_lambda` (λ), `harden.sbr_anchors_per_step`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from guard.errors import GuardError
+from guard.states import batch_states, prepare_batch
+from training.methods import Method, MethodInputs, register
+
+
+@dataclass
+class SBR:
+    """λ · mean over anchors of ‖h_θ(x_k) − h_ref(x_k)‖² / ‖h_ref(x_k)‖².
+
+    `per_step` < K turns the mean over all K anchors into a rotation: the anchors are cut into fixed groups of
+    `per_step` and step t uses group t mod (K / per_step), so every anchor is pulled back once per cycle and
+    the term's average over a cycle is the full term, at per_step/K of the cost. None (default) = all K.
+    The group follows the optimizer step, not a call counter, so a resumed run rotates exactly as before.
+    `states(model)` always measures all K anchors.
+    """
+
+    anchor_ids: list[list[int]]
+    reference: torch.Tensor  # [K, hidden], float32, from the frozen aligned model
+    lam: float
+    pad_id: int = 0
+    per_step: int | None = None
+
+    name = "sbr"
+
+    def __post_init__(self) -> None:
+        k = len(self.anchor_ids)
+        if self.reference.ndim != 2 or self.reference.shape[0] != k:
+            raise GuardError(f"SBR: {k} anchors but reference of shape {tuple(self.reference.shape)}")
+        if self.lam < 0:
+            raise GuardError(f"SBR: lambda must be >= 0, got {self.lam}")
+        m = k if self.per_step is None else self.per_step
+        if not 1 <= m <= k:
+            raise GuardError(f"SBR: anchors per step must be in [1, {k}], got {self.per_step}")
+        # laid out once (shared chat-template prefix, padded suffixes): the anchors never change during training
+        self._batch = prepare_batch(self.anchor_ids, self.pad_id)
+        self._groups = [list(range(i, min(i + m, k))) for i in range(0, k, m)]
+        self._group_batches = [prepare_batch([self.anchor_ids[j] for j in g], self.pad_id) for g in self._groups]
+        self._ref = self.reference.detach().float()
+        self._ref_sq = self._ref.pow(2).sum(-1).clamp_min(1e-12)
+        self._step = 0
+
+    def at_step(self, step: int) -> None:
+        """Called by the trainer before optimizer step `step` (0-based): picks the anchor group."""
+        self._step = step
+
+    def states(self, model: Any) -> torch.Tensor:
+        """All K anchor states (for reports and drift)."""
+        return batch_states(model, self._batch)
+
+    def __call__(self, model: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        g = self._step % len(self._groups)
+        idx = self._groups[g]
+        h = batch_states(model, self._group_batches[g] if len(self._groups) > 1 else self._batch).float()
+        rel_sq = (h - self._ref[idx]).pow(2).sum(-1) / self._ref_sq[idx]
+        drift = float(rel_sq.detach().sqrt().mean())
+        return self.lam * rel_sq.mean(), {"anchor_drift": drift}
+
+
+def _build(inp: MethodInputs) -> SBR:
+    h = inp.h
+    per_step = min(h.sbr_anchors_per_step, len(inp.anchors)) if h.sbr_anchors_per_step else None
+    return SBR(inp.anchors.render(inp.tokenizer), inp.reference.states, h.sbr_lambda, inp.tokenizer.pad_token_id,
+               per_step)
+
+
+register(Method("sbr", build=_build, lam=lambda h: h.sbr_lambda,
+                summary="anchor the lm_head-input state of harmful prompts to the aligned base"))
