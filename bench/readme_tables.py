@@ -1,4 +1,7 @@
-"""Rewrite the README's results tables from bench/results/*.json (between <!-- results:NAME --> markers)."""
+"""Rewrite the results blocks of the README and docs/*.md from bench/results/*.json.
+
+A block sits between `<!-- results:NAME -->` and `<!-- /results -->`; NAME is a result file, or `headline`
+(the README's summary, drawn from several files)."""
 
 from __future__ import annotations
 
@@ -235,16 +238,70 @@ TABLES: dict[str, Callable[[dict], str]] = {"serve_overhead": serve, "align_eval
                                             "stress_short": stress, "stress_asft": stress}
 
 
+# Results measured on the aligned base before recipe v3 (they are keyed to no fingerprint; see docs/results.md).
+PREDATES_BASE = {"fa_task", "train_overhead", "harden_vet", "lock_search", "lock_eval", "stress_default",
+                 "stress_asft", "stress_short"}
+
+
+def headline() -> str:
+    """One row per goal, from whichever result files exist; each row names its file and commit."""
+    rows: list[tuple[str, str, str, str]] = []  # (what, value, goal, source)
+
+    def src(name: str, d: dict) -> str:
+        return f"`{name}` {d['commit']}" + (" (previous base)" if name in PREDATES_BASE else "")
+
+    if d := _load("align_eval"):
+        a = d["aligned"]
+        rows += [("aligned base: harmful held-out prompts refused", f"{a['harmful_refused']:.1f}%", "≥ 95%", src("align_eval", d)),
+                 ("aligned base: everyday chat refused", f"{a['everyday_refused']:.1f}%", "≤ 2%", src("align_eval", d)),
+                 ("aligned base: edgy-but-benign refused (worst category)",
+                  f"{a['edgy_refused']:.1f}% ({max(a['edgy_by_category'].values()):.0f}%)", "≤ 10% (≤ 20%)",
+                  src("align_eval", d))]
+    if d := _load("stress_default"):
+        m = d["methods"]
+        last = lambda k, f: m[k]["epochs"][-1][f]  # noqa: E731
+        rows += [("stress test (one attack family, AdvBench-style): HS of SFT / SBR / AsFT adapters",
+                  f"{last('sft', 'hs'):.0f}% / {last('sbr', 'hs'):.0f}% / {last('asft', 'hs'):.0f}%",
+                  f"SBR ≤ base ({d['base']['hs']:.0f}%) + 3", src("stress_default", d))]
+    if d := _load("lock_eval"):
+        rows += [("SafetyLock on an attacked adapter (the lock was chosen on this adapter): HS off -> on", _lock_cut(d), "cut ≥ 80%", src("lock_eval", d))]
+    if d := _load("train_overhead"):
+        r = d["ratio"]
+        rows += [("SBR (K=8) / AsFT step time vs SFT", f"{r['sbr_k8']:.3f} / {r['asft']:.3f}", "≤ 1.05 / ≤ 1.03",
+                  src("train_overhead", d))]
+    if d := _load("serve_overhead"):
+        c = d.get("compiled", {})
+        if c:
+            rows += [("serving throughput, compiled, guarded / plain (lock on)", f"{c['ratio_guarded_lock_on']:.3f}", "≥ 0.98",
+                      src("serve_overhead", d))]
+    for name in ("serve_chaos", "serve_chaos-float32"):
+        if d := _load(name):
+            rows += [(f"chaos under load ({d.get('dtype', 'bfloat16')}): failed requests / engine restarts",
+                      f"{d['failed']} of {d['requests']} / {d['engine_restarts']}", "0 / 0", src(name, d))]
+    out = ["| what | measured | goal | source |", "|---|---|---|---|"]
+    out += [f"| {w} | **{v}** | {g} | {s} |" for w, v, g, s in rows]
+    return "\n".join(out)
+
+
+def _lock_cut(d: dict) -> str:
+    off, on = d["attacked"]["hs"], d["attacked_locked"]["hs"]
+    return f"{off:.0f}% -> {on:.0f}% (cut {100 * (off - on) / off:.0f}%)"
+
+
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    renders: dict[str, Callable[[], str]] = {"headline": headline}
     for name, render in TABLES.items():
-        d = _load(name)
-        if d is None:
-            continue
-        text = re.sub(rf"(<!-- results:{name} -->\n)(?:.*?\n)??(<!-- /results -->)",
-                      lambda m: m.group(1) + render(d) + "\n" + m.group(2), text, flags=re.S)
-    readme.write_text(text)
+        if (d := _load(name)) is not None:
+            renders[name] = lambda r=render, d=d: r(d)
+    for path in files:
+        text = path.read_text()
+        for name, render in renders.items():
+            marker = f"<!-- results:{name} -->"
+            if marker in text:
+                text = re.sub(rf"({re.escape(marker)}\n)(?:.*?\n)??(<!-- /results -->)",
+                              lambda m: m.group(1) + render() + "\n" + m.group(2), text, flags=re.S)
+        path.write_text(text)
 
 
 if __name__ == "__main__":
