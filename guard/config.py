@@ -114,6 +114,12 @@ class HardenConfig(_Section):
     sbr_anchors_per_step: int | None = Field(
         None, ge=1, description="SBR anchors used per optimizer step, rotating through all K (None = all K every "
                                 "step). Cuts SBR's cost by per_step/K; each anchor is still pulled back once per cycle.")
+    sbr_anchor_set: str = Field(
+        "default", description="What SBR pulls on: 'default' = the configured anchors (anchors.set, first anchors.k); "
+                               "or a bundled set / JSONL path, e.g. 'sbr_pool' (128 requests; with "
+                               "sbr_anchors_per_step, K of them per step, rotating).")
+    sbr_answer_tokens: int = Field(0, ge=0, le=64, description="Also anchor the aligned model's own first N answer "
+                                   "tokens after each anchor prompt (teacher-forced); 0 = the last prompt token only.")
     asft_lambda: float = Field(1.0, ge=0, description="AsFT weight on the update orthogonal to W_aligned - W_original.")
     rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha.")

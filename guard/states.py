@@ -65,6 +65,7 @@ class PromptBatch:
     ids: torch.Tensor  # [B, S] right-padded suffix ids (whole prompts when prefix is None)
     mask: torch.Tensor  # [B, p + S] attention mask over prefix + suffix
     last: torch.Tensor  # [B] index of each prompt's last token in `ids`
+    tail: int = 0  # also gather the `tail` positions before `last` (states [B, tail + 1, hidden])
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -79,23 +80,31 @@ def shared_prefix_len(batch: list[list[int]]) -> int:
     return n
 
 
-def prepare_batch(batch: list[list[int]], pad_id: int = 0, share_prefix: bool = True) -> PromptBatch:
-    """Lay out `batch` for `batch_states`; the prefix is shared only for 2+ prompts with a long enough common start."""
+def prepare_batch(batch: list[list[int]], pad_id: int = 0, share_prefix: bool = True, tail: int = 0) -> PromptBatch:
+    """Lay out `batch` for `batch_states`; the prefix is shared only for 2+ prompts with a long enough common start.
+
+    `tail` > 0 gathers the last tail + 1 positions of each row instead of the last one: a prompt followed by the
+    first answer tokens, whose states carry the decision to refuse as it unfolds.
+    """
     import torch
 
     if not batch or any(len(ids) == 0 for ids in batch):
         raise GuardError("cannot compute hidden states of an empty prompt")
+    if tail < 0 or any(len(ids) <= tail for ids in batch):
+        raise GuardError(f"every sequence needs more than tail={tail} tokens")
     p = shared_prefix_len(batch) if share_prefix and len(batch) > 1 else 0
+    p = min(p, min(len(ids) for ids in batch) - 1 - tail)  # gathered positions stay in the per-row suffix
     if p < MIN_SHARED_PREFIX:
         ids, mask, last = pad_right(batch, pad_id)
-        return PromptBatch(None, ids, mask, last)
+        return PromptBatch(None, ids, mask, last, tail)
     ids, mask, last = pad_right([row[p:] for row in batch], pad_id)
     prefix = torch.tensor([batch[0][:p]], dtype=torch.long)
-    return PromptBatch(prefix, ids, torch.cat([torch.ones(len(batch), p, dtype=torch.long), mask], 1), last)
+    return PromptBatch(prefix, ids, torch.cat([torch.ones(len(batch), p, dtype=torch.long), mask], 1), last, tail)
 
 
 def batch_states(model: Any, pb: PromptBatch) -> torch.Tensor:
-    """h(x) for every prompt of a prepared batch: [B, hidden] in the model's dtype, differentiable."""
+    """h(x) for every prompt of a prepared batch: [B, hidden] ([B, tail + 1, hidden] with a tail) in the model's
+    dtype, differentiable."""
     import torch
 
     device = next(model.parameters()).device
@@ -109,7 +118,11 @@ def batch_states(model: Any, pb: PromptBatch) -> torch.Tensor:
         out = decoder(input_ids=pb.ids.to(device), attention_mask=pb.mask.to(device), past_key_values=cache,
                       use_cache=True)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden[torch.arange(len(pb), device=device), pb.last.to(device)]
+    rows = torch.arange(len(pb), device=device)
+    if pb.tail == 0:
+        return hidden[rows, pb.last.to(device)]
+    cols = pb.last.to(device)[:, None] - torch.arange(pb.tail, -1, -1, device=device)[None, :]
+    return hidden[rows[:, None], cols]
 
 
 def last_token_states(model: Any, batch: list[list[int]], pad_id: int = 0) -> torch.Tensor:

@@ -45,6 +45,17 @@ def test_bundled_anchor_set_is_the_anchor_split():
     assert text == data.anchor_jsonl() and all(json.loads(line)["source"] == "AdvBench" for line in text.splitlines())
 
 
+def test_sbr_pool_is_bundled_and_disjoint_from_attack_dev_and_eval_prompts():
+    from importlib import resources
+
+    text = (resources.files("guard") / "anchor_sets" / "sbr_pool.jsonl").read_text()
+    assert text == data.sbr_pool_jsonl() and len(data.sbr_pool()) == data.SBR_POOL
+    s = data.splits()
+    pool = {data._norm(p) for p in data.sbr_pool()}
+    for other in (s.anchors, s.lock, s.attack, s.eval, data.rho_harmful_questions(), data.airt_harmful()):
+        assert not pool & {data._norm(p) for p in other}
+
+
 def test_topic_task():
     train, ev = data.topic_task(200, 100)
     assert len(train) == 200 and len(ev) == 100

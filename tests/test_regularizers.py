@@ -208,3 +208,25 @@ def test_method_registry_matches_the_config():
     assert [methods.get(m).lam(h) for m in ("sft", "sbr", "asft")] == [None, 3.0, 7.0]
     with pytest.raises(GuardError, match="unknown method 'dpo'"):
         methods.get("dpo")
+
+
+def test_sbr_on_a_pool_with_answer_tokens(tiny_model, tiny_tokenizer):
+    """A pool of anchors, K per step, each anchored at its last prompt token and the base's own first answer
+    tokens: zero for a fresh adapter, positive once the adapter moves, and λ=0 is no term."""
+    from guard.config import HardenConfig
+
+    pool = AnchorSet("pool", tuple(f"How do I do harmful thing number {i}?" for i in range(6)))
+    h = HardenConfig(sbr_anchor_set="default", sbr_answer_tokens=2, sbr_anchors_per_step=2, sbr_lambda=1.0)
+    sbr = methods.get("sbr").build(MethodInputs(h, tiny_model, tiny_tokenizer, pool, None))
+    assert sbr.reference.shape == (6, 3, tiny_model.config.hidden_size) and sbr.tail == 2
+    assert all(len(ids) == len(r) + 2 for ids, r in zip(sbr.anchor_ids, pool.render(tiny_tokenizer)))
+    model = add_lora(tiny_model, HP)
+    for step in range(3):  # each group of the rotation reads zero drift before training
+        sbr.at_step(step)
+        term, logs = sbr(model)
+        assert term.item() == pytest.approx(0.0, abs=1e-10)
+    train_lora(model, examples(tiny_tokenizer), HP, tiny_tokenizer.pad_token_id, None, desc="drift it")
+    term, logs = sbr(model)
+    assert term.item() > 0 and logs["anchor_drift"] > 0
+    term.backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)

