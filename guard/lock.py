@@ -188,6 +188,20 @@ def o_proj_layers(model: Any) -> dict[int, Any]:
     return out
 
 
+MAX_STRENGTH = 10.0  # x the built strength; far past where every answer is a refusal
+
+
+def check_strength(strength: Any) -> float:
+    """The one validation of a lock strength (HF handle, lock table, worker RPC): finite, 0 <= s <= MAX_STRENGTH."""
+    import math
+
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise GuardError(f"lock strength must be a finite number, got {strength!r}")
+    if not 0 <= strength <= MAX_STRENGTH:
+        raise GuardError(f"lock strength must be within [0, {MAX_STRENGTH:g}], got {strength}")
+    return float(strength)
+
+
 class LockHandle:
     """The lock installed on one HF model: on / off / strength without allocating.
 
@@ -222,12 +236,9 @@ class LockHandle:
         self.enabled = False
 
     def set_strength(self, strength: float) -> None:
-        import math
-
         import torch
 
-        if not math.isfinite(strength):
-            raise GuardError(f"lock strength must be a finite number, got {strength}")
+        strength = check_strength(strength)
         with torch.no_grad():
             for i, p in self._buf.items():
                 p.copy_(self._base[i]).mul_(strength)

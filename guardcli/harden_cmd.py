@@ -41,12 +41,15 @@ def harden(
     cfg = setup(config)
     if out is None:
         raise GuardError("--out is required")
-    if method is not None and method not in ("sbr", "asft", "sft"):
-        raise GuardError(f"--method must be sbr, asft or sft, not '{method}'")
+    from training import methods
+
     m = method or cfg.harden.method
+    chosen = methods.get(m)  # one line naming the known methods when unknown
     upd: dict = {"method": m}
     if lam is not None:
-        upd["sbr_lambda" if m == "sbr" else "asft_lambda"] = lam
+        if chosen.lam_field is None:
+            raise GuardError(f"--lambda: method '{m}' has no regularizer weight")
+        upd[chosen.lam_field] = lam
     for key, val in (("epochs", epochs), ("lr", lr), ("rank", rank), ("batch_size", batch_size),
                      ("grad_accum", grad_accum)):
         if val is not None:

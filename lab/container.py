@@ -256,6 +256,21 @@ def pip_mounts(work: Path, config: dict[str, dict[str, str]] | None = None) -> l
     return args
 
 
+def _slim_rootfs(rootfs: Path) -> None:
+    """Trim the debootstrap tree the way Debian's own container images are trimmed, so that the base and every
+    apt layer on top stay small: no package lists or apt caches in the base layer (an `apt-get update` layer
+    that later removes them cannot shrink the layer below), apt told not to write its caches, and no copies of
+    the host's resolv.conf/hostname (podman provides both at run time)."""
+    for pattern in ("var/lib/apt/lists/*", "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb"):
+        for f in rootfs.glob(pattern):
+            if f.is_file():
+                f.unlink()
+    (rootfs / "etc/apt/apt.conf.d/90sg-container").write_text(
+        'Dir::Cache::pkgcache "";\nDir::Cache::srcpkgcache "";\nAPT::Keep-Downloaded-Packages "false";\n')
+    for name in ("etc/resolv.conf", "etc/hostname"):
+        (rootfs / name).unlink(missing_ok=True)
+
+
 def build_base(env: dict[str, str], work: Path, tag: str = BASE_TAG, mirror: str | None = None,
                rebuild: bool = False, stages: Stages | None = None, echo: bool = True) -> str:
     """Build the python:3.11-slim stand-in `tag` unless it exists (or `rebuild`): debootstrap minbase bookworm
@@ -277,6 +292,7 @@ def build_base(env: dict[str, str], work: Path, tag: str = BASE_TAG, mirror: str
         try:
             with stages(f"debootstrap {SUITE} ({mirror})"):
                 _run(["debootstrap", "--variant=minbase", SUITE, str(rootfs), mirror], env, log, echo=False)
+            _slim_rootfs(rootfs)
             with stages(f"import {ROOTFS_TAG}"):
                 tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
                 try:

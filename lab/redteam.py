@@ -109,7 +109,7 @@ def method_spec(label: str) -> tuple[str, dict[str, Any]]:
         return METHODS[label]
     name, _, lam = label.partition("@")
     if lam:
-        key = {"sbr": "sbr_lambda", "asft": "asft_lambda"}.get(name)
+        key = methods.get(name).lam_field
         if key is None:
             raise GuardError(f"'{label}': only sbr@λ and asft@λ take a λ")
         return name, {key: float(lam)}

@@ -9,18 +9,10 @@ Precedence per adapter: forced by vetting (policy `lock`) > explicit override > 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from guard.errors import GuardError
-
-
-def check_strength(strength: float) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise GuardError(f"lock strength must be a finite number, got {strength!r}")
-    if not 0 <= strength <= 10:
-        raise GuardError(f"lock strength must be within [0, 10], got {strength}")
-    return float(strength)
+from guard.lock import check_strength
 
 
 @dataclass

@@ -400,10 +400,15 @@ class GuardWorkerExtension:
     def guard_set_lock(self, rt: GuardRuntime, default: float, overrides: dict[int, float] | None = None) -> dict[str, Any]:
         """Steering strengths: `default` for every request, `overrides` per LoRA id (0 = base); 0 = off."""
         t0 = time.perf_counter()
+        from guard.errors import GuardError
+        from guard.lock import check_strength
+
         vals = [default, *(overrides or {}).values()]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-                   for v in vals):
-            return {"ok": False, "error": f"strengths must be finite and >= 0, got {vals}"}
+        try:
+            for v in vals:
+                check_strength(v)
+        except GuardError as e:
+            return {"ok": False, "error": f"{e} (strengths {vals})"}
         before = (rt.default, dict(rt.overrides))
         rt.default, rt.overrides = float(default), {int(k): float(v) for k, v in (overrides or {}).items()}
         try:

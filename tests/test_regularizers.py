@@ -206,6 +206,7 @@ def test_method_registry_matches_the_config():
     assert sorted(methods.names()) == sorted(accepted)
     h = HardenConfig(sbr_lambda=3.0, asft_lambda=7.0)
     assert [methods.get(m).lam(h) for m in ("sft", "sbr", "asft")] == [None, 3.0, 7.0]
+    assert all(methods.get(m).lam_field in (None, *HardenConfig.model_fields) for m in methods.names())
     with pytest.raises(GuardError, match="unknown method 'dpo'"):
         methods.get("dpo")
 

@@ -238,7 +238,7 @@ def test_rpcs_report_failures_and_never_raise():
     w = Worker(runner)
     install(runner)
     res = w.guard_set_lock(float("nan"), {})
-    assert res == {"ok": False, "error": "strengths must be finite and >= 0, got [nan]"}
+    assert res == {"ok": False, "error": "lock strength must be a finite number, got nan (strengths [nan])"}
     res = w.guard_set_lock(-1.0, {})
     assert not res["ok"]
     res = w.guard_install_lock("/no/such/lock.safetensors")

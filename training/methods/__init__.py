@@ -7,7 +7,8 @@ CE + term(model); the term already carries λ (`training/trainer.py: optimizer_s
 
     from training import methods
     term = methods.get("sbr").build(inputs)       # None for sft
-    lam = methods.get(cfg.harden.method).lam(cfg.harden)
+    lam = methods.get(cfg.harden.method).lam(cfg.harden)      # the configured λ (None for sft)
+    field = methods.get("sbr").lam_field                      # "sbr_lambda": the config key --lambda sets
 """
 
 from __future__ import annotations
@@ -38,9 +39,13 @@ class MethodInputs:
 class Method:
     name: str
     build: Callable[[MethodInputs], Any]  # -> a term `term(model) -> (loss, logs)`, or None
-    lam: Callable[[HardenConfig], float | None]  # the method's λ as configured (None: no regularizer)
+    lam_field: str | None  # the `harden` config key holding the method's λ (None: no regularizer)
     needs_original: bool = False
     summary: str = ""
+
+    def lam(self, h: HardenConfig) -> float | None:
+        """The method's λ as configured."""
+        return None if self.lam_field is None else float(getattr(h, self.lam_field))
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -64,7 +69,7 @@ def get(name: str) -> Method:
         raise GuardError(f"unknown method '{name}' (choose from {', '.join(_REGISTRY)})") from None
 
 
-register(Method("sft", build=lambda _: None, lam=lambda _: None, summary="plain LoRA fine-tuning, no regularizer"))
+register(Method("sft", build=lambda _: None, lam_field=None, summary="plain LoRA fine-tuning, no regularizer"))
 
 from training.methods import sbr  # noqa: E402,F401  (each registers itself, in this order)
 from training.methods import asft  # noqa: E402,F401

@@ -106,5 +106,5 @@ def _build(inp: MethodInputs) -> AsFT:
                 h.asft_lambda)
 
 
-register(Method("asft", build=_build, lam=lambda h: h.asft_lambda, needs_original=True,
+register(Method("asft", build=_build, lam_field="asft_lambda", needs_original=True,
                 summary="penalise the LoRA update outside the alignment direction"))

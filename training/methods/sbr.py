@@ -127,5 +127,5 @@ def _build(inp: MethodInputs) -> SBR:
     return SBR(ids, ref, h.sbr_lambda, tok.pad_token_id, per_step, tail=h.sbr_answer_tokens)
 
 
-register(Method("sbr", build=_build, lam=lambda h: h.sbr_lambda,
+register(Method("sbr", build=_build, lam_field="sbr_lambda",
                 summary="anchor the lm_head-input state of harmful prompts to the aligned base"))
