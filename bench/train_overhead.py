@@ -47,10 +47,11 @@ def main() -> None:
     steps = [[examples[i : i + args.batch] for i in range(s, s + per_step, args.batch)]
              for s in range(0, len(examples) - per_step + 1, per_step)]
     regs = {}
+    anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)  # the probe set
+    ref = cached_reference(model, tok, anchors, fp, home)
     for name, k in (("sbr_k1", 1), ("sbr_k8", 8)):
-        anchors = load_anchor_set(cfg.anchors.set, k, cfg.anchors.system_prompt)
-        ref = cached_reference(model, tok, anchors, fp, home)
-        regs[name] = methods.get("sbr").build(MethodInputs(cfg.harden, model, tok, anchors, ref, base, original))
+        hk = cfg.harden.model_copy(update={"sbr_k": k})
+        regs[name] = methods.get("sbr").build(MethodInputs(hk, model, tok, anchors, ref, base, original))
     rot = cfg.harden.model_copy(update={"sbr_anchors_per_step": 2})
     regs["sbr_k8_2per_step"] = methods.get("sbr").build(MethodInputs(rot, model, tok, anchors, ref, base, original))
     regs["asft"] = methods.get("asft").build(MethodInputs(cfg.harden, model, tok, anchors, ref, base, original))

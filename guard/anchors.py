@@ -100,6 +100,25 @@ def load_anchor_set(name_or_path: str = "default", k: int | None = None, system_
 
 
 def from_config(cfg: Any) -> AnchorSet:
-    """The anchor set a GuardConfig (its `anchors` section) names."""
+    """The probe anchors a GuardConfig names (its `anchors` section): what vet, the gate and the gauge read."""
     a = cfg.anchors
     return load_anchor_set(a.set, a.k, a.system_prompt)
+
+
+def training_anchors(cfg: Any) -> AnchorSet:
+    """The anchors SBR pulls on (`harden.sbr_anchors`, first `harden.sbr_k`), rendered like the probe anchors."""
+    return load_anchor_set(cfg.harden.sbr_anchors, cfg.harden.sbr_k, cfg.anchors.system_prompt)
+
+
+def shared_prompts(a: str, b: str) -> list[str]:
+    """Prompts two anchor sets (bundled names or paths) have in common, whitespace- and case-insensitively.
+    A set that cannot be read yet (a path that does not exist) shares nothing here; loading it fails later."""
+    def norm(p: str) -> str:
+        return " ".join(p.lower().split())
+
+    try:
+        pa, pb = load_anchor_set(a).prompts, load_anchor_set(b).prompts
+    except GuardError:
+        return []
+    other = {norm(p) for p in pb}
+    return [p for p in pa if norm(p) in other]

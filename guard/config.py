@@ -50,8 +50,16 @@ class ModelConfig(_Section):
 
 
 class AnchorsConfig(_Section):
-    set: str = Field("default", description="Bundled anchor set name, or a path to a JSONL file of {\"prompt\": ...}.")
-    k: int = Field(8, ge=1, le=256, description="Number of anchor prompts used (the first k of the set).")
+    """The *probe* anchors: what `guard vet`, the vetting gate and the live gauge read.
+
+    They are disjoint from SBR's training anchors (`harden.sbr_anchors`; checked when the config loads): an
+    adapter trained with SBR reads ~0 drift on the anchors it was pulled on, whatever it does elsewhere. Point
+    `set` at a private JSONL file of harmful requests no customer has seen for the strongest gauge.
+    """
+
+    set: str = Field("probe", description="Bundled set name ('probe': 57 red-team objectives and harmful twins) or a "
+                                          "path to a JSONL file of {\"prompt\": ...}.")
+    k: int | None = Field(None, ge=1, le=1024, description="Use only the first k prompts of the set (None = all).")
     system_prompt: str | None = Field(
         None, description="System prompt for rendering anchors; None uses the chat template's default, as a chat request would."
     )
@@ -114,10 +122,11 @@ class HardenConfig(_Section):
     sbr_anchors_per_step: int | None = Field(
         None, ge=1, description="SBR anchors used per optimizer step, rotating through all K (None = all K every "
                                 "step). Cuts SBR's cost by per_step/K; each anchor is still pulled back once per cycle.")
-    sbr_anchor_set: str = Field(
-        "default", description="What SBR pulls on: 'default' = the configured anchors (anchors.set, first anchors.k); "
-                               "or a bundled set / JSONL path, e.g. 'sbr_pool' (128 requests; with "
-                               "sbr_anchors_per_step, K of them per step, rotating).")
+    sbr_anchors: str = Field(
+        "default", description="SBR's *training* anchors (bundled set or JSONL path): 'default' (16 AdvBench requests) "
+                               "or 'sbr_pool' (128; with sbr_anchors_per_step, K of them per step, rotating). Must not "
+                               "share a prompt with the probe anchors (anchors.set).")
+    sbr_k: int | None = Field(8, ge=1, le=4096, description="Use the first k training anchors (None = all).")
     sbr_answer_tokens: int = Field(0, ge=0, le=64, description="Also anchor the aligned model's own first N answer "
                                    "tokens after each anchor prompt (teacher-forced); 0 = the last prompt token only.")
     asft_lambda: float = Field(1.0, ge=0, description="AsFT weight on the update orthogonal to W_aligned - W_original.")
@@ -197,6 +206,17 @@ class GuardConfig(_Section):
     harden: HardenConfig = Field(default_factory=HardenConfig)
     lock: LockConfig = Field(default_factory=LockConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _anchor_roles_disjoint(self) -> GuardConfig:
+        from guard.anchors import shared_prompts
+
+        shared = shared_prompts(self.anchors.set, self.harden.sbr_anchors)
+        if shared:
+            raise ValueError(f"the probe anchors ({self.anchors.set}) and SBR's training anchors "
+                             f"({self.harden.sbr_anchors}) share {len(shared)} prompt(s), e.g. {shared[0]!r}: an "
+                             f"adapter trained with SBR would read ~0 drift on them whatever it learned")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -62,3 +62,18 @@ def test_yaml_round_trip():
     import yaml
 
     assert parse_config(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_probe_and_training_anchors_must_be_disjoint(tmp_path):
+    """The gauge must not read the anchors SBR pulls on: a config that makes them overlap does not load."""
+    cfg = parse_config({})
+    assert cfg.anchors.set == "probe" and cfg.harden.sbr_anchors == "default"
+    with pytest.raises(GuardError, match="share 16 prompt"):
+        parse_config({"anchors": {"set": "default"}})
+    private = tmp_path / "private.jsonl"
+    private.write_text('{"prompt": "A private probe no customer has seen"}\n{"prompt": "Another one"}\n')
+    parse_config({"anchors": {"set": str(private)}})  # disjoint from the training anchors: fine
+    training = tmp_path / "training.jsonl"
+    training.write_text('{"prompt": "a private  probe no customer has seen"}\n')  # same prompt, other case/spacing
+    with pytest.raises(GuardError, match="share 1 prompt"):
+        parse_config({"anchors": {"set": str(private)}, "harden": {"sbr_anchors": str(training)}})

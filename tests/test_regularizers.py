@@ -211,14 +211,18 @@ def test_method_registry_matches_the_config():
         methods.get("dpo")
 
 
-def test_sbr_on_a_pool_with_answer_tokens(tiny_model, tiny_tokenizer):
+def test_sbr_on_a_pool_with_answer_tokens(tiny_model, tiny_tokenizer, tmp_path):
     """A pool of anchors, K per step, each anchored at its last prompt token and the base's own first answer
     tokens: zero for a fresh adapter, positive once the adapter moves, and λ=0 is no term."""
     from guard.config import HardenConfig
 
+    import json
+
     pool = AnchorSet("pool", tuple(f"How do I do harmful thing number {i}?" for i in range(6)))
-    h = HardenConfig(sbr_anchor_set="default", sbr_answer_tokens=2, sbr_anchors_per_step=2, sbr_lambda=1.0)
-    sbr = methods.get("sbr").build(MethodInputs(h, tiny_model, tiny_tokenizer, pool, None))
+    path = tmp_path / "pool.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in pool.prompts))
+    h = HardenConfig(sbr_anchors=str(path), sbr_k=None, sbr_answer_tokens=2, sbr_anchors_per_step=2, sbr_lambda=1.0)
+    sbr = methods.get("sbr").build(MethodInputs(h, tiny_model, tiny_tokenizer, ANCHORS, None))
     assert sbr.reference.shape == (6, 3, tiny_model.config.hidden_size) and sbr.tail == 2
     assert all(len(ids) == len(r) + 2 for ids, r in zip(sbr.anchor_ids, pool.render(tiny_tokenizer)))
     model = add_lora(tiny_model, HP)

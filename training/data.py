@@ -239,6 +239,21 @@ def sbr_pool_jsonl() -> str:
     return "".join(json.dumps({"prompt": p, "source": "AdvBench"}) + "\n" for p in sbr_pool())
 
 
+def probe_prompts() -> tuple[str, ...]:
+    """The live gauge's probe anchors: pyrit's red-team objectives (hate, harassment, sexual content, scams, ...)
+    and the harmful twins of the over-refusal generator's held-out templates. A different source and style than
+    SBR's training anchors (AdvBench), so an adapter trained with SBR is not measured on what it was pulled on."""
+    from training import overrefusal
+
+    twins = [t.text for t in overrefusal.harmful_twins("heldout")]
+    return tuple(_hash_order(_dedupe(list(airt_harmful()) + twins)))
+
+
+def probe_jsonl() -> str:
+    return "".join(json.dumps({"prompt": p, "source": "pyrit-airt" if p in set(airt_harmful()) else "overrefusal-twin"})
+                   + "\n" for p in probe_prompts())
+
+
 def anchor_jsonl() -> str:
     """The bundled default anchor set's file content (regenerate with `python -m training.data`)."""
     return "".join(json.dumps({"prompt": p, "source": "AdvBench"}) + "\n" for p in splits().anchors)
@@ -391,5 +406,6 @@ if __name__ == "__main__":  # regenerate the bundled anchor set
     out = sets / "default.jsonl"
     out.write_text(anchor_jsonl())
     (sets / "sbr_pool.jsonl").write_text(sbr_pool_jsonl())
+    (sets / "probe.jsonl").write_text(probe_jsonl())
     s = splits()
     print(f"wrote {out}; sizes: " + ", ".join(f"{k}={len(getattr(s, k))}" for k in Splits.HARMFUL + Splits.BENIGN))

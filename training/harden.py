@@ -75,12 +75,14 @@ def harden(cfg: GuardConfig, data: Path, out: Path, resume: bool = False) -> dic
     work.mkdir(parents=True, exist_ok=True)
     log = train_lora(peft_model, examples, hp, tok.pad_token_id, reg, log_path=work / "train_log.jsonl",
                      checkpoint_dir=work, resume=resume, desc=f"harden ({h.method})")
-    probe = reg if isinstance(reg, SBR) else SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id)
-    drift = anchor_report(peft_model, probe)
+    # drift is read on the probe anchors (what vet and the gauge read), never on the anchors SBR pulled on
+    drift = anchor_report(peft_model, SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id))
     meta = {
         "method": h.method, "lambda": method.lam(h),
         "hparams": asdict(hp), "examples": len(examples), "steps": len(log), "data": str(data),
         "base_fingerprint": fp, "base_model": str(base), "anchors_hash": anchors.hash, "anchor_set": anchors.name,
+        "training_anchors": {"set": h.sbr_anchors, "k": h.sbr_k, "answer_tokens": h.sbr_answer_tokens,
+                             "per_step": h.sbr_anchors_per_step} if h.method == "sbr" else None,
         "final_drift": drift.to_dict(), "drift_status": verdict(drift.mean_rel_l2, None, cfg.drift).status,
         "final_ce": log[-1]["ce"] if log else None, "seconds": round(time.perf_counter() - t0, 1), **provenance(),
     }
@@ -107,10 +109,12 @@ def repair(cfg: GuardConfig, adapter: Path, out: Path, data: Path | None = None)
     check_adapter_fits(info, model.config, fp)
     anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)
     ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
-    peft_model = PeftModel.from_pretrained(model, str(info.path), is_trainable=True)
     lam = h.sbr_lambda if h.sbr_lambda > 0 else 1.0
-    sbr = SBR(anchors.render(tok), ref.states, lam, tok.pad_token_id)
-    before = anchor_report(peft_model, sbr)
+    # pulled back on the *training* anchors; measured (and the stop decided) on the probe anchors
+    sbr = methods.get("sbr").build(MethodInputs(h.model_copy(update={"sbr_lambda": lam}), model, tok, anchors, ref))
+    probe = SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id)
+    peft_model = PeftModel.from_pretrained(model, str(info.path), is_trainable=True)
+    before = anchor_report(peft_model, probe)
     history = [before.mean_rel_l2]
     hp = LoraHParams(rank=info.rank, alpha=info.alpha, targets=info.targets, lr=h.lr, epochs=1,
                      batch_size=h.batch_size, grad_accum=h.grad_accum, seed=h.seed)
@@ -130,8 +134,8 @@ def repair(cfg: GuardConfig, adapter: Path, out: Path, data: Path | None = None)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             peft_model.eval()
-        history.append(anchor_report(peft_model, sbr).mean_rel_l2)
-    after = anchor_report(peft_model, sbr)
+        history.append(anchor_report(peft_model, probe).mean_rel_l2)
+    after = anchor_report(peft_model, probe)
     meta = {
         "method": "sbr-repair", "repaired_from": str(info.path), "lambda": lam, "examples": len(examples),
         "drift_before": before.to_dict(), "final_drift": after.to_dict(), "drift_history": history,

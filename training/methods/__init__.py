@@ -29,8 +29,8 @@ class MethodInputs:
     h: HardenConfig
     model: Any  # the frozen base (before LoRA is added)
     tokenizer: Any
-    anchors: Any = None  # guard.anchors.AnchorSet
-    reference: Any = None  # guard.states.ReferenceStates of the anchors on the base
+    anchors: Any = None  # the *probe* anchors (guard.anchors.AnchorSet): drift reports, their system prompt
+    reference: Any = None  # guard.states.ReferenceStates of the probe anchors on the base
     base: Path | None = None
     original: Path | None = None  # the unaligned original (AsFT only)
 

@@ -9,8 +9,9 @@ for bit; large λ starts to cost task accuracy.) Built once before training (pad
 called once per optimizer step, so its cost is per step, not per micro-batch.
 
 Which anchors and which positions (config `harden`):
-- `sbr_anchor_set`: "default" = the configured anchors (`anchors.set`, first `anchors.k`); or a bundled set /
-  JSONL path, e.g. `sbr_pool` (128 AdvBench requests, disjoint from every attack family's and eval's prompts).
+- `sbr_anchors` / `sbr_k`: the *training* anchors, a bundled set or JSONL path: `default` (16 AdvBench requests,
+  first 8 by default) or `sbr_pool` (128 AdvBench requests, disjoint from every red-team family's and the eval's
+  prompts). They never share a prompt with the probe anchors the gauge reads (checked when the config loads).
   With a pool, `sbr_anchors_per_step` of them are pulled per step (rotating), so the cost stays K per step while
   the protection covers the pool.
 - `sbr_answer_tokens` m: besides the last prompt token, anchor the aligned model's own first m answer tokens
@@ -111,18 +112,16 @@ def anchor_states(model: Any, ids: list[list[int]], pad_id: int, tail: int, batc
 
 
 def _build(inp: MethodInputs) -> SBR:
-    h, tok = inp.h, inp.tokenizer
-    if h.sbr_anchor_set == "default" and h.sbr_answer_tokens == 0:  # the configured anchors and their cached reference
-        anchors, ids, ref = inp.anchors, inp.anchors.render(tok), inp.reference.states
-    else:
-        from guard.anchors import load_anchor_set
+    """SBR on the training anchors, their reference taken from `inp.model` (the frozen aligned base) now: one
+    prefill of K prompts (plus m greedy steps with answer tokens), seconds."""
+    from guard.anchors import load_anchor_set
 
-        anchors = inp.anchors if h.sbr_anchor_set == "default" else \
-            load_anchor_set(h.sbr_anchor_set, None, inp.anchors.system_prompt if inp.anchors else None)
-        ids = anchors.render(tok)
-        if h.sbr_answer_tokens:
-            ids = answer_anchor_ids(inp.model, tok, ids, h.sbr_answer_tokens)
-        ref = anchor_states(inp.model, ids, tok.pad_token_id, h.sbr_answer_tokens)
+    h, tok = inp.h, inp.tokenizer
+    anchors = load_anchor_set(h.sbr_anchors, h.sbr_k, inp.anchors.system_prompt if inp.anchors else None)
+    ids = anchors.render(tok)
+    if h.sbr_answer_tokens:
+        ids = answer_anchor_ids(inp.model, tok, ids, h.sbr_answer_tokens)
+    ref = anchor_states(inp.model, ids, tok.pad_token_id, h.sbr_answer_tokens)
     per_step = min(h.sbr_anchors_per_step, len(anchors)) if h.sbr_anchors_per_step else None
     return SBR(ids, ref, h.sbr_lambda, tok.pad_token_id, per_step, tail=h.sbr_answer_tokens)
 
