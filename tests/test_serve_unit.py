@@ -188,3 +188,21 @@ def test_guard_serve_rejects_bad_inputs_in_one_line(served, case, expect):
     assert r.returncode == 1, r.stdout + r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and expect in line, r.stderr
+
+
+def test_cache_salt_names_the_lock_epoch_and_installs_once():
+    """Requests admitted under another lock state never share prefix-cache blocks: each request's cache salt
+    names the current lock epoch, after any salt the client gave."""
+    from types import SimpleNamespace
+
+    from serve.patches import install_cache_salt
+
+    seen = []
+    ip = SimpleNamespace(assign_request_id=lambda req: seen.append(req.cache_salt) or "rid")
+    engine, epoch = SimpleNamespace(input_processor=ip), [0]
+    assert install_cache_salt(engine, lambda: epoch[0]) and install_cache_salt(engine, lambda: epoch[0])
+    assert ip.assign_request_id(SimpleNamespace(cache_salt=None)) == "rid"
+    epoch[0] = 3
+    ip.assign_request_id(SimpleNamespace(cache_salt="tenant-a"))
+    assert seen == ["safety-guard-lock-0", "tenant-a|safety-guard-lock-3"]  # wrapped once, not twice
+    assert not install_cache_salt(SimpleNamespace(), lambda: 0)
