@@ -31,10 +31,9 @@ from training.evaluate import answers
 
 VARIANTS: dict[str, dict | None] = {
     "C": None,  # the shipped recipe v3: the base `guard prepare` built (measured as is, not retrained)
-    "W": {"framed": True},
     "E": {"harmful": 300, "benign": 300},
-    "EW": {"harmful": 300, "benign": 300, "framed": True},
-    "F": {"harmful": 470, "benign": 344},
+    # W (framed: 408 harmful + 759 benign, 426 steps) and the larger EW (framed E) and F (all 470 harmful) do not
+    # fit the 15-minute alignment budget on 2 cores (~2 s/step): dropped before any of their numbers was read.
 }
 
 

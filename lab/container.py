@@ -153,7 +153,7 @@ def _run(cmd: Sequence[str], env: dict[str, str], log: Path | None = None, echo:
 
 def image_exists(tag: str, env: dict[str, str]) -> bool:
     """True when `tag` is in local storage (nothing can be pulled, so local is all there is)."""
-    return subprocess.run(["podman", "image", "exists", tag], env=env).returncode == 0
+    return subprocess.run(["podman", "image", "exists", tag], env=env, check=False).returncode == 0
 
 
 def image_size(tag: str, env: dict[str, str]) -> int:
@@ -336,7 +336,7 @@ def run_in_image(env: dict[str, str], args: Sequence[str], tag: str = IMAGE_TAG,
                  timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """`podman run --rm` `entrypoint args` in `tag` (bypassing the serving entry point); output captured."""
     cmd = ["podman", "run", "--rm", "--pull=never", "--entrypoint", entrypoint, tag, *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

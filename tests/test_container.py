@@ -45,13 +45,13 @@ def test_guard_help_lists_the_commands(image):
     assert res.returncode == 0, res.stderr
     for name in ("prepare", "harden", "vet", "lock", "serve", "config"):
         # one row of the Commands panel per command: "│ prepare  Prepare everything ..."
-        assert re.search(rf"^\W*{name}\s", res.stdout, re.M), f"{name} missing from:\n{res.stdout}"
+        assert re.search(rf"^\W*{name}\s", res.stdout, re.MULTILINE), f"{name} missing from:\n{res.stdout}"
 
 
 def test_guard_config_show_prints_the_config_as_yaml(image):
     env, tag = image
     res = container.run_in_image(env, ["config", "show"], tag=tag)
     assert res.returncode == 0, res.stderr
-    assert re.search(r"^serve:", res.stdout, re.M), res.stdout
+    assert re.search(r"^serve:", res.stdout, re.MULTILINE), res.stdout
     config = yaml.safe_load(res.stdout)
     assert isinstance(config, dict) and isinstance(config["serve"], dict), res.stdout
