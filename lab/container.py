@@ -4,17 +4,18 @@ Why each piece exists (all of it is about this development machine, none of it a
 - No registry is reachable, so `python:3.11-slim` cannot be pulled. `build_base` makes a stand-in from the Debian
   mirror instead: a debootstrap'd bookworm with python3 in a venv that comes first on PATH, which is what the
   Dockerfile relies on (`python3.11`/`python3` and pip, installing into the image's one Python). The product
-  image then takes it through the Dockerfile's `BASE` build argument; the Dockerfile itself is not changed.
+  image takes it through the Dockerfile's `BASE` build argument (whose default stays python:3.11-slim).
 - crun cannot start containers under this host's hybrid cgroups, and runc refuses podman's default ulimits.
   `podman_env` writes a containers.conf (runc, capped ulimits) and returns the environment that selects it.
 - The CPU torch wheel lies in local wheel dirs that the host's pip finds through its configuration (spread over
   /etc/pip.conf, /etc/xdg/pip, ~/.config/pip and PIP_* variables); PyPI's own Linux torch is the multi-GB CUDA
   build. `pip_mounts` merges that configuration into one pip.conf and bind-mounts it, the wheel dirs and the
-  constraints file into every build step (mounts are not part of the image), and the build passes an empty
-  TORCH_INDEX_URL so scripts/setup.sh uses pip's configuration instead of the PyTorch index.
+  constraints file into every build step (their contents stay out of the image; buildah leaves only empty mount
+  points: /etc/pip.conf, /opt/wheels, ...), and the build passes an empty TORCH_INDEX_URL so scripts/setup.sh
+  uses pip's configuration instead of the PyTorch index.
 
-    python -m lab.container build [--rebuild-base] [--tag TAG]   # base (once) + product image, with timings
-    python -m lab.container run [--tag TAG] [-- GUARD ARGS...]    # `guard --help` and `guard config show` by default
+    python -m lab.container [--tag TAG] build [--rebuild-base]   # base (once) + product image, with timings
+    python -m lab.container [--tag TAG] run [-- GUARD ARGS...]    # default: `guard --help`, `guard config show`
 
 Work files (containers.conf, pip.conf, logs) go to $SG_CONTAINER_WORK or <tmp>/sg-container; the debootstrap
 root file system is removed once imported. Images stay in podman's storage, so a rebuild reuses cached layers.
@@ -295,6 +296,7 @@ def build_base(env: dict[str, str], work: Path, tag: str = BASE_TAG, mirror: str
             _slim_rootfs(rootfs)
             with stages(f"import {ROOTFS_TAG}"):
                 tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+                assert tar.stdout is not None
                 try:
                     _run(["podman", "import", "-", ROOTFS_TAG], env, log, echo=echo, stdin=tar.stdout.fileno())
                 finally:
