@@ -96,24 +96,32 @@ DEV_FAMILIES: dict[str, Family] = {f.name: f for f in (
            "advbench", 100, "arithmetic", 230, epochs=5),
 )}
 
-# A method label is a registered method plus config overrides ("sbr@1000" = SBR at λ 1000).
+# A method label is a registered method plus config overrides; "LABEL@λ" sets its λ ("sbr_pool@300").
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sft": ("sft", {}),
     "sbr": ("sbr", {}),
     "asft": ("asft", {}),
+    # SBR candidates (chosen on the development family only, docs/hardening.md)
+    "sbr_pool": ("sbr", {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8}),
+    "sbr_pool_ans4": ("sbr", {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8,
+                              "sbr_answer_tokens": 4}),
 }
 
 
 def method_spec(label: str) -> tuple[str, dict[str, Any]]:
-    if label in METHODS:
-        return METHODS[label]
-    name, _, lam = label.partition("@")
-    if lam:
-        key = methods.get(name).lam_field
-        if key is None:
-            raise GuardError(f"'{label}': only sbr@λ and asft@λ take a λ")
-        return name, {key: float(lam)}
-    raise GuardError(f"unknown method '{label}' (known: {', '.join(METHODS)}, or sbr@λ / asft@λ)")
+    base, _, lam = label.partition("@")
+    if base not in METHODS:
+        raise GuardError(f"unknown method '{label}' (known: {', '.join(METHODS)}, each optionally @λ)")
+    name, overrides = METHODS[base]
+    if not lam:
+        return name, dict(overrides)
+    key = methods.get(name).lam_field
+    if key is None:
+        raise GuardError(f"'{label}': only sbr and asft variants take a λ")
+    try:
+        return name, {**overrides, key: float(lam)}
+    except ValueError:
+        raise GuardError(f"'{label}': λ must be a number") from None
 
 
 def harmful_pool(source: str) -> list[str]:

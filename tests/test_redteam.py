@@ -51,7 +51,9 @@ def test_method_labels():
     assert method_spec("sbr") == ("sbr", {})
     assert method_spec("sbr@1000") == ("sbr", {"sbr_lambda": 1000.0})
     assert method_spec("asft@10") == ("asft", {"asft_lambda": 10.0})
-    with pytest.raises(GuardError, match="only sbr@λ and asft@λ"):
+    assert method_spec("sbr_pool_ans4@300")[1]["sbr_lambda"] == 300.0
+    assert method_spec("sbr_pool_ans4")[1]["sbr_answer_tokens"] == 4
+    with pytest.raises(GuardError, match="only sbr and asft variants"):
         method_spec("sft@3")
     with pytest.raises(GuardError, match="unknown method"):
         method_spec("dpo")
