@@ -10,8 +10,8 @@ updating is on). It reaches the rest of the guard through its `GuardService`: th
 table and lock push, and the metrics.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route handlers' annotations at run time, and the
+# request models are imported inside `add_adapter_routes` (vLLM is imported only once a server starts).
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +36,7 @@ class AdapterRecord:
 
 
 class VettingGate:
-    def __init__(self, svc: GuardService) -> None:
+    def __init__(self, svc: "GuardService") -> None:
         self.svc = svc
         self.records: dict[str, AdapterRecord] = {}
 

@@ -206,3 +206,19 @@ def test_cache_salt_names_the_lock_epoch_and_installs_once():
     ip.assign_request_id(SimpleNamespace(cache_salt="tenant-a"))
     assert seen == ["safety-guard-lock-0", "tenant-a|safety-guard-lock-3"]  # wrapped once, not twice
     assert not install_cache_salt(SimpleNamespace(), lambda: 0)
+
+
+def test_gate_routes_read_vllm_request_models_from_the_body():
+    """The load/unload handlers are defined inside a function with locally imported vLLM models: their
+    annotations must resolve at run time, or FastAPI takes `request` for a query parameter (a 400 on every load)."""
+    from fastapi import APIRouter
+
+    from serve.gate import add_adapter_routes
+
+    router = APIRouter()
+    add_adapter_routes(router, lambda *a: None)
+    paths = set()
+    for route in router.routes:
+        paths.add(route.path)
+        assert route.body_field is not None and not route.dependant.query_params, route.path
+    assert paths == {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
