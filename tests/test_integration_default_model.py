@@ -36,7 +36,7 @@ def test_prepare_end_to_end_and_reuse(mini_prepared):
     aligned = home / "models" / "smollm2-135m-instruct-aligned"
     assert (aligned / "guard_align.json").is_file() and (aligned / "model.safetensors").is_file()
     fp = fingerprint_dir(aligned)
-    anchors = load_anchor_set("default", k=4)
+    anchors = load_anchor_set("probe", k=4)  # the probe anchors (anchors.set) are what prepare caches
     ref = ReferenceStates.load(reference_path(home, fp, anchors.hash), fp, anchors.hash, 576)
     assert ref.states.shape == (4, 576)
     from guard.lock import load_lock, lock_path
