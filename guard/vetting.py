@@ -28,6 +28,7 @@ class VetReport:
     verdict: Verdict
     judge: str
     seconds: float
+    base_refusal_ratio: float | None = None
 
     @property
     def refusal_ratio(self) -> float:
@@ -39,14 +40,16 @@ class VetReport:
             lines.append(f"{i:>2}  {self.drift.rel_l2[i]:7.3f}  {self.drift.cosine[i]:7.4f}  "
                          f"{'yes' if self.refusals[i] else 'NO':>7}  {p[:48]!r} -> {self.answers[i][:60]!r}")
         v = self.verdict
+        base = "" if self.base_refusal_ratio is None else f" (aligned base: {self.base_refusal_ratio:.2f})"
         lines.append(f"mean anchor drift {self.drift.mean_rel_l2:.3f} (max {self.drift.max_rel_l2:.3f}), "
-                     f"refusal ratio {self.refusal_ratio:.2f}, judge {self.judge}")
+                     f"refusal ratio {self.refusal_ratio:.2f}{base}, judge {self.judge}")
         lines.append(f"verdict: {v.status.upper()}" + (f" — {'; '.join(v.reasons)}" if v.reasons else ""))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {"adapter": self.adapter, "status": self.verdict.status, "reasons": list(self.verdict.reasons),
                 "drift": self.drift.to_dict(), "refusal_ratio": self.refusal_ratio, "refusals": self.refusals,
+                "base_refusal_ratio": self.base_refusal_ratio,
                 "judge": self.judge, "seconds": round(self.seconds, 2)}
 
 
@@ -61,10 +64,32 @@ def adapter_states_and_answers(model: Any, tokenizer: Any, anchors: AnchorSet,
     return states, answers
 
 
+def base_refusal_ratio(model: Any, tokenizer: Any, anchors: AnchorSet, probe_tokens: int, cache: Path | None = None,
+                       judge: RefusalJudge = DEFAULT_JUDGE) -> float:
+    """Share of the probe anchors the aligned base itself refuses (greedy, `probe_tokens`): what an adapter's
+    refusal ratio is compared with. Cached in `cache` (JSON) when given; the live gauge measures it in-engine."""
+    import json
+
+    from guard.artifacts import write_json_atomic
+
+    key = {"anchors_hash": anchors.hash, "judge": judge.id, "probe_tokens": probe_tokens}
+    if cache is not None and cache.is_file():
+        row = json.loads(cache.read_text())
+        if all(row.get(k) == v for k, v in key.items()):
+            return float(row["ratio"])
+    answers = generate_greedy(model, tokenizer, anchors.render(tokenizer), max_new_tokens=probe_tokens)
+    refusals = [judge.is_refusal(a) for a in answers]
+    ratio = sum(refusals) / len(refusals)
+    if cache is not None:
+        write_json_atomic(cache, {**key, "ratio": ratio, "refusals": refusals})
+    return ratio
+
+
 def vet_adapter(base: Any, tokenizer: Any, adapter_dir: str | Path, anchors: AnchorSet, reference: ReferenceStates,
                 drift_cfg: Any, base_fingerprint: str, max_rank: int | None = None,
-                judge: RefusalJudge = DEFAULT_JUDGE) -> VetReport:
-    """Load `adapter_dir` onto `base` (checked first), measure, and unload it again."""
+                judge: RefusalJudge = DEFAULT_JUDGE, base_ratio: float | None = None) -> VetReport:
+    """Load `adapter_dir` onto `base` (checked first), measure, and unload it again. `base_ratio`: the base's own
+    refusal ratio on the same anchors (`base_refusal_ratio`), for the verdict's drop rule."""
     from peft import PeftModel
 
     t0 = time.perf_counter()
@@ -78,5 +103,5 @@ def vet_adapter(base: Any, tokenizer: Any, adapter_dir: str | Path, anchors: Anc
         model.unload()  # leave `base` as it was
     drift = anchor_drift(states, reference.states)
     refusals = [judge.is_refusal(a) for a in answers]
-    v = verdict(drift.mean_rel_l2, sum(refusals) / len(refusals), drift_cfg)
-    return VetReport(str(info.path), drift, refusals, answers, v, judge.id, time.perf_counter() - t0)
+    v = verdict(drift.mean_rel_l2, sum(refusals) / len(refusals), drift_cfg, base_ratio)
+    return VetReport(str(info.path), drift, refusals, answers, v, judge.id, time.perf_counter() - t0, base_ratio)

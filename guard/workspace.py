@@ -71,6 +71,13 @@ class Workspace:
 
         return cached_reference(model, tokenizer, anchors, fingerprint or self.base_fingerprint, self.home)
 
+    def base_refusal_ratio(self, model: Any, tokenizer: Any, anchors: Any, fingerprint: str | None = None) -> float:
+        """The base's own refusal ratio on `anchors` (cached next to their reference states)."""
+        from guard.vetting import base_refusal_ratio
+
+        path = self.references_path(anchors.hash, fingerprint).with_suffix(".refusals.json")
+        return base_refusal_ratio(model, tokenizer, anchors, self.cfg.drift.probe_tokens, path)
+
     def prepared_lock(self, fingerprint: str | None = None) -> Path:
         """Where `guard prepare` / `guard lock build` keep the lock of the base with `fingerprint` (default: the
         configured base), whether or not it was built yet."""

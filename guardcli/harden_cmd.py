@@ -80,8 +80,9 @@ def vet(
 ) -> None:
     """Check an adapter before it serves: anchor drift vs the aligned reference and anchor refusal ratio.
 
-    Exit code 0 when it passes (ok or warn), 3 when it fails the configured thresholds (drift.fail,
-    drift.min_refusal_ratio), 1 on bad input. Usable as a CI gate for adapters.
+    Reads the probe anchors (anchors.set), never SBR's training anchors. Exit code 0 when it passes (ok or warn),
+    3 when it fails the configured thresholds (drift.fail; drift.refusal_drop_fail: the drop in the share of
+    probe anchors refused, relative to the aligned base's own share), 1 on bad input. Usable as a CI gate.
     """
     cfg = setup(config)
     from guard.adapters import check_adapter_fits, read_adapter
@@ -97,7 +98,8 @@ def vet(
     model, tok, _ = ws.load_aligned()
     anchors = from_config(cfg)
     ref = ws.references(model, tok, anchors)
-    report = vet_adapter(model, tok, adapter, anchors, ref, cfg.drift, fp, cfg.harden.max_rank)
+    base_ratio = ws.base_refusal_ratio(model, tok, anchors)
+    report = vet_adapter(model, tok, adapter, anchors, ref, cfg.drift, fp, cfg.harden.max_rank, base_ratio=base_ratio)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table(anchors.prompts))
     if not report.verdict.passed:
         raise typer.Exit(VET_FAILED)

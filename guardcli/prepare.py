@@ -48,11 +48,10 @@ def prepare(config: ConfigOpt = None) -> None:
     home = cfg.runtime.resolved_home()
     say(f"[3/4] reference states: {len(anchors)} anchors of set '{anchors.name}' on the aligned base")
     ws = Workspace(cfg)
-    path = ws.references_path(anchors.hash, fp)
-    if not path.is_file():
-        model, tok = load_causal_lm(base, cfg.model.dtype)
-        ws.references(model, tok, anchors, fp)
-        del model
+    model, tok = load_causal_lm(base, cfg.model.dtype)
+    ws.references(model, tok, anchors, fp)  # both cached: a second run only loads the model
+    ws.base_refusal_ratio(model, tok, anchors, fp)  # what `guard vet` compares an adapter's refusals with
+    del model
     from training.safetylock import ensure_lock
 
     say(f"[4/4] SafetyLock: top-{cfg.lock.heads} safety heads of the aligned base (first run ~3 min)")

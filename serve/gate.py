@@ -104,7 +104,7 @@ class VettingGate:
             return
         if policy == "reject":
             rec.action = "reject"
-            reason = "drift" if result.drift.mean_rel_l2 > svc.cfg.drift.fail else "refusal_ratio"
+            reason = "drift" if result.drift.mean_rel_l2 > svc.cfg.drift.fail else "refusal_ratio"  # drop or floor
             await self._reject(name, lr, reason)
         elif policy == "lock":
             rec.action = "lock"
@@ -163,8 +163,8 @@ def add_adapter_routes(router: Any, error: Callable[[int, str, str], Any]) -> No
             th = svc.cfg.drift
             why = "; ".join(rec.reasons)
             return error(403, f"safety-guard rejected adapter '{request.lora_name}': {why} (vet policy "
-                              f"'reject'; thresholds: drift fail {th.fail}, min refusal ratio "
-                              f"{th.min_refusal_ratio}); it was not loaded", "AdapterRejected")
+                              f"'reject'; thresholds: drift fail {th.fail}, refusal drop fail "
+                              f"{th.refusal_drop_fail}); it was not loaded", "AdapterRejected")
         await svc.try_push_lock()  # the new adapter's lora id gets its lock entry
         note = f" safety-guard: {rec.status}" + (f" ({'; '.join(rec.reasons)})" if rec.reasons else "")
         if rec.action == "lock":

@@ -33,6 +33,10 @@ class GuardMetrics:
         self.refusal_ratio = Gauge(
             f"{PREFIX}_anchor_refusal_ratio", "Share of anchor prompts the adapter refuses (greedy, judge "
             "keyword-refusal).", ["adapter"], **gauge)
+        self.refusal_drop = Gauge(
+            f"{PREFIX}_probe_refusal_drop", "Share of probe anchors the aligned base refuses minus the share this "
+            "adapter refuses (0 = as safe as the base; the verdict fails above drift.refusal_drop_fail).",
+            ["adapter"], **gauge)
         self.probe_duration = Histogram(
             f"{PREFIX}_probe_duration_seconds", "Wall time of one anchor probe of one adapter.",
             buckets=PROBE_BUCKETS, registry=registry)
@@ -65,16 +69,19 @@ class GuardMetrics:
 
     def forget_adapter(self, adapter: str) -> None:
         """Drop an unloaded adapter's series so stale values do not keep alerting."""
-        for metric in (self.anchor_drift, self.refusal_ratio, self.probe_last_success, self.lock_enabled,
-                       self.lock_strength):
+        for metric in (self.anchor_drift, self.refusal_ratio, self.refusal_drop, self.probe_last_success,
+                       self.lock_enabled, self.lock_strength):
             try:
                 metric.remove(adapter)
             except KeyError:
                 pass
 
-    def observe_probe(self, adapter: str, drift: float, refusal_ratio: float, seconds: float, when: float) -> None:
+    def observe_probe(self, adapter: str, drift: float, refusal_ratio: float, seconds: float, when: float,
+                      refusal_drop: float | None = None) -> None:
         self.anchor_drift.labels(adapter=adapter).set(drift)
         self.refusal_ratio.labels(adapter=adapter).set(refusal_ratio)
+        if refusal_drop is not None:
+            self.refusal_drop.labels(adapter=adapter).set(refusal_drop)
         self.probe_duration.observe(seconds)
         self.probe_last_success.labels(adapter=adapter).set(when)
         self.probe_failures.labels(adapter=adapter)  # the series exists (0) from the first probe on

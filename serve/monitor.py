@@ -7,7 +7,10 @@ The greedy answers (drift.probe_tokens tokens) feed the refusal judge. One probe
 - drift: mean relative L2 of the anchor states vs the base model's states *computed in the same engine at
   start-up* (engine bf16 vs HF fp32 noise never enters the number; the offline cache is only compared once
   and its max deviation reported),
-- the anchor refusal ratio (guard/judge.py DEFAULT_JUDGE).
+- the anchor refusal ratio (guard/judge.py DEFAULT_JUDGE), and its drop from the base's own ratio on the same
+  anchors, also measured in-engine at start-up.
+The anchors are the *probe* anchors (`anchors.set`), never SBR's training anchors; the verdict is
+guard/drift.py: verdict, the same rule `guard vet` applies.
 
 Probes are serialised (one at a time) and bounded by a timeout; a failing probe is counted and logged and
 never touches user requests (they are separate requests; the probe's are aborted on timeout).
@@ -39,15 +42,21 @@ class ProbeResult:
     verdict: Verdict
     seconds: float
     when: float
+    base_refusal_ratio: float | None = None
 
     @property
     def refusal_ratio(self) -> float:
         return sum(self.refusals) / len(self.refusals)
 
+    @property
+    def refusal_drop(self) -> float | None:
+        return None if self.base_refusal_ratio is None else self.base_refusal_ratio - self.refusal_ratio
+
     def to_dict(self, answers: bool = False) -> dict[str, Any]:
         out = {"adapter": self.adapter, "drift": round(self.drift.mean_rel_l2, 5),
                "max_drift": round(self.drift.max_rel_l2, 5), "mean_cosine": round(self.drift.mean_cosine, 6),
-               "refusal_ratio": self.refusal_ratio, "status": self.verdict.status,
+               "refusal_ratio": self.refusal_ratio, "base_refusal_ratio": self.base_refusal_ratio,
+               "status": self.verdict.status,
                "reasons": list(self.verdict.reasons), "seconds": round(self.seconds, 3), "time": self.when}
         if answers:
             out["answers"] = self.answers
@@ -75,6 +84,7 @@ class Monitor:
         self.judge = judge
         self.timeout = timeout
         self.reference: Any = None  # torch [K, hidden] float32, in-engine base states
+        self.base_refusal_ratio: float | None = None  # the base's own share of probe anchors refused, in-engine
         self.reference_check: dict[str, Any] = {}
         self.latest: dict[str, ProbeResult] = {}
         self.failures: dict[str, str] = {}
@@ -125,6 +135,7 @@ class Monitor:
             states, answers = await self._states_and_answers(None, self.drift_cfg.probe_tokens)
         self.reference = states
         refusals = [self.judge.is_refusal(a) for a in answers]
+        self.base_refusal_ratio = sum(refusals) / len(refusals)
         check: dict[str, Any] = {"anchors": len(self.anchor_ids), "seconds": round(time.perf_counter() - t0, 3),
                                  "base_refusal_ratio": sum(refusals) / len(refusals)}
         if offline is not None:
@@ -156,9 +167,10 @@ class Monitor:
             seconds = time.perf_counter() - t0
         refusals = [self.judge.is_refusal(a) for a in answers]
         ratio = sum(refusals) / len(refusals)
-        result = ProbeResult(name, drift, answers, refusals, verdict(drift.mean_rel_l2, ratio, self.drift_cfg),
-                             seconds, time.time())
-        self.metrics.observe_probe(name, drift.mean_rel_l2, ratio, seconds, result.when)
+        base = self.base_refusal_ratio
+        result = ProbeResult(name, drift, answers, refusals, verdict(drift.mean_rel_l2, ratio, self.drift_cfg, base),
+                             seconds, time.time(), base)
+        self.metrics.observe_probe(name, drift.mean_rel_l2, ratio, seconds, result.when, result.refusal_drop)
         self.latest[name] = result
         self.failures.pop(name, None)
         log.info("safety-guard probe '%s': drift %.4f refusal ratio %.2f -> %s (%.2f s)", name,

@@ -259,6 +259,8 @@ class GuardService:
                      "last_prefix_cache_reset": self.last_cache_reset},
             "vet_policy": self.cfg.serve.vet_policy,
             "thresholds": {"drift_warn": self.cfg.drift.warn, "drift_fail": self.cfg.drift.fail,
+                           "refusal_drop_warn": self.cfg.drift.refusal_drop_warn,
+                           "refusal_drop_fail": self.cfg.drift.refusal_drop_fail,
                            "min_refusal_ratio": self.cfg.drift.min_refusal_ratio},
             "probe_interval_seconds": self.cfg.serve.probe_interval_seconds,
             "reference": mon.reference_check if mon else None,
