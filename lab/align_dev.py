@@ -31,6 +31,8 @@ from training.evaluate import answers
 
 VARIANTS: dict[str, dict | None] = {
     "C": None,  # the shipped recipe v3: the base `guard prepare` built (measured as is, not retrained)
+    # E: stopped at step 230 of 378 after 22 min (beside other jobs; ~3 s/step alone): over the 15-minute budget
+    # on this machine before any dev number was read. A faster trainer (bf16 on AMX CPUs) would let it back in.
     "E": {"harmful": 300, "benign": 300},
     # W (framed: 408 harmful + 759 benign, 426 steps) and the larger EW (framed E) and F (all 470 harmful) do not
     # fit the 15-minute alignment budget on 2 cores (~2 s/step): dropped before any of their numbers was read.
