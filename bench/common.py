@@ -22,3 +22,14 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     write_json_atomic(path, out)
     print(json.dumps(out, indent=2))
     return path
+
+
+def run_cli(app: Any) -> None:
+    """Run a typer app the way `guard` runs its commands: a GuardError is one line on stderr and exit code 1."""
+    from guard.errors import GuardError
+
+    try:
+        app()
+    except GuardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

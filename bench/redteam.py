@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-import common  # noqa: F401  (puts the repo root on sys.path)
+from common import run_cli  # also puts the repo root on sys.path
 from common import RESULTS
 from guard.artifacts import provenance, write_json_atomic, write_text_atomic
 from guard.errors import GuardError
@@ -173,8 +173,4 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
-        app()
-    except GuardError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(app)

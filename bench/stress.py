@@ -7,13 +7,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-import common  # noqa: F401  (puts the repo root on sys.path)
+from common import run_cli  # also puts the repo root on sys.path
 from guard.errors import GuardError
 from guardcli.common import ConfigOpt, setup
 from lab.stress import StressConfig, relock as relock_run, run_stress
@@ -68,8 +67,4 @@ def stress(
 
 
 if __name__ == "__main__":
-    try:
-        app()
-    except GuardError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(app)
