@@ -50,7 +50,7 @@ def prepare(config: ConfigOpt = None) -> None:
     ws = Workspace(cfg)
     model, tok = load_causal_lm(base, cfg.model.dtype)
     ws.references(model, tok, anchors, fp)  # both cached: a second run only loads the model
-    ws.base_refusal_ratio(model, tok, anchors, fp)  # what `guard vet` compares an adapter's refusals with
+    base_ratio = ws.base_refusal_ratio(model, tok, anchors, fp)  # what `guard vet` compares an adapter's refusals with
     del model
     from training.safetylock import ensure_lock
 
@@ -60,8 +60,9 @@ def prepare(config: ConfigOpt = None) -> None:
         f"ready in {time.perf_counter() - t0:.1f} s\n"
         f"  data dir          {home}\n"
         f"  aligned base      {base}  (fingerprint {fp[:12]})\n"
-        f"  anchor set        {anchors.name}, k={len(anchors)}, hash {anchors.hash[:12]}\n"
-        f"  reference states  {path}\n"
+        f"  probe anchors     {anchors.name}, k={len(anchors)}, hash {anchors.hash[:12]}; the base refuses "
+        f"{base_ratio:.0%} of them\n"
+        f"  reference states  {ws.references_path(anchors.hash, fp)}\n"
         f"  SafetyLock        {lock}\n"
         f"  serve it with     guard serve  (OpenAI-compatible, http://{cfg.serve.host}:{cfg.serve.port}/v1)"
     )
