@@ -11,7 +11,7 @@ Why each piece exists (all of it is about this development machine, none of it a
   /etc/pip.conf, /etc/xdg/pip, ~/.config/pip and PIP_* variables); PyPI's own Linux torch is the multi-GB CUDA
   build. `pip_mounts` merges that configuration into one pip.conf and bind-mounts it, the wheel dirs and the
   constraints file into every build step (their contents stay out of the image; buildah leaves only empty mount
-  points: /etc/pip.conf, /opt/wheels, ...), and the build passes an empty TORCH_INDEX_URL so scripts/setup.sh
+  points for the pip.conf and the wheel dirs), and the build passes an empty TORCH_INDEX_URL so scripts/setup.sh
   uses pip's configuration instead of the PyTorch index.
 
     python -m lab.container [--tag TAG] build [--rebuild-base]   # base (once) + product image, with timings
