@@ -83,7 +83,7 @@ def _authorised(request: Any) -> bool:
 
 def build_router(runtime_lora_updating: bool) -> Any:
     from fastapi import APIRouter
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse
 
     router = APIRouter()
 
