@@ -50,12 +50,13 @@ def main() -> None:
     model, tok = load_causal_lm(base, "float32")
     anchors = from_config(cfg)
     ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
+    base_ratio = ws.base_refusal_ratio(model, tok, anchors, fp)  # as `guard vet` does: the drop rule needs it
     adapters = []
     for r in rows:
         unit = Path(r["adapter"]).parent
         for e in r["epochs"]:
             path = unit / f"epoch-{e['epoch']}"
-            rep = vet_adapter(model, tok, path, anchors, ref, cfg.drift, fp, cfg.harden.max_rank)
+            rep = vet_adapter(model, tok, path, anchors, ref, cfg.drift, fp, cfg.harden.max_rank, base_ratio=base_ratio)
             adapters.append({"name": f"{r['family']}/{r['method']}/epoch-{e['epoch']}", "family": r["family"],
                              "method": r["method"], "epoch": e["epoch"], "hs": e["hs"],
                              "drift": round(rep.drift.mean_rel_l2, 5), "refusal_ratio": round(rep.refusal_ratio, 4),
@@ -69,6 +70,7 @@ def main() -> None:
     write_result("gauge_dev" if args.dev else "gauge", {
         "base_hs": base_hs, "adapters": adapters, "spearman_gauge_hs": None if rho is None else round(rho, 4),
         "probe_anchors": {"set": anchors.name, "k": len(anchors), "hash": anchors.hash},
+        "base_refusal_ratio": base_ratio,
         "thresholds": cfg.drift.model_dump(), "missed_harmful": missed, "failed_safe": false_fail})
 
 

@@ -105,11 +105,6 @@ def from_config(cfg: Any) -> AnchorSet:
     return load_anchor_set(a.set, a.k, a.system_prompt)
 
 
-def training_anchors(cfg: Any) -> AnchorSet:
-    """The anchors SBR pulls on (`harden.sbr_anchors`, first `harden.sbr_k`), rendered like the probe anchors."""
-    return load_anchor_set(cfg.harden.sbr_anchors, cfg.harden.sbr_k, cfg.anchors.system_prompt)
-
-
 def shared_prompts(a: str, b: str) -> list[str]:
     """Prompts two anchor sets (bundled names or paths) have in common, whitespace- and case-insensitively.
     A set that cannot be read yet (a path that does not exist) shares nothing here; loading it fails later."""

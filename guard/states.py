@@ -199,20 +199,27 @@ def prompt_ids_hash(batch: list[list[int]]) -> str:
     return sha256_text("ids/v1", *(",".join(map(str, ids)) for ids in batch))
 
 
+def batched_states(model: Any, batch: list[list[int]], pad_id: int, tail: int = 0,
+                   batch_size: int = 16) -> torch.Tensor:
+    """States of many sequences in chunks, float32 on the CPU, no grad: [N, hidden], or [N, tail + 1, hidden]
+    with a tail (see `prepare_batch`). What reference states are made of."""
+    import torch
+
+    with torch.no_grad():
+        rows = [batch_states(model, prepare_batch(batch[i : i + batch_size], pad_id, tail=tail)).float().cpu()
+                for i in range(0, len(batch), batch_size)]
+    return torch.cat(rows)
+
+
 def compute_reference(model: Any, tokenizer: Any, anchors: Any, model_fingerprint: str,
                       batch_size: int = 16) -> ReferenceStates:
     """Anchor states of `model` (adapters must already be disabled/merged by the caller)."""
-    import torch
-
     batch = anchors.render(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = []
-    with torch.no_grad():
-        for i in range(0, len(batch), batch_size):
-            rows.append(last_token_states(model, batch[i : i + batch_size], pad).float().cpu())
     meta = {"anchor_set": anchors.name, "num_anchors": len(batch), "dtype": str(next(model.parameters()).dtype),
             **provenance()}
-    return ReferenceStates(torch.cat(rows), model_fingerprint, anchors.hash, prompt_ids_hash(batch), meta)
+    return ReferenceStates(batched_states(model, batch, pad, batch_size=batch_size), model_fingerprint, anchors.hash,
+                           prompt_ids_hash(batch), meta)
 
 
 def reference_path(home: Path, model_fingerprint: str, anchors_hash: str) -> Path:

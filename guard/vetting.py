@@ -64,19 +64,28 @@ def adapter_states_and_answers(model: Any, tokenizer: Any, anchors: AnchorSet,
     return states, answers
 
 
+def cached_base_refusal_ratio(cache: Path, anchors: AnchorSet, probe_tokens: int,
+                              judge: RefusalJudge = DEFAULT_JUDGE) -> float | None:
+    """The cached base refusal ratio when `cache` holds one for these anchors, judge and token budget."""
+    import json
+
+    if not cache.is_file():
+        return None
+    row = json.loads(cache.read_text())
+    same = row.get("anchors_hash") == anchors.hash and row.get("judge") == judge.id \
+        and row.get("probe_tokens") == probe_tokens
+    return float(row["ratio"]) if same else None
+
+
 def base_refusal_ratio(model: Any, tokenizer: Any, anchors: AnchorSet, probe_tokens: int, cache: Path | None = None,
                        judge: RefusalJudge = DEFAULT_JUDGE) -> float:
     """Share of the probe anchors the aligned base itself refuses (greedy, `probe_tokens`): what an adapter's
     refusal ratio is compared with. Cached in `cache` (JSON) when given; the live gauge measures it in-engine."""
-    import json
-
     from guard.artifacts import write_json_atomic
 
+    if cache is not None and (hit := cached_base_refusal_ratio(cache, anchors, probe_tokens, judge)) is not None:
+        return hit
     key = {"anchors_hash": anchors.hash, "judge": judge.id, "probe_tokens": probe_tokens}
-    if cache is not None and cache.is_file():
-        row = json.loads(cache.read_text())
-        if all(row.get(k) == v for k, v in key.items()):
-            return float(row["ratio"])
     answers = generate_greedy(model, tokenizer, anchors.render(tokenizer), max_new_tokens=probe_tokens)
     refusals = [judge.is_refusal(a) for a in answers]
     ratio = sum(refusals) / len(refusals)

@@ -71,11 +71,15 @@ class Workspace:
 
         return cached_reference(model, tokenizer, anchors, fingerprint or self.base_fingerprint, self.home)
 
+    def base_refusal_ratio_path(self, anchors_hash: str, fingerprint: str | None = None) -> Path:
+        """Where the base's own refusal ratio on the anchors is cached: beside their reference states."""
+        return self.references_path(anchors_hash, fingerprint).with_suffix(".refusals.json")
+
     def base_refusal_ratio(self, model: Any, tokenizer: Any, anchors: Any, fingerprint: str | None = None) -> float:
-        """The base's own refusal ratio on `anchors` (cached next to their reference states)."""
+        """The base's own refusal ratio on `anchors` (cached; computed on a miss with `model`)."""
         from guard.vetting import base_refusal_ratio
 
-        path = self.references_path(anchors.hash, fingerprint).with_suffix(".refusals.json")
+        path = self.base_refusal_ratio_path(anchors.hash, fingerprint)
         return base_refusal_ratio(model, tokenizer, anchors, self.cfg.drift.probe_tokens, path)
 
     def prepared_lock(self, fingerprint: str | None = None) -> Path:

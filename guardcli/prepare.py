@@ -48,10 +48,15 @@ def prepare(config: ConfigOpt = None) -> None:
     home = cfg.runtime.resolved_home()
     say(f"[3/4] reference states: {len(anchors)} anchors of set '{anchors.name}' on the aligned base")
     ws = Workspace(cfg)
-    model, tok = load_causal_lm(base, cfg.model.dtype)
-    ws.references(model, tok, anchors, fp)  # both cached: a second run only loads the model
-    base_ratio = ws.base_refusal_ratio(model, tok, anchors, fp)  # what `guard vet` compares an adapter's refusals with
-    del model
+    from guard.vetting import cached_base_refusal_ratio
+
+    # the base's own refusal ratio is what `guard vet` compares an adapter's refusals with
+    base_ratio = cached_base_refusal_ratio(ws.base_refusal_ratio_path(anchors.hash, fp), anchors, cfg.drift.probe_tokens)
+    if base_ratio is None or not ws.references_path(anchors.hash, fp).is_file():
+        model, tok = load_causal_lm(base, cfg.model.dtype)
+        ws.references(model, tok, anchors, fp)
+        base_ratio = ws.base_refusal_ratio(model, tok, anchors, fp)
+        del model
     from training.safetylock import ensure_lock
 
     say(f"[4/4] SafetyLock: top-{cfg.lock.heads} safety heads of the aligned base (first run ~3 min)")

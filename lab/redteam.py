@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from guard.workspace import Workspace
 from lab.attack import harmful_answers
 from training import data, methods, overrefusal
 from training.evaluate import answers, task_accuracy
-from training.harden import anchor_report, hparams
+from training.harden import anchor_report, drift_probe, hparams
 from training.methods import MethodInputs
 from training.methods.sbr import SBR
 from training.sft import encode
@@ -227,7 +226,7 @@ class Bench:
         self.model, self.tok = load_causal_lm(self.base, "float32")
         self.anchors = load_anchor_set(self.cfg.anchors.set, self.cfg.anchors.k, self.cfg.anchors.system_prompt)
         self.ref = cached_reference(self.model, self.tok, self.anchors, self.fp, self.cfg.runtime.resolved_home())
-        self.probe = SBR(self.anchors.render(self.tok), self.ref.states, 0.0, self.tok.pad_token_id)
+        self.probe = drift_probe(self.tok, self.anchors, self.ref)
         self.work = self.cfg.runtime.resolved_home() / "work" / "redteam" / self.fp[:16]
 
     def base_row(self) -> dict[str, Any]:
@@ -313,10 +312,3 @@ def run(cfg: GuardConfig, families: dict[str, Family], labels: list[str], sets: 
                 continue
             bench.run_unit(fam, label)
     return read_rows(out)
-
-
-def clear_unit(cfg: GuardConfig, fam: str, label: str) -> None:
-    """Forget a unit's adapters and partial rows (to re-run it from scratch)."""
-    home = cfg.runtime.resolved_home() / "work" / "redteam"
-    for d in home.glob(f"*/{fam}/{label}"):
-        shutil.rmtree(d, ignore_errors=True)

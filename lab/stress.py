@@ -36,7 +36,7 @@ from training.evaluate import refusal_rate, task_accuracy
 from guard.workspace import Workspace
 from lab.attack import attack_mix
 from training import methods
-from training.harden import anchor_report, hparams
+from training.harden import anchor_report, drift_probe, hparams
 from training.methods import MethodInputs
 from training.methods.sbr import SBR
 from training.safetylock import ensure_lock
@@ -134,7 +134,7 @@ def aligned_with_probe(cfg: GuardConfig) -> tuple[Any, Any, str, Any, Any, SBR]:
     model, tok = load_causal_lm(base, "float32")
     anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)
     ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
-    return model, tok, fp, anchors, ref, SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id)
+    return model, tok, fp, anchors, ref, drift_probe(tok, anchors, ref)
 
 
 def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stress_default") -> dict[str, Any]:

@@ -38,6 +38,12 @@ def hparams(h: HardenConfig) -> LoraHParams:
                        batch_size=h.batch_size, grad_accum=h.grad_accum, seed=h.seed)
 
 
+def drift_probe(tokenizer: Any, anchors: Any, reference: Any) -> SBR:
+    """What drift is read with: a λ=0 SBR term on the probe anchors (their batch laid out once), never the
+    anchors SBR trains on. Pass it to `anchor_report`."""
+    return SBR(anchors.render(tokenizer), reference.states, 0.0, tokenizer.pad_token_id)
+
+
 def anchor_report(model: Any, sbr_like: SBR) -> DriftReport:
     with torch.no_grad():
         return anchor_drift(sbr_like.states(model).float(), sbr_like.reference)
@@ -75,8 +81,7 @@ def harden(cfg: GuardConfig, data: Path, out: Path, resume: bool = False) -> dic
     work.mkdir(parents=True, exist_ok=True)
     log = train_lora(peft_model, examples, hp, tok.pad_token_id, reg, log_path=work / "train_log.jsonl",
                      checkpoint_dir=work, resume=resume, desc=f"harden ({h.method})")
-    # drift is read on the probe anchors (what vet and the gauge read), never on the anchors SBR pulled on
-    drift = anchor_report(peft_model, SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id))
+    drift = anchor_report(peft_model, drift_probe(tok, anchors, ref))
     meta = {
         "method": h.method, "lambda": method.lam(h),
         "hparams": asdict(hp), "examples": len(examples), "steps": len(log), "data": str(data),
@@ -112,7 +117,7 @@ def repair(cfg: GuardConfig, adapter: Path, out: Path, data: Path | None = None)
     lam = h.sbr_lambda if h.sbr_lambda > 0 else 1.0
     # pulled back on the *training* anchors; measured (and the stop decided) on the probe anchors
     sbr = methods.get("sbr").build(MethodInputs(h.model_copy(update={"sbr_lambda": lam}), model, tok, anchors, ref))
-    probe = SBR(anchors.render(tok), ref.states, 0.0, tok.pad_token_id)
+    probe = drift_probe(tok, anchors, ref)
     peft_model = PeftModel.from_pretrained(model, str(info.path), is_trainable=True)
     before = anchor_report(peft_model, probe)
     history = [before.mean_rel_l2]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from guard.errors import GuardError
-from guard.states import batch_states, last_token_states, prepare_batch
+from guard.states import batch_states, batched_states, last_token_states, prepare_batch
 from training.methods import Method, MethodInputs, register
 
 
@@ -103,14 +103,6 @@ def answer_anchor_ids(model: Any, tokenizer: Any, prompts_ids: list[list[int]], 
     return out
 
 
-def anchor_states(model: Any, ids: list[list[int]], pad_id: int, tail: int, batch_size: int = 32) -> torch.Tensor:
-    """States of `ids` at their last tail + 1 positions ([K, hidden] for tail 0), float32, no grad."""
-    with torch.no_grad():
-        rows = [batch_states(model, prepare_batch(ids[i : i + batch_size], pad_id, tail=tail)).float()
-                for i in range(0, len(ids), batch_size)]
-    return torch.cat(rows)
-
-
 def _build(inp: MethodInputs) -> SBR:
     """SBR on the training anchors, their reference taken from `inp.model` (the frozen aligned base) now: one
     prefill of K prompts (plus m greedy steps with answer tokens), seconds."""
@@ -121,7 +113,7 @@ def _build(inp: MethodInputs) -> SBR:
     ids = anchors.render(tok)
     if h.sbr_answer_tokens:
         ids = answer_anchor_ids(inp.model, tok, ids, h.sbr_answer_tokens)
-    ref = anchor_states(inp.model, ids, tok.pad_token_id, h.sbr_answer_tokens)
+    ref = batched_states(inp.model, ids, tok.pad_token_id, tail=h.sbr_answer_tokens, batch_size=32)
     per_step = min(h.sbr_anchors_per_step, len(anchors)) if h.sbr_anchors_per_step else None
     return SBR(ids, ref, h.sbr_lambda, tok.pad_token_id, per_step, tail=h.sbr_answer_tokens)
 
