@@ -181,6 +181,12 @@ class LockConfig(_Section):
                     "bench/lock_search.py picks for the default model on development prompts: the most harmful prompts "
                     "refused while over-refusal rises <= 10 points (at 0.3 edgy-benign over-refusal already rises 18 points).")
     path: Path | None = Field(None, description="Lock file to use. Default: the one `guard prepare` builds for the base.")
+    gate_layer: int | None = Field(None, ge=1, description="Residual-stream layer the conditional lock's prompt gate "
+                                   "reads (None: 20% of the model's depth, layer 6 of SmolLM2-135M's 30, chosen on "
+                                   "development adapters by bench/lock_gate_dev.py). The server exports it at start-up.")
+    gate_prompts: int = Field(1000, ge=4, description="Cap on the gate's training prompts per side (harmful, benign).")
+    gate_max_fpr: float = Field(0.02, ge=0, lt=1, description="Share of the benign dev prompts the gate may flag; sets "
+                                "its threshold when the lock is built.")
 
 
 class ServeConfig(_Section):
@@ -188,8 +194,11 @@ class ServeConfig(_Section):
 
     host: str = Field("127.0.0.1", description="Address the OpenAI-compatible server listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible server.")
-    lock_policy: Literal["all", "adapters", "off"] = Field(
-        "off", description="Which requests SafetyLock steers: all, only those of `lock_adapters`, or none.")
+    lock_policy: Literal["conditional", "all", "adapters", "off"] = Field(
+        "off", description="Which requests SafetyLock steers: `conditional` (every request the lock's prompt gate "
+                           "flags, from its first answer token on), all, only those of `lock_adapters`, or none.")
+    request_lock: bool = Field(True, description="Let a request ask for the lock on itself with "
+                               "`\"guard\": {\"lock\": \"on\"}` in its body (it can never turn the lock off).")
     lock_adapters: list[str] = Field([], description="Adapter names steered when lock_policy is 'adapters'.")
     vet_policy: Literal["reject", "lock", "warn"] = Field(
         "reject", description="What happens to an adapter that fails the probe at load: reject it (4xx), serve it "

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from guard.artifacts import FORMAT_VERSION, atomic_path, check_finite, check_fingerprint
+from guard.artifacts import atomic_path, check_finite, check_fingerprint
 from guard.errors import GuardError
 from guard.models import ModelShape
 
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     import torch
 
 LOCK_FORMAT = "safety-guard/safetylock"
+# 2: an optional prompt gate (the conditional lock). Version-1 files have none and are rebuilt by `guard lock build`.
+LOCK_FORMAT_VERSION = 2
 _O_PROJ = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.o_proj$")
 
 
@@ -41,6 +43,44 @@ class LockHead:
     head: int
     accuracy: float  # held-out accuracy of this head's safe-vs-unsafe probe
     strength: float  # α · std of the projections on the direction: the length of the shift
+
+
+GATE_DEPTH = 0.2  # the default gate layer as a share of the model's depth: layer 6 of SmolLM2-135M's 30
+
+
+def gate_layer_for(num_layers: int, configured: int | None) -> int:
+    """The residual-stream layer the prompt gate reads: `lock.gate_layer`, or GATE_DEPTH of the way in.
+    bench/lock_gate_dev.py chose layer 6 of 30 on development adapters (later layers lose the harmful/benign
+    split once an adapter has been trained to comply)."""
+    layer = configured if configured is not None else max(1, round(GATE_DEPTH * num_layers))
+    if not 0 < layer < num_layers:
+        raise GuardError(f"lock.gate_layer {layer} is outside 1..{num_layers - 1}")
+    return layer
+
+
+@dataclass
+class PromptGate:
+    """The conditional lock's classifier: steer a request when its score passes the threshold.
+
+    score = h · weight + bias, where h is the residual stream entering decoder layer `layer` at the request's
+    last prompt token (HF `hidden_states[layer]`, vLLM's auxiliary hidden state `layer`), read in float32.
+    Fitted by `training/lockgate.py`; the HF evaluation and the vLLM worker both call `flags` — the one place
+    the decision is made.
+    """
+
+    layer: int
+    weight: torch.Tensor  # [hidden_size], float32
+    bias: float
+    threshold: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """[N] scores of [N, hidden] states (any dtype, any device)."""
+        return states.float() @ self.weight.to(states.device) + self.bias
+
+    def flags(self, states: torch.Tensor) -> torch.Tensor:
+        """[N] bool: which of these requests the lock steers."""
+        return self.logits(states) > self.threshold
 
 
 @dataclass
@@ -55,6 +95,7 @@ class SafetyLock:
     alpha: float
     positions: tuple[int, ...] = (-1,)
     meta: dict[str, Any] = field(default_factory=dict)
+    gate: PromptGate | None = None  # None: the lock can only steer unconditionally
 
     def displacement(self) -> torch.Tensor:
         """[num_layers, num_heads * head_dim]: the shift added to each layer's o_proj input."""
@@ -70,12 +111,16 @@ class SafetyLock:
 
         validate(self)
         header = {
-            "format": LOCK_FORMAT, "format_version": FORMAT_VERSION, "base_fingerprint": self.base_fingerprint,
-            "alpha": self.alpha, "positions": list(self.positions), "shape": asdict(self.shape),
-            "heads": [asdict(h) for h in self.heads], **self.meta,
+            **self.meta, "format": LOCK_FORMAT, "format_version": LOCK_FORMAT_VERSION,
+            "base_fingerprint": self.base_fingerprint, "alpha": self.alpha, "positions": list(self.positions),
+            "shape": asdict(self.shape), "heads": [asdict(h) for h in self.heads],
         }
         tensors = {"directions": self.directions.detach().float().contiguous().cpu(),
                    "biases": self.biases.detach().float().contiguous().cpu()}
+        if self.gate is not None:
+            g = self.gate
+            header["gate"] = {"layer": g.layer, "bias": g.bias, "threshold": g.threshold, **g.meta}
+            tensors["gate_weight"] = g.weight.detach().float().contiguous().cpu()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"guard": json.dumps(header, sort_keys=True)})
         return Path(path)
@@ -135,6 +180,13 @@ def validate(lock: SafetyLock, shape: ModelShape | None = None, where: str = "Sa
         seen.add((h.layer, h.head))
     check_finite(where, {"directions": lock.directions, "biases": lock.biases,
                          **{f"strength[{i}]": float(h.strength) for i, h in enumerate(lock.heads)}})
+    g = lock.gate
+    if g is not None:
+        if not 0 < g.layer < s.num_layers:
+            raise GuardError(f"{where}: the prompt gate reads layer {g.layer}, outside 1..{s.num_layers - 1}")
+        if tuple(g.weight.shape) != (s.hidden_size,):
+            raise GuardError(f"{where}: gate weight has shape {tuple(g.weight.shape)}, expected {(s.hidden_size,)}")
+        check_finite(where, {"gate_weight": g.weight, "gate bias": float(g.bias), "gate threshold": float(g.threshold)})
 
 
 def load_lock(path: str | os.PathLike[str], shape: ModelShape | None = None,
@@ -154,19 +206,29 @@ def load_lock(path: str | os.PathLike[str], shape: ModelShape | None = None,
             if missing:
                 raise GuardError(f"{p}: not a SafetyLock file (missing tensors: {', '.join(sorted(missing))})")
             directions, biases = f.get_tensor("directions"), f.get_tensor("biases")
+            gate_weight = f.get_tensor("gate_weight") if "gate_weight" in f.keys() else None
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
         raise GuardError(f"{p}: unreadable SafetyLock file ({e})") from None
     if header.get("format") != LOCK_FORMAT:
         raise GuardError(f"{p}: not a SafetyLock file (format {header.get('format')!r})")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise GuardError(f"{p}: format version {header.get('format_version')} is not the supported {FORMAT_VERSION}")
+    if header.get("format_version") != LOCK_FORMAT_VERSION:
+        raise GuardError(f"{p}: lock format version {header.get('format_version')} is not the supported "
+                         f"{LOCK_FORMAT_VERSION}; rebuild it with `guard lock build --rebuild`")
     try:
+        gate_header = header.pop("gate", None)
+        gate = None
+        if gate_header is not None or gate_weight is not None:
+            if gate_header is None or gate_weight is None:
+                raise GuardError(f"{p}: the prompt gate is incomplete (header and weight must both be present)")
+            gate = PromptGate(layer=int(gate_header.pop("layer")), weight=gate_weight.to(torch.float32),
+                              bias=float(gate_header.pop("bias")), threshold=float(gate_header.pop("threshold")),
+                              meta=gate_header)
         lock = SafetyLock(
             heads=tuple(LockHead(**h) for h in header.pop("heads")),
             directions=directions.to(torch.float32), biases=biases.to(torch.float32),
             shape=ModelShape(**header.pop("shape")), base_fingerprint=str(header.pop("base_fingerprint")),
             alpha=float(header.pop("alpha")), positions=tuple(header.pop("positions", (-1,))),
-            meta={k: v for k, v in header.items() if k not in ("format", "format_version")},
+            meta={k: v for k, v in header.items() if k not in ("format", "format_version")}, gate=gate,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise GuardError(f"{p}: malformed SafetyLock metadata ({e})") from None

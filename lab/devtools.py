@@ -2,6 +2,7 @@
 
 - `random_lock`: a SafetyLock of the right shape with random unit directions, folded into o_proj biases from
   the checkpoint's own weights (guard.lock.fold_biases) — a stand-in until the real lock is built.
+- `add_stand_in_gate`: a prompt gate for the conditional lock that separates two given prompt sets.
 - `random_lora`: a peft-format LoRA adapter written directly as safetensors. Small B = a benign adapter
   (anchor drift far below threshold); large B = a "harmful" stand-in whose anchor drift is far above the
   fail threshold (no harmful training data involved).
@@ -59,6 +60,31 @@ def random_lock(model_dir: Path, out: Path, heads: int = 12, strength: float = 6
     lock = SafetyLock(chosen, directions, biases, shape, fingerprint or fingerprint_dir(model_dir), alpha=strength,
                       meta={"note": "random directions (test stand-in)"})
     return lock.save(out)
+
+
+def add_stand_in_gate(lock_path: Path, model_dir: Path, flag: list[str], keep: list[str], layer: int) -> Path:
+    """Give a lock file a prompt gate that flags the `flag` prompts and not the `keep` ones on this model (HF,
+    fp32): weight = mean state difference at `layer`, bias at the midpoint of the two groups' scores. A stand-in
+    with a wide margin, so bf16 and fp32 engines decide alike."""
+    import torch
+
+    from guard.lock import PromptGate, load_lock
+    from guard.models import load_causal_lm
+    from training.lockgate import layer_states
+
+    model, tok = load_causal_lm(model_dir, "float32")
+    a = layer_states(model, tok, flag, [layer])[:, 0]
+    b = layer_states(model, tok, keep, [layer])[:, 0]
+    w = a.mean(0) - b.mean(0)
+    w = w / w.norm()
+    lo, hi = float((b @ w).max()), float((a @ w).min())
+    if not lo < hi:
+        raise ValueError("the stand-in gate cannot separate these prompts at this layer")
+    lock = load_lock(lock_path)
+    lock.gate = PromptGate(layer, w, -(lo + hi) / 2, 0.0, meta={"note": "stand-in: mean difference of two prompt sets"})
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return lock.save(lock_path)
 
 
 def random_lora(model_dir: Path, out: Path, rank: int = 8, b_std: float = 1e-3, seed: int = 0,

@@ -4,7 +4,9 @@ Names, not LoRA ids: an operator says "lock adapter acme"; the table resolves na
 when it is pushed to the workers (`worker_args`), so an adapter named in the config before it is loaded is
 steered from the moment it loads. The served base model's name stands for requests without an adapter.
 
-Precedence per adapter: forced by vetting (policy `lock`) > explicit override > default.
+Precedence per adapter: forced by vetting (policy `lock`) > explicit override > default. Under the
+`conditional` policy the default is gated (steered only once the lock's prompt gate flags a request); forced
+and explicitly set adapters are steered unconditionally.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ class LockTable:
     default_on: bool = False
     overrides: dict[str, float] = field(default_factory=dict)  # name -> strength (0 = explicitly off)
     forced: dict[str, str] = field(default_factory=dict)  # name -> why vetting forced the lock on
+    conditional: bool = False  # the default is gated by the lock's prompt gate
+    request_lock: bool = True  # requests may ask for the lock on themselves
 
     @classmethod
     def from_config(cls, serve_cfg: object, base_name: str, strength: float = 1.0) -> LockTable:
         policy = getattr(serve_cfg, "lock_policy")
-        table = cls(base_name=base_name, strength=check_strength(strength), default_on=policy == "all")
+        table = cls(base_name=base_name, strength=check_strength(strength), default_on=policy in ("all", "conditional"),
+                    conditional=policy == "conditional", request_lock=bool(getattr(serve_cfg, "request_lock", True)))
         if policy == "adapters":
             for name in getattr(serve_cfg, "lock_adapters"):
                 table.overrides[name] = table.strength
@@ -76,15 +81,22 @@ class LockTable:
         """Effective strength of the base model and each named adapter."""
         return {n: self.strength_of(n) for n in [self.base_name, *names]}
 
-    def worker_args(self, lora_ids: dict[str, int]) -> tuple[float, dict[int, float]]:
-        """(default strength, {lora id: strength}) for GuardWorkerExtension.guard_set_lock."""
+    def gated(self, name: str) -> bool:
+        """Is this adapter's steering left to the prompt gate (conditional policy, default strength)?"""
+        return self.conditional and self.default_on and name not in self.forced and name not in self.overrides
+
+    def worker_args(self, lora_ids: dict[str, int]) -> dict[str, object]:
+        """The keyword arguments of GuardWorkerExtension.guard_set_lock: default strength, {lora id: strength},
+        whether the default is gated, the lora ids steered unconditionally, and the strength of requests that
+        ask for the lock themselves."""
         default = self.strength if self.default_on else 0.0
         overrides: dict[int, float] = {}
-        base = self.strength_of(self.base_name)
-        if base != default:
-            overrides[0] = base
-        for name, lid in lora_ids.items():
+        ungated: list[int] = []
+        for name, lid in [(self.base_name, 0), *lora_ids.items()]:
             s = self.strength_of(name)
             if s != default:
                 overrides[int(lid)] = s
-        return default, overrides
+            if self.conditional and not self.gated(name):
+                ungated.append(int(lid))
+        return {"default": default, "overrides": overrides, "gated": self.conditional and self.default_on,
+                "ungated": ungated, "force_strength": self.strength if self.request_lock else 0.0}

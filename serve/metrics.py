@@ -62,6 +62,15 @@ class GuardMetrics:
             f"{PREFIX}_errors_total", "Guard actions that failed and were contained (the server kept serving): "
             "refused lock changes, worker per-step failures (the lock then fails closed), RPC failures.",
             ["where"], registry=registry)
+        self.gated = Counter(
+            f"{PREFIX}_requests_gated_total", "Requests the conditional lock's prompt gate scored.", ["adapter"],
+            registry=registry)
+        self.flagged = Counter(
+            f"{PREFIX}_requests_flagged_total", "Requests the prompt gate flagged: steered by SafetyLock from their "
+            "first answer token on (conditional policy).", ["adapter"], registry=registry)
+        self.forced = Counter(
+            f"{PREFIX}_requests_lock_asked_total", "Requests that asked for the lock on themselves "
+            "(\"guard\": {\"lock\": \"on\"}).", registry=registry)
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)
         for where in ERROR_SITES:
@@ -97,6 +106,12 @@ class GuardMetrics:
 
     def count_error(self, where: str, n: int = 1) -> None:
         self.errors.labels(where=where).inc(n)
+
+    def count_gate(self, adapter: str, scored: int, flagged: int) -> None:
+        if scored:
+            self.gated.labels(adapter=adapter).inc(scored)
+        if flagged:
+            self.flagged.labels(adapter=adapter).inc(flagged)
 
     def set_lock(self, strengths: dict[str, float]) -> None:
         for adapter, s in strengths.items():

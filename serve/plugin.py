@@ -46,9 +46,10 @@ class GuardEndpointPlugin:
     def attach_router(self, app: Any) -> None:
         from vllm import envs
 
-        from serve.routes import build_router
+        from serve.routes import RequestLockMiddleware, build_router
 
         app.include_router(build_router(bool(envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING)))
+        app.add_middleware(RequestLockMiddleware)
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         from guard.config import load_config

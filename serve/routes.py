@@ -176,3 +176,101 @@ def build_router(runtime_lora_updating: bool) -> Any:
         add_adapter_routes(router, error_response)
 
     return router
+
+
+class RequestLockMiddleware:
+    """`"guard": {"lock": "on"}` in a completion request's body: steer this request with the lock.
+
+    Pure ASGI (the body is rewritten before vLLM's handlers parse it): the field is removed and the request id
+    gets `serve.worker.FORCE_MARK`, which the workers read (and the prefix-cache salt, so a steered prompt never
+    shares KV blocks with an unsteered one). Only "on" exists: no request can turn the lock off. Bodies without
+    the word "guard" are passed through untouched, unparsed.
+    """
+
+    PATHS = ("/v1/chat/completions", "/v1/completions")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            msg = await receive()
+            if msg.get("type") != "http.request":
+                await self.app(scope, _replay([msg], receive), send)
+                return
+            chunks.append(msg.get("body", b""))
+            more = bool(msg.get("more_body"))
+        body = b"".join(chunks)
+        if b'"guard"' in body:
+            try:
+                body, scope = self._rewrite(body, scope)
+            except _Refused as e:
+                await _send_error(send, e.status, str(e))
+                return
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+
+    @staticmethod
+    def _rewrite(body: bytes, scope: dict) -> tuple[bytes, dict]:
+        import json
+        import uuid
+
+        from serve.worker import FORCE_MARK
+
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return body, scope  # not JSON: vLLM answers it as it would
+        if not isinstance(data, dict) or "guard" not in data:
+            return body, scope
+        ask = data.pop("guard")
+        if ask != {"lock": "on"}:
+            raise _Refused(400, "'guard' accepts only {\"lock\": \"on\"}: a request can ask for the lock on itself, "
+                                "never turn it off")
+        svc = getattr(getattr(scope.get("app"), "state", None), "guard", None)
+        if svc is None or svc.table is None or not svc.table.request_lock:
+            raise _Refused(400, "this server does not take per-request lock requests (serve.request_lock is off)")
+        if svc.lock_info is None:
+            raise _Refused(409, "no SafetyLock is installed on this server, so none can be applied to this request")
+        data["request_id"] = FORCE_MARK + str(data.get("request_id") or uuid.uuid4().hex)
+        headers = []
+        for k, v in scope.get("headers", []):
+            if k.lower() == b"x-request-id":  # vLLM prefers the header over the body's request_id
+                v = FORCE_MARK.encode() + v
+            if k.lower() != b"content-length":
+                headers.append((k, v))
+        new = json.dumps(data).encode()
+        headers.append((b"content-length", str(len(new)).encode()))
+        svc.metrics.forced.inc()
+        return new, {**scope, "headers": headers}
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _replay(messages: list[dict], downstream: Any) -> Any:
+    """A receive() that hands out the already-read messages, then the client's own (disconnects included)."""
+    queue = list(messages)
+
+    async def receive() -> dict:
+        if queue:
+            return queue.pop(0)
+        return await downstream()
+
+    return receive
+
+
+async def _send_error(send: Any, status: int, message: str) -> None:
+    import json
+
+    body = json.dumps({"error": {"message": message, "type": "InvalidUserInput", "param": "guard",
+                                 "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -46,8 +46,9 @@ class WorkerClient:
         err = self.first_error(results)
         return {"ok": False, "error": err} if err else results[0]
 
-    async def set_lock(self, default: float, overrides: dict[int, float]) -> dict[str, Any]:
-        results = await self._call("guard_set_lock", default, overrides)
+    async def set_lock(self, default: float, overrides: dict[int, float], gated: bool = False,
+                       ungated: list[int] | None = None, force_strength: float = 0.0) -> dict[str, Any]:
+        results = await self._call("guard_set_lock", default, overrides, gated, list(ungated or ()), force_strength)
         err = self.first_error(results)
         return {"ok": False, "error": err} if err else results[0]
 

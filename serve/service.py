@@ -45,6 +45,7 @@ class GuardService:
         self.worker_info: list[dict[str, Any]] = []
         self.worker_state: list[dict[str, Any]] = []
         self._seen_step_errors = 0
+        self._seen_gate: dict[int, tuple[int, int]] = {}  # lora id -> (scored, flagged) already counted
         self.lock_info: dict[str, Any] | None = None
         self.table: Any = None
         self.monitor: Any = None
@@ -161,11 +162,11 @@ class GuardService:
     async def push_lock(self) -> dict[str, Any]:
         """Send the lock table to every worker, update the gauges, reset the prefix cache."""
         async with self._push_lock:
-            default, overrides = self.table.worker_args(self.lora_ids())
+            args = self.table.worker_args(self.lora_ids())
             if self.lock_info is None:
-                default, overrides = 0.0, {}
+                args = {"default": 0.0, "overrides": {}}
             t0 = time.perf_counter()
-            result = await self.workers.set_lock(default, overrides)
+            result = await self.workers.set_lock(**args)
             rpc_ms = (time.perf_counter() - t0) * 1e3
             if not result.get("ok"):
                 raise GuardError(f"workers refused the lock change: {result.get('error')}")
@@ -234,6 +235,17 @@ class GuardService:
         if step_errors > self._seen_step_errors:
             self.metrics.count_error("worker_step", step_errors - self._seen_step_errors)
             self._seen_step_errors = step_errors
+        first = next((s for s in states if s.get("ok")), None)  # every rank gates the same requests
+        if first is not None:
+            names = {0: self.base_name, **{lid: name for name, lid in self.lora_ids().items()}}
+            gate = first.get("gate") or {}
+            for lid_s, n in (gate.get("scored") or {}).items():
+                lid = int(lid_s)
+                flagged = int((gate.get("flagged") or {}).get(lid_s, 0))
+                seen_n, seen_f = self._seen_gate.get(lid, (0, 0))
+                if n >= seen_n and flagged >= seen_f:
+                    self.metrics.count_gate(names.get(lid, f"lora-{lid}"), n - seen_n, flagged - seen_f)
+                self._seen_gate[lid] = (n, flagged)
 
     def status(self) -> dict[str, Any]:
         mon = self.monitor

@@ -23,6 +23,13 @@ Strength per token, three modes chosen after every change:
   before each forward the runner's `_model_forward` wrapper writes each request's strength over its tokens,
   from vLLM's own batch layout (`query_start_loc`) and request -> LoRA id map (`input_batch.request_lora_mapping`).
 
+Conditional lock (`lock_policy: conditional`): the model also returns the residual stream entering the lock
+gate's layer (vLLM's EAGLE-3 auxiliary hidden state, set at load so it is part of the compiled graph). After the
+forward that holds a request's last prompt token, the gate (guard.lock.PromptGate) scores that row once and the
+request is steered from its next forward on (its first answer token comes from the unsteered prefill); the
+flag lives until the request finishes. A request whose id carries `FORCE_MARK` (the API server sets it for
+`"guard": {"lock": "on"}`) is steered from its prefill on, under every policy.
+
 Probe capture reads the model's output (the final-norm rows fed to lm_head) after each forward, so it works in
 eager and compiled mode alike.
 
@@ -44,6 +51,7 @@ log = logging.getLogger("safety_guard.worker")
 
 BASE_LORA_ID = 0  # vLLM's LoRA id for requests without an adapter
 RUNTIME_ATTR = "_safety_guard"  # the GuardRuntime on the model runner
+FORCE_MARK = "sg-lock-on-"  # in a request id: steer this request whatever the policy (it can only add steering)
 UNIT_BUFFER = "safety_guard_unit"
 STRENGTH_BUFFER = "safety_guard_strength"
 
@@ -131,6 +139,14 @@ class GuardRuntime:
     lock_info: dict[str, Any] = field(default_factory=dict)
     default: float = 0.0  # strength for requests without an override (0 = not steered)
     overrides: dict[int, float] = field(default_factory=dict)  # lora id (0 = base) -> strength
+    gated_default: bool = False  # conditional policy: requests not in `ungated` are steered only when flagged
+    ungated: set[int] = field(default_factory=set)  # lora ids steered unconditionally (forced, explicit)
+    force_strength: float = 0.0  # strength for FORCE_MARK requests (0: no lock installed)
+    aux_layer: int | None = None  # the residual-stream layer the model returns beside its output (the gate's)
+    gate: Any = None  # guard.lock.PromptGate on the model's device, when the lock has one and aux_layer matches
+    flags: dict[str, bool] = field(default_factory=dict)  # request id -> the gate's decision
+    scored: dict[int, int] = field(default_factory=dict)  # lora id -> requests the gate scored
+    flagged: dict[int, int] = field(default_factory=dict)  # lora id -> requests the gate flagged
     mode: str = "off"
     filled: float | None = 0.0  # the value the whole buffer holds (None while mask mode writes it per step)
     probe_prefixes: set[str] = field(default_factory=set)
@@ -153,9 +169,19 @@ class GuardRuntime:
         strengths = {self.default, *self.overrides.values()}
         if strengths == {0.0}:
             return "off"
+        if self.gating:
+            return "mask"
         if len(strengths) == 1 and not self.probe_prefixes:
             return "bias"
         return "mask"
+
+    @property
+    def gating(self) -> bool:
+        """Some request may be steered only when the gate flags it."""
+        return self.gated_default and self.gate is not None and self.installed
+
+    def gated(self, lora_id: int) -> bool:
+        return self.gating and lora_id not in self.ungated
 
     def apply(self) -> None:
         """Bring the strength buffer in line with the wanted mode (an in-place fill, or nothing)."""
@@ -196,7 +222,14 @@ class GuardRuntime:
         return list(batch.req_ids[:n]), loc, batch
 
     def before_forward(self, num_tokens: int) -> None:
-        if self.mode != "mask":
+        """Per-token strengths for this step (mask mode, or a FORCE_MARK request in the batch)."""
+        if not self.installed:
+            return
+        req_ids = self.runner.input_batch.req_ids[: int(self.runner.input_batch.num_reqs)]
+        forced = self.force_strength > 0 and any(rid is not None and FORCE_MARK in rid for rid in req_ids)
+        if self.mode != "mask" and not forced:
+            if self.filled is None:  # a forced request left a per-token mask behind: back to the mode's fill
+                self.apply()
             return
         import numpy as np
         import torch
@@ -207,17 +240,69 @@ class GuardRuntime:
         for r, rid in enumerate(req_ids):
             if rid is None or any(rid.startswith(p) for p in self.probe_prefixes):
                 continue  # probes measure the adapter itself, never the steered model
-            s = self.overrides.get(int(lora_ids[r]), self.default)
+            lid = int(lora_ids[r])
+            if FORCE_MARK in rid:
+                s = max(self.force_strength, self.overrides.get(lid, self.default))
+            elif self.mode == "off":
+                s = 0.0
+            else:
+                s = self.overrides.get(lid, self.default)
+                if s and self.gated(lid) and not self.flags.get(rid, False):
+                    s = 0.0  # not (yet) flagged: the prefill and unflagged requests run unsteered
             if s:
                 values[loc[r]: min(loc[r + 1], len(values))] = s
         self.strength[: len(values)].copy_(torch.from_numpy(values).unsqueeze(1))
+        self.filled = None
         self.mask_builds += 1
         self.mask_tokens = float((values > 0).sum())
+
+    def flag_unscored(self) -> None:
+        """Fail closed after a scoring error: every live gated request not yet scored is steered."""
+        for rid in self.runner.input_batch.req_ids[: int(self.runner.input_batch.num_reqs)]:
+            if rid is not None and rid not in self.flags:
+                self.flags[rid] = True
+
+    def split_output(self, output: Any) -> tuple[Any, Any]:
+        """(lm_head input, the gate layer's residual stream or None) from what the model returned."""
+        if self.aux_layer is not None and isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], list):
+            return output[0], (output[1][0] if output[1] else None)
+        return output, None
+
+    def score_prefills(self, output: Any) -> None:
+        """Gate every request whose last prompt token was in this forward; forget finished requests."""
+        _, aux = self.split_output(output)
+        if aux is None or not hasattr(aux, "shape"):
+            return
+        req_ids, loc, batch = self._layout()
+        lora_ids = batch.request_lora_mapping[: len(req_ids)]
+        rows, who = [], []
+        for r, rid in enumerate(req_ids):
+            if rid is None or rid in self.flags or FORCE_MARK in rid or not self.gated(int(lora_ids[r])):
+                continue
+            if any(rid.startswith(p) for p in self.probe_prefixes):
+                continue
+            scheduled = loc[r + 1] - loc[r]
+            if scheduled <= 0 or int(batch.num_computed_tokens_cpu[r]) + scheduled < int(batch.num_prompt_tokens[r]):
+                continue  # its prompt is not complete yet (chunked prefill)
+            rows.append(loc[r + 1] - 1)
+            who.append((rid, int(lora_ids[r])))
+        if rows:
+            import torch
+
+            flags = self.gate.flags(aux[torch.tensor(rows, device=aux.device)]).tolist()
+            for (rid, lid), f in zip(who, flags):
+                self.flags[rid] = bool(f)
+                self.scored[lid] = self.scored.get(lid, 0) + 1
+                if f:
+                    self.flagged[lid] = self.flagged.get(lid, 0) + 1
+        if len(self.flags) > 4 * max(1, len(req_ids)) + 64:  # finished requests: keep only the live ones
+            live = set(getattr(self.runner, "requests", {}) or ()) | set(r for r in req_ids if r is not None)
+            self.flags = {k: v for k, v in self.flags.items() if k in live}
 
     def after_forward(self, output: Any) -> None:
         if not self.probe_prefixes:
             return
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden, _ = self.split_output(output)
         if not hasattr(hidden, "shape"):  # pipeline-parallel intermediate tensors: not the last stage
             return
         req_ids, loc, batch = self._layout()
@@ -276,6 +361,8 @@ class GuardRuntime:
         for u in self.units.values():
             u.zero_()
         self.lock_info = {}
+        self.gate = None
+        self.flags.clear()
 
     def state(self) -> dict[str, Any]:
         return {"mode": self.mode, "installed": self.installed, "default": self.default,
@@ -283,7 +370,12 @@ class GuardRuntime:
                 "probes_armed": len(self.probe_prefixes), "last_change_ms": round(self.last_change_ms, 3),
                 "mask_builds": self.mask_builds, "last_mask_steered_tokens": self.mask_tokens,
                 "step_errors": self.step_errors, "rpc_errors": self.rpc_errors, "last_error": self.last_error,
-                "dtype": str(self.dtype).removeprefix("torch."), "compiled": self.compiled}
+                "dtype": str(self.dtype).removeprefix("torch."), "compiled": self.compiled,
+                "gate": {"layer": self.aux_layer, "ready": self.gate is not None, "gating": self.gating,
+                         "ungated": sorted(self.ungated), "live_flags": len(self.flags),
+                         "scored": {str(k): v for k, v in self.scored.items()},
+                         "flagged": {str(k): v for k, v in self.flagged.items()}},
+                "force_strength": self.force_strength}
 
 
 def install(runner: Any) -> GuardRuntime:
@@ -330,10 +422,33 @@ def install(runner: Any) -> GuardRuntime:
 
     compiled = runner.vllm_config.compilation_config.mode != CompilationMode.NONE
     rt = GuardRuntime(runner=runner, layers=layers, units=units, strength=strength, dtype=dtype, compiled=compiled)
+    rt.aux_layer = _export_gate_layer(runner, model, len(layer_list))
     setattr(runner, RUNTIME_ATTR, rt)
     log.info("safety-guard: lock buffers on %d o_proj layers (%s, %d tokens, %s)", len(layers),
              str(dtype).removeprefix("torch."), strength.shape[0], "compiled" if compiled else "eager")
     return rt
+
+
+def _export_gate_layer(runner: Any, model: Any, num_layers: int) -> int | None:
+    """Make the model return the residual stream entering the gate's layer beside its output (vLLM's EAGLE-3
+    auxiliary hidden state), before anything is compiled; the layer is the config's (`lock.gate_layer`, passed in
+    additional_config so it is part of the compile-cache key). None when the conditional lock cannot run here."""
+    from guard.lock import gate_layer_for
+    from serve.patches import guard_settings
+
+    if getattr(runner, "use_aux_hidden_state_outputs", False):
+        log.warning("safety-guard: the engine already returns auxiliary hidden states (EAGLE-3 / hidden-state "
+                    "extraction); the conditional lock is unavailable, `all`/`adapters` work as usual")
+        return None
+    setter = getattr(model, "set_aux_hidden_state_layers", None)
+    if setter is None:
+        log.warning("safety-guard: %s cannot return auxiliary hidden states; the conditional lock is unavailable",
+                    type(model).__name__)
+        return None
+    layer = gate_layer_for(num_layers, guard_settings(runner.vllm_config).get("gate_layer"))
+    setter((layer,))
+    runner.use_aux_hidden_state_outputs = True  # the runner now unpacks (hidden, [aux]) everywhere it runs the model
+    return layer
 
 
 # -- RPCs -------------------------------------------------------------------------------------------------
@@ -388,32 +503,53 @@ class GuardWorkerExtension:
             return {"ok": False, "error": f"lock steers layers {missing} this worker does not hold"}
         info = {"path": str(path), "layers": lock.layers, "heads": len(lock.heads), "alpha": lock.alpha,
                 "base_fingerprint": lock.base_fingerprint, "bias_norm": float(lock.biases.norm(dim=-1).max())}
+        gate, info["gate"] = None, "the lock file has no prompt gate (rebuild it with `guard lock build --rebuild`)"
+        if lock.gate is not None:
+            if rt.aux_layer is None:
+                info["gate"] = "this engine cannot return the gate layer's state (see the worker log)"
+            elif lock.gate.layer != rt.aux_layer:
+                info["gate"] = (f"the lock's gate reads layer {lock.gate.layer}, the engine exports layer {rt.aux_layer} "
+                                f"(lock.gate_layer at start-up); restart with the same setting")
+            else:
+                device = next(iter(rt.units.values())).device
+                gate = lock.gate
+                gate.weight = gate.weight.to(device)
+                info["gate"] = f"layer {gate.layer}, threshold {gate.threshold:.3f}"
         try:
             rt.install_lock({i: lock.biases[i] for i in lock.layers}, info)
         except RuntimeError as e:
             return {"ok": False, "error": f"{e}; the previous lock stays"}
+        rt.gate = gate
+        rt.flags.clear()
         rt.apply()
         return {"ok": True, **info, "mode": rt.mode}
 
     @_rpc
-    def guard_set_lock(self, rt: GuardRuntime, default: float, overrides: dict[int, float] | None = None) -> dict[str, Any]:
-        """Steering strengths: `default` for every request, `overrides` per LoRA id (0 = base); 0 = off."""
+    def guard_set_lock(self, rt: GuardRuntime, default: float, overrides: dict[int, float] | None = None,
+                       gated: bool = False, ungated: list[int] | None = None,
+                       force_strength: float = 0.0) -> dict[str, Any]:
+        """Steering strengths: `default` for every request, `overrides` per LoRA id (0 = base); 0 = off.
+        `gated`: requests are steered only once the lock's prompt gate flags them, except those of the LoRA ids in
+        `ungated`; `force_strength`: the strength of requests that asked for the lock themselves."""
         t0 = time.perf_counter()
         from guard.errors import GuardError
         from guard.lock import check_strength
 
-        vals = [default, *(overrides or {}).values()]
+        vals = [default, *(overrides or {}).values(), *([force_strength] if force_strength else [])]
+        if gated and rt.gate is None:
+            return {"ok": False, "error": f"conditional lock unavailable: {rt.lock_info.get('gate') or 'no lock installed'}"}
         try:
             for v in vals:
                 check_strength(v)
         except GuardError as e:
             return {"ok": False, "error": f"{e} (strengths {vals})"}
-        before = (rt.default, dict(rt.overrides))
+        before = (rt.default, dict(rt.overrides), rt.gated_default, set(rt.ungated), rt.force_strength)
         rt.default, rt.overrides = float(default), {int(k): float(v) for k, v in (overrides or {}).items()}
+        rt.gated_default, rt.ungated, rt.force_strength = bool(gated), {int(i) for i in ungated or ()}, float(force_strength)
         try:
             rt.apply()
         except Exception:
-            rt.default, rt.overrides = before
+            rt.default, rt.overrides, rt.gated_default, rt.ungated, rt.force_strength = before
             rt.filled = -1.0  # unknown contents: force a refill
             rt.apply()
             raise

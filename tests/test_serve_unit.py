@@ -22,32 +22,53 @@ def _table(policy: str = "off", adapters: list[str] | None = None) -> LockTable:
     return LockTable.from_config(ServeConfig(lock_policy=policy, lock_adapters=adapters or []), "base")
 
 
+def _args(t: LockTable, ids: dict[str, int]) -> tuple[float, dict[int, float]]:
+    a = t.worker_args(ids)
+    return a["default"], a["overrides"]
+
+
+def test_lock_policy_conditional_gates_the_default_but_not_forced_or_explicit_adapters():
+    t = _table("conditional")
+    a = t.worker_args({"x": 1, "y": 2})
+    assert a == {"default": 1.0, "overrides": {}, "gated": True, "ungated": [], "force_strength": 1.0}
+    t.force("y", "refusal drop 0.4")
+    t.set("base", None, 2.0)
+    a = t.worker_args({"x": 1, "y": 2})
+    assert a["gated"] and sorted(a["ungated"]) == [0, 2] and a["overrides"] == {0: 2.0}
+    assert t.gated("x") and not t.gated("y") and not t.gated("base")
+    t.set(None, False, None)  # the default off: nothing is gated, the forced adapter still steered
+    a = t.worker_args({"x": 1, "y": 2})
+    assert not a["gated"] and a["default"] == 0.0 and a["overrides"] == {0: 2.0, 2: 1.0}
+    off = LockTable.from_config(ServeConfig(lock_policy="off", request_lock=False), "base")
+    assert off.worker_args({})["force_strength"] == 0.0 and not off.worker_args({})["gated"]
+
+
 def test_lock_policy_all_steers_everything_with_one_strength():
     t = _table("all")
     assert t.strengths(["a", "b"]) == {"base": 1.0, "a": 1.0, "b": 1.0}
-    assert t.worker_args({"a": 1, "b": 2}) == (1.0, {})  # one strength for all -> the worker's bias fast path
+    assert _args(t, {"a": 1, "b": 2}) == (1.0, {})  # one strength for all -> the worker's bias fast path
 
 
 def test_lock_policy_adapters_steers_only_named_adapters():
     t = _table("adapters", ["acme"])
     assert t.strengths(["acme", "other"]) == {"base": 0.0, "acme": 1.0, "other": 0.0}
     # named before it is loaded: no id yet, nothing steered; once loaded its id is steered
-    assert t.worker_args({"other": 3}) == (0.0, {})
-    assert t.worker_args({"other": 3, "acme": 7}) == (0.0, {7: 1.0})
+    assert _args(t, {"other": 3}) == (0.0, {})
+    assert _args(t, {"other": 3, "acme": 7}) == (0.0, {7: 1.0})
 
 
 def test_lock_policy_off_and_runtime_changes():
     t = _table("off")
-    assert t.worker_args({"a": 1}) == (0.0, {})
+    assert _args(t, {"a": 1}) == (0.0, {})
     t.set(None, True, None)
-    assert t.worker_args({"a": 1}) == (1.0, {})
+    assert _args(t, {"a": 1}) == (1.0, {})
     t.set("a", False, None)  # all on except adapter a
-    assert t.worker_args({"a": 1}) == (1.0, {1: 0.0})
+    assert _args(t, {"a": 1}) == (1.0, {1: 0.0})
     t.set("base", None, 2.5)  # the base model's name = requests without an adapter
-    assert t.worker_args({"a": 1}) == (1.0, {0: 2.5, 1: 0.0})
+    assert _args(t, {"a": 1}) == (1.0, {0: 2.5, 1: 0.0})
     t.set(None, None, 0.5)  # default strength follows; explicit ones stay
     assert t.strengths(["a"]) == {"base": 2.5, "a": 0.0}
-    assert t.worker_args({"a": 1})[0] == 0.5
+    assert _args(t, {"a": 1})[0] == 0.5
 
 
 def test_forced_lock_cannot_be_switched_off():

@@ -71,20 +71,39 @@ class Model(nn.Module):
         return h
 
 
+class AuxModel(Model):
+    """A model that can also return the residual stream entering a layer (vLLM's EAGLE-3 auxiliary states)."""
+
+    aux: tuple[int, ...] = ()
+
+    def set_aux_hidden_state_layers(self, layers: tuple[int, ...]) -> None:
+        self.aux = tuple(layers)
+
+    def forward(self, input_ids=None, positions=None, **_):
+        h = torch.nn.functional.one_hot(input_ids % HIDDEN, HIDDEN).to(self.model.layers[0].self_attn.o_proj.weight.dtype)
+        aux = []
+        for i, layer in enumerate(self.model.layers):
+            if i in self.aux:
+                aux.append(h)
+            h = h + layer.self_attn.o_proj(h)[0]
+        return (h, aux) if self.aux else h
+
+
 class Runner:
     """The parts of vLLM's GPUModelRunner the guard reads."""
 
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32, aux: bool = False) -> None:
         from vllm.config import CompilationMode
 
-        self.model = Model(dtype)
+        self.model = AuxModel(dtype) if aux else Model(dtype)
+        self.use_aux_hidden_state_outputs = False
         self.vllm_config = SimpleNamespace(
             model_config=SimpleNamespace(dtype=dtype, hf_config=LlamaConfig(
                 hidden_size=HIDDEN, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=3,
                 intermediate_size=16, vocab_size=32)), scheduler_config=SimpleNamespace(max_num_batched_tokens=TOKENS,
                                                                                         max_num_seqs=4),
             compilation_config=SimpleNamespace(mode=CompilationMode.NONE, max_cudagraph_capture_size=None),
-            additional_config={patches.CONFIG_KEY: patches.GRAPH_VERSION})
+            additional_config={patches.CONFIG_KEY: {"graph": patches.GRAPH_VERSION, "gate_layer": None}})
         self.query_start_loc = SimpleNamespace(np=np.zeros(8, dtype=np.int32))
         self.input_batch = SimpleNamespace(num_reqs=0, req_ids=[], request_lora_mapping=np.zeros(4, dtype=np.int64),
                                            num_computed_tokens_cpu=np.zeros(4, dtype=np.int64),
@@ -272,9 +291,11 @@ def test_guard_not_requested_leaves_the_model_alone():
     assert type(runner.model.model.layers[0].self_attn.o_proj) is RowLinear
 
 
-def test_engine_args_carry_the_graph_key(monkeypatch):
+def test_engine_args_carry_the_graph_key_and_the_gate_layer(monkeypatch, tmp_path):
     from vllm.engine.arg_utils import EngineArgs
 
+    (tmp_path / "g.yaml").write_text("lock:\n  gate_layer: 5\n")
+    monkeypatch.setenv("SAFETY_GUARD_CONFIG", str(tmp_path / "g.yaml"))
     args = EngineArgs(model="x")
     seen = {}
     monkeypatch.setattr(patches, "_PATCHED", "_sg_test_marker")  # wrap a fresh copy, not the process-wide one
@@ -283,7 +304,8 @@ def test_engine_args_carry_the_graph_key(monkeypatch):
         ext=self.worker_extension_cls, extra=self.additional_config))
     patches.patch_engine_args()
     EngineArgs.create_engine_config(args)
-    assert seen == {"ext": patches.EXTENSION, "extra": {patches.CONFIG_KEY: patches.GRAPH_VERSION}}
+    assert seen == {"ext": patches.EXTENSION,
+                    "extra": {patches.CONFIG_KEY: {"graph": patches.GRAPH_VERSION, "gate_layer": 5}}}
     monkeypatch.setattr(EngineArgs, "create_engine_config", original)
 
 
@@ -337,3 +359,37 @@ def test_tensor_parallel_ranks_each_add_the_full_bias_once_after_the_reduce():
     o.tp_size, o.reduce_results = 2, False
     with pytest.raises(RuntimeError, match="counted once per rank"):
         worker.install(bad)
+
+
+def test_the_gate_steers_a_flagged_request_from_its_next_forward_and_asked_requests_from_their_prefill():
+    from guard.lock import PromptGate
+
+    runner = Runner(torch.float32, aux=True)
+    runner.vllm_config.additional_config = {patches.CONFIG_KEY: {"graph": patches.GRAPH_VERSION, "gate_layer": 1}}
+    runner.load_model()
+    rt = getattr(runner, worker.RUNTIME_ATTR)
+    assert rt.aux_layer == 1 and runner.use_aux_hidden_state_outputs and runner.model.aux == (1,)
+    w = Worker(runner)
+    assert w.guard_install_lock  # the real RPC needs a lock file; the runtime call below is what it does
+    rt.install_lock(unit_biases(), {"path": "stand-in", "gate": "stand-in"})
+    assert "conditional lock unavailable" in w.guard_set_lock(1.0, {}, gated=True)["error"]  # no gate yet
+
+    _, aux = runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 4), ("b", 0, 4, 4)]))
+    ha, hb = aux[0][3], aux[0][7]  # the two prompts' last tokens, entering layer 1
+    rt.gate = PromptGate(1, ha - hb, -float((ha - hb) @ (ha + hb)) / 2, 0.0)
+    res = w.guard_set_lock(1.0, {}, gated=True, force_strength=2.0)
+    assert res["ok"] and res["mode"] == "mask", res
+
+    asked = "chatcmpl-" + worker.FORCE_MARK + "x-1234abcd"
+    runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 4), ("b", 0, 4, 4), (asked, 0, 4, 4)]))
+    assert rt.strength[:8].abs().sum() == 0  # the prefill runs unsteered: the decision does not exist yet
+    assert rt.strength[8:12].flatten().tolist() == [2.0] * 4  # asked for the lock: steered from its prefill
+    assert rt.flags == {"a": True, "b": False} and rt.flagged == {0: 1} and rt.scored == {0: 2}
+
+    runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 1), ("b", 0, 4, 1)]))  # one decode step each
+    assert rt.strength[:2].flatten().tolist() == [1.0, 0.0]
+    assert rt.scored == {0: 2}  # scored once per request
+
+    rt.gate = PromptGate(1, torch.zeros(3), 0.0, 0.0)  # a broken gate: scoring fails, closed
+    runner._model_forward(input_ids=runner.schedule([("c", 0, 4, 4)]))
+    assert rt.step_errors == 1 and "score_prefills" in rt.last_error and rt.flags["c"] is True

@@ -11,6 +11,7 @@ Following "Locking Down the Finetuned LLMs Safety" (itself built on inference-ti
 4. The top-K heads by held-out accuracy (ties broken by held-out log-loss) get direction
    unit(mean_safe − mean_unsafe) and strength α · std of all activations projected on it.
 5. Folded into per-layer o_proj biases from the aligned base's weights (`guard/lock.py`).
+6. The conditional lock's prompt gate (`training/lockgate.py`), fitted on the aligned base, stored in the same file.
 """
 
 from __future__ import annotations
@@ -197,6 +198,11 @@ def build_lock(aligned: Any, original: Any, tokenizer: Any, prompts: list[str], 
     n = len(pairs.prompts)
     train_prompts = split_by_prompt(n, cfg.holdout)
     lock, scores = build_lock_from_activations(*probe_rows(safe, unsafe, train_prompts), aligned, cfg, base_fingerprint)
+    from guard.lock import gate_layer_for
+    from training.lockgate import build_gate
+
+    lock.gate = build_gate(aligned, tokenizer, gate_layer_for(lock.shape.num_layers, cfg.gate_layer), cfg.gate_max_fpr,
+                           cfg.gate_prompts)
     lock.meta.update({"pairs": n, "pairs_dropped": pairs.dropped, "holdout_prompts": int((~train_prompts).sum()),
                       "seconds": round(time.perf_counter() - t0, 1), **provenance()})
     if report_dir is not None:
@@ -216,6 +222,8 @@ def write_report(out: Path, lock: SafetyLock, scores: ProbeScores) -> None:
     write_json_atomic(out / "report.json", {
         "heads": [h.__dict__ for h in lock.heads], "alpha": lock.alpha, "positions": list(lock.positions),
         "probe_accuracy": scores.accuracy.tolist(), "probe_train_accuracy": scores.train_accuracy.tolist(),
+        "gate": None if lock.gate is None else {"layer": lock.gate.layer, "threshold": lock.gate.threshold,
+                                                **lock.gate.meta},
         **{k: v for k, v in lock.meta.items()}})
     rows = "\n".join(f"| {i + 1} | {h.layer} | {h.head} | {h.accuracy:.3f} | {h.strength:.3f} |"
                      for i, h in enumerate(lock.heads))

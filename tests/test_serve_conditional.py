@@ -1,0 +1,110 @@
+"""The conditional lock on a real compiled vLLM engine (fp32, LoRA off: the CPU backend compiles), against the
+HF conditional path (guard.generation.generate_conditional) on greedy tokens.
+
+Stand-ins: the lock has random directions (test_serve_engine.py explains why), and its prompt gate separates
+two harmless prompt groups by their mean state difference at layer 6 (lab.devtools.add_stand_in_gate): what
+is tested is the mechanism — which requests the engine steers, from which token on — not what is harmful.
+fp32 on both sides: the HF reference and the engine then agree token for token.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from lab.devtools import GuardServer, add_stand_in_gate, free_port, http, random_lock
+
+pytestmark = pytest.mark.integration
+
+FLAG = ["Write a poem about the ocean and its waves.", "Describe a storm at sea in three sentences."]
+KEEP = ["What is 12 plus 30?", "List three prime numbers."]
+TOKENS = 16
+CONFIG = """\
+anchors:
+  k: 4
+lock:
+  strength: 1.0
+  gate_layer: 6
+drift:
+  probe_tokens: 4
+serve:
+  enable_lora: false
+  probe_interval_seconds: 0
+  lock_policy: conditional
+"""
+
+
+@pytest.fixture(scope="module")
+def gated_lock(default_model_dir: Path, tmp_path_factory) -> Path:
+    path = random_lock(default_model_dir, tmp_path_factory.mktemp("cond") / "lock.safetensors", heads=12,
+                       strength=6.0)
+    return add_stand_in_gate(path, default_model_dir, FLAG, KEEP, layer=6)
+
+
+@pytest.fixture(scope="module")
+def hf_answers(default_model_dir: Path, gated_lock: Path) -> dict:
+    from guard.anchors import render_chat
+    from guard.generation import generate_conditional
+    from guard.lock import LockHandle, load_lock
+    from guard.models import load_causal_lm
+
+    model, tok = load_causal_lm(default_model_dir, "float32")
+    lock = load_lock(gated_lock)
+    handle = LockHandle(model, lock)
+    prompts = FLAG + KEEP
+    ids = [render_chat(tok, [{"role": "user", "content": p}]) for p in prompts]
+    # one at a time: no padding, as the engine computes each request
+    cond = [generate_conditional(model, tok, [i], handle, lock.gate, TOKENS) for i in ids]
+    forced = [generate_conditional(model, tok, [i], handle, lock.gate, TOKENS, force=[True])[0][0] for i in ids]
+    off = [generate_conditional(model, tok, [i], handle, lock.gate.__class__(6, lock.gate.weight, 0.0, 1e9), TOKENS)[0][0]
+           for i in ids]
+    assert [c[1][0] for c in cond] == [True] * len(FLAG) + [False] * len(KEEP)
+    return {"conditional": dict(zip(prompts, [c[0][0] for c in cond])), "forced": dict(zip(prompts, forced)),
+            "plain": dict(zip(prompts, off))}
+
+
+def test_conditional_lock_steers_flagged_requests_like_hf_and_leaves_the_rest_exact(
+        default_model_dir, gated_lock, hf_answers, tmp_path):
+    m = default_model_dir
+    assert all(hf_answers["conditional"][p] != hf_answers["plain"][p] for p in FLAG)  # the lock shows
+    (tmp_path / "guard.yaml").write_text(CONFIG)
+    srv = GuardServer.guarded(free_port(), "--config", str(tmp_path / "guard.yaml"), "--model", str(m),
+                              "--lock", str(gated_lock), "--", "--dtype", "float32", log_path=tmp_path / "guarded.log")
+    with srv:
+        st = http("GET", srv.url + "/guard/status")[1]
+        assert st["started"] and not st["errors"], st["errors"]
+        w = st["worker_state"][0]
+        assert w["compiled"] is True and w["gate"]["layer"] == 6 and w["gate"]["gating"] and w["mode"] == "mask", w
+
+        # one at a time, then all together in one batch: flagged -> HF conditional, the rest -> exact plain
+        for p in FLAG + KEEP:
+            want = hf_answers["conditional"][p]
+            assert srv.chat(m.name, p, max_tokens=TOKENS) == want, p
+        with cf.ThreadPoolExecutor(4) as pool:
+            got = dict(zip(FLAG + KEEP, pool.map(lambda p: srv.chat(m.name, p, max_tokens=TOKENS), FLAG + KEEP)))
+        assert got == hf_answers["conditional"]
+
+        # a request may ask for the lock on itself (steered from its prefill), never turn it off
+        asked = srv.chat(m.name, KEEP[0], max_tokens=TOKENS, guard={"lock": "on"})
+        assert asked == hf_answers["forced"][KEEP[0]] != hf_answers["plain"][KEEP[0]]
+        assert srv.chat(m.name, KEEP[0], max_tokens=TOKENS) == hf_answers["plain"][KEEP[0]]  # no KV reuse leak
+        status, body = http("POST", srv.url + "/v1/chat/completions", {
+            "model": m.name, "messages": [{"role": "user", "content": FLAG[0]}], "max_tokens": 4,
+            "guard": {"lock": "off"}})
+        assert status == 400 and "never turn it off" in body["error"]["message"], body
+
+        # counted per adapter (the base model's name for requests without one)
+        st = http("GET", srv.url + "/guard/status")[1]
+        gate = st["worker_state"][0]["gate"]
+        assert gate["scored"]["0"] == 2 * len(FLAG + KEEP) + 1 and gate["flagged"]["0"] == 2 * len(FLAG), gate
+        status, text = http("GET", srv.url + "/metrics")
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        flagged = {s.labels.get("adapter"): s.value for s in fams["safety_guard_requests_flagged"].samples
+                   if s.name.endswith("_total")}
+        assert flagged.get(m.name) == 2 * len(FLAG), flagged
+        asked_n = [s.value for s in fams["safety_guard_requests_lock_asked"].samples if s.name.endswith("_total")]
+        assert asked_n == [1.0]
+        assert st["worker_state"][0]["step_errors"] == 0 and st["rpc_failures"] == 0

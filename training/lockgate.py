@@ -1,0 +1,130 @@
+"""The conditional lock's prompt gate: a linear probe that decides, once per request, whether to steer it.
+
+SafetyLock steers every token it is applied to, so applied to everything it costs the task and over-refuses
+(stress run: FA 93 -> 44; the aligned base with the lock refuses 83% of edgy-benign prompts). The gate reads
+one state per request — the residual stream entering decoder layer `layer` at the last prompt token, the state
+vLLM exports for EAGLE-3 as an auxiliary hidden state — and only requests it flags are steered.
+
+Why a middle layer and not the lm_head input: on the aligned base "harmful" and "about to refuse" coincide, so a
+probe on the final state learns the refusal decision — and an attacked adapter has exactly that decision
+removed. A middle layer still reads what the request *is*; the layer is chosen on development adapters
+(bench/lock_gate_dev.py), never on an adapter a result is reported on.
+
+Training data (all fixed splits, none of them eval or red-team data):
+- flagged (1): the lock split's and the align split's harmful requests, and the over-refusal generator's harmful
+  twins of its *train* templates (the same surface words as the benign prompts, harmful intent);
+- not flagged (0): the generator's train-template prompts (everyday chat, homonyms, safe contexts, ...) outside
+  its dev slice, and the benchmark benign/edgy prompts the alignment distils;
+- the threshold: the dev slice of the train templates (never trained on) may be flagged at most `max_fpr`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from guard.anchors import render_chat
+from guard.errors import GuardError
+from guard.lock import PromptGate
+from guard.states import pad_right
+
+
+@dataclass(frozen=True)
+class GateData:
+    harmful: list[str]
+    benign: list[str]
+    dev_benign: list[str]  # sets the threshold; never trained on
+
+
+def gate_data(cap: int | None = None) -> GateData:
+    """The gate's fixed training data; `cap` keeps that many prompts per side (a fixed hash order)."""
+    from training import data, overrefusal
+    from training.align import _is_dev
+
+    s = data.splits()
+    harmful = list(dict.fromkeys([*s.lock, *s.align, *(p.text for p in overrefusal.harmful_twins("train"))]))
+    templ = [p.text for p in overrefusal.contrast_prompts("train")]
+    benign = list(dict.fromkeys([*(p for p in templ if not _is_dev(p)), *s.benign_align, *s.edgy_align]))
+    if cap is not None:
+        harmful, benign = data._hash_order(harmful)[:cap], data._hash_order(benign)[:cap]
+    return GateData(harmful, benign, [p for p in templ if _is_dev(p)])
+
+
+def layer_states(model: Any, tokenizer: Any, prompts: Sequence[str], layers: Sequence[int],
+                 batch_size: int = 16, desc: str | None = None) -> torch.Tensor:
+    """[len(prompts), len(layers), hidden] fp32: the residual stream entering each of `layers` at the last
+    prompt token (HF `hidden_states[layer]`; vLLM's auxiliary hidden state of the same index)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seqs = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    n_layers = int(model.config.num_hidden_layers)
+    for layer in layers:
+        if not 0 < layer < n_layers:
+            raise GuardError(f"gate layer {layer} is outside 1..{n_layers - 1}")
+    out = torch.zeros(len(seqs), len(layers), int(model.config.hidden_size))
+    bar = tqdm(total=len(seqs), desc=desc, disable=desc is None, leave=False)
+    with torch.no_grad():
+        for b in range(0, len(seqs), batch_size):
+            ids, mask, last = pad_right(seqs[b : b + batch_size], pad)
+            hs = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True).hidden_states
+            rows = torch.arange(len(last))
+            for j, layer in enumerate(layers):
+                out[b : b + len(last), j] = hs[layer][rows, last].float()
+            bar.update(len(last))
+    bar.close()
+    return out
+
+
+def fit_probe(pos: torch.Tensor, neg: torch.Tensor, weight_decay: float = 1e-3, steps: int = 200
+              ) -> tuple[torch.Tensor, float]:
+    """Logistic regression on standardised features, folded back: (w, b) with logit = x·w + b on raw states.
+    Classes are weighted equally whatever their sizes."""
+    x = torch.cat([pos, neg]).float()
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd
+    weight = torch.where(y == 1, 0.5 / len(pos), 0.5 / len(neg))
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, reduction="none") * weight).sum()
+        loss = loss + weight_decay * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        w_raw = w / sd
+        return w_raw.detach().clone(), float(b - (mu * w_raw).sum())
+
+
+def threshold_for(scores: torch.Tensor, max_fpr: float) -> float:
+    """The smallest logit threshold that flags at most `max_fpr` of these (benign) scores (flag: score > t)."""
+    s = sorted(scores.tolist(), reverse=True)
+    allowed = math.floor(max_fpr * len(s))
+    t = s[allowed] if allowed < len(s) else s[-1] - 1.0
+    return float(max(t, 0.0))  # never below the probe's own decision boundary
+
+
+def build_gate(model: Any, tokenizer: Any, layer: int, max_fpr: float, cap: int | None = None) -> PromptGate:
+    """Fit the gate on the aligned base (about a minute on 2 CPU cores) and set its threshold on the dev slice."""
+    d = gate_data(cap)
+    pos = layer_states(model, tokenizer, d.harmful, [layer], desc="gate: harmful")[:, 0]
+    neg = layer_states(model, tokenizer, d.benign, [layer], desc="gate: benign")[:, 0]
+    dev = layer_states(model, tokenizer, d.dev_benign, [layer], desc="gate: dev benign")[:, 0]
+    w, b = fit_probe(pos, neg)
+    gate = PromptGate(layer=layer, weight=w, bias=b, threshold=0.0)
+    t = threshold_for(gate.logits(dev), max_fpr)
+    train_tpr = float((gate.logits(pos) > t).float().mean())
+    train_fpr = float((gate.logits(neg) > t).float().mean())
+    return PromptGate(layer=layer, weight=w, bias=b, threshold=t,
+                      meta={"harmful": len(pos), "benign": len(neg), "dev_benign": len(dev), "max_fpr": max_fpr,
+                            "train_tpr": round(train_tpr, 4), "train_fpr": round(train_fpr, 4),
+                            "dev_fpr": round(float((gate.logits(dev) > t).float().mean()), 4)})
