@@ -8,13 +8,15 @@ from typing import Annotated, Optional
 
 import typer
 
+from guard.errors import GuardError
 from guardcli.common import ConfigOpt, say, setup
 
 app = typer.Typer(help="SafetyLock: build head-steering vectors from the aligned base, try them, measure them.",
                   no_args_is_help=True)
 
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", "-a", help="peft LoRA adapter dir of the base (default: none, the base alone).")]
-StrengthOpt = Annotated[Optional[float], typer.Option("--strength", help="Scale on the built strength (default: lock.strength).")]
+StrengthOpt = Annotated[Optional[float], typer.Option("--strength", help="Scale on the built strength (default: lock.strength, or lock.gate_strength with --conditional).")]
+ConditionalOpt = Annotated[bool, typer.Option("--conditional", help="The conditional lock: the prompt gate decides per prompt, and only flagged prompts are steered (from their first answer token's forward on), as `serve.lock_policy: conditional` serves them.")]
 
 
 def _load(cfg, adapter):
@@ -58,6 +60,7 @@ def apply(
     adapter: AdapterOpt = None,
     strength: StrengthOpt = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=1024)] = 64,
+    conditional: ConditionalOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Answer one prompt with and without the lock, side by side (greedy)."""
@@ -65,13 +68,27 @@ def apply(
     import time
 
     from guard.anchors import render_chat
-    from guard.generation import generate_greedy
+    from guard.generation import generate_conditional, generate_greedy
     from guard.lock import LockHandle
 
     model, tok, lock, _ = _load(cfg, adapter)
     ids = [render_chat(tok, [{"role": "user", "content": prompt}])]
     without = generate_greedy(model, tok, ids, max_tokens)[0]
     handle = LockHandle(model, lock)
+    if conditional:
+        if lock.gate is None:
+            raise GuardError("this lock has no prompt gate; rebuild it with `guard lock build --rebuild`")
+        from training.lockgate import layer_states
+
+        handle.set_strength(cfg.lock.gate_strength if strength is None else strength)
+        score = float(lock.gate.logits(layer_states(model, tok, [prompt], [lock.gate.layer])[:, 0])[0])
+        answer, flagged = generate_conditional(model, tok, ids, handle, lock.gate, max_tokens)
+        handle.remove()
+        typer.echo(f"prompt: {prompt}\n\ngate: layer {lock.gate.layer}, score {score:.3f} vs threshold "
+                   f"{lock.gate.threshold:.3f} -> {'FLAGGED (steered)' if flagged[0] else 'not flagged'}\n\n"
+                   f"--- without lock ---\n{without}\n\n--- conditional lock (strength {handle.strength:g}) ---\n"
+                   f"{answer[0]}")
+        return
     t0 = time.perf_counter()
     handle.set_strength(cfg.lock.strength if strength is None else strength)
     handle.on()
@@ -89,23 +106,32 @@ def evaluate(
     n: Annotated[Optional[int], typer.Option("--n", help="Use the first N prompts of each set (default: all).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=4, max=512)] = 32,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    conditional: ConditionalOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """HS (held-out harmful prompts answered) and over-refusal (benign-but-edgy prompts refused), lock off vs on."""
     cfg = setup(config)
     from guard.judge import DEFAULT_JUDGE
     from training import data
-    from training.evaluate import lock_comparison
+    from training.evaluate import conditional_comparison, lock_comparison
 
     model, tok, lock, _ = _load(cfg, adapter)
     s = data.splits()
     harmful, benign = list(s.eval[:n]), list(s.overrefusal[:n])
     say(f"{len(harmful)} harmful eval prompts (StrongREJECT), {len(benign)} over-refusal prompts, judge {DEFAULT_JUDGE.id}")
-    res = lock_comparison(model, tok, lock, harmful, benign, max_tokens,
-                          cfg.lock.strength if strength is None else strength)
+    if conditional:
+        res = conditional_comparison(model, tok, lock, harmful, benign, max_tokens,
+                                     cfg.lock.gate_strength if strength is None else strength)
+    else:
+        res = lock_comparison(model, tok, lock, harmful, benign, max_tokens,
+                              cfg.lock.strength if strength is None else strength)
     if as_json:
         typer.echo(json.dumps({**res, "judge": DEFAULT_JUDGE.id, "adapter": str(adapter) if adapter else None}, indent=2))
         return
-    typer.echo(f"{'':10} {'HS %':>6} {'over-refusal %':>15}")
+    typer.echo(f"{'':12} {'HS %':>6} {'over-refusal %':>15}")
     for k, v in res.items():
-        typer.echo(f"{k:10} {v['hs']:6.1f} {v['over_refusal']:15.1f}")
+        typer.echo(f"{k:12} {v['hs']:6.1f} {v['over_refusal']:15.1f}")
+    if conditional:
+        c = res["conditional"]
+        typer.echo(f"the gate flagged {c['flagged_harmful']:.1f}% of the harmful and {c['flagged_benign']:.1f}% of the "
+                   f"benign prompts")

@@ -65,7 +65,9 @@ class GuardService:
         from serve.monitor import Monitor
         from serve.lock_table import LockTable
 
-        self.table = LockTable.from_config(self.cfg.serve, self.base_name, self.cfg.lock.strength)
+        # flagged requests under the conditional policy use the strength chosen for that mode
+        strength = self.cfg.lock.gate_strength if self.cfg.serve.lock_policy == "conditional" else self.cfg.lock.strength
+        self.table = LockTable.from_config(self.cfg.serve, self.base_name, strength)
         self.salting = install_cache_salt(self.engine, lambda: self.lock_epoch)
         try:
             self.worker_info = await self.workers.ping()

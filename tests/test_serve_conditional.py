@@ -26,7 +26,7 @@ CONFIG = """\
 anchors:
   k: 4
 lock:
-  strength: 1.0
+  gate_strength: 1.0  # the stand-in lock as built (HF side: LockHandle's strength 1)
   gate_layer: 6
 drift:
   probe_tokens: 4

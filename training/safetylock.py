@@ -264,7 +264,7 @@ def ensure_lock(cfg: Any, rebuild: bool = False) -> Path:
         return Path(cfg.lock.path).expanduser()
     base, fp = ws.base(), ws.base_fingerprint
     path = ws.prepared_lock(fp)
-    settings = cfg.lock.model_dump(mode="json", exclude={"strength", "path"})
+    settings = cfg.lock.model_dump(mode="json", exclude={"strength", "gate_strength", "path"})  # run-time knobs
     if path.is_file() and not rebuild:
         try:
             if load_lock(path, base_fingerprint=fp).meta.get("settings") == settings:
