@@ -68,6 +68,13 @@ class GuardMetrics:
         self.flagged = Counter(
             f"{PREFIX}_requests_flagged_total", "Requests the prompt gate flagged: steered by SafetyLock from their "
             "first answer token on (conditional policy).", ["adapter"], registry=registry)
+        self.flagged_answered = Counter(
+            f"{PREFIX}_flagged_answered_total", "Flagged requests whose first answer tokens the refusal judge does not "
+            "count as refusals (a live harm estimate: what the lock did not turn, or gate false alarms).",
+            ["adapter"], registry=registry)
+        self.flagged_judged = Counter(
+            f"{PREFIX}_flagged_judged_total", "Flagged requests the refusal judge has read.", ["adapter"],
+            registry=registry)
         self.forced = Counter(
             f"{PREFIX}_requests_lock_asked_total", "Requests that asked for the lock on themselves "
             "(\"guard\": {\"lock\": \"on\"}).", registry=registry)
@@ -107,11 +114,11 @@ class GuardMetrics:
     def count_error(self, where: str, n: int = 1) -> None:
         self.errors.labels(where=where).inc(n)
 
-    def count_gate(self, adapter: str, scored: int, flagged: int) -> None:
-        if scored:
-            self.gated.labels(adapter=adapter).inc(scored)
-        if flagged:
-            self.flagged.labels(adapter=adapter).inc(flagged)
+    def count_gate(self, adapter: str, scored: int, flagged: int, judged: int = 0, answered: int = 0) -> None:
+        for counter, n in ((self.gated, scored), (self.flagged, flagged), (self.flagged_judged, judged),
+                           (self.flagged_answered, answered)):
+            if n:
+                counter.labels(adapter=adapter).inc(n)
 
     def set_lock(self, strengths: dict[str, float]) -> None:
         for adapter, s in strengths.items():

@@ -45,7 +45,7 @@ class GuardService:
         self.worker_info: list[dict[str, Any]] = []
         self.worker_state: list[dict[str, Any]] = []
         self._seen_step_errors = 0
-        self._seen_gate: dict[int, tuple[int, int]] = {}  # lora id -> (scored, flagged) already counted
+        self._seen_gate: dict[int, tuple[int, ...]] = {}  # lora id -> (scored, flagged, judged, answered) counted
         self.lock_info: dict[str, Any] | None = None
         self.table: Any = None
         self.monitor: Any = None
@@ -241,13 +241,14 @@ class GuardService:
         if first is not None:
             names = {0: self.base_name, **{lid: name for name, lid in self.lora_ids().items()}}
             gate = first.get("gate") or {}
-            for lid_s, n in (gate.get("scored") or {}).items():
+            keys = ("scored", "flagged", "judged", "answered")
+            for lid_s in (gate.get("scored") or {}):
                 lid = int(lid_s)
-                flagged = int((gate.get("flagged") or {}).get(lid_s, 0))
-                seen_n, seen_f = self._seen_gate.get(lid, (0, 0))
-                if n >= seen_n and flagged >= seen_f:
-                    self.metrics.count_gate(names.get(lid, f"lora-{lid}"), n - seen_n, flagged - seen_f)
-                self._seen_gate[lid] = (n, flagged)
+                now = tuple(int((gate.get(k) or {}).get(lid_s, 0)) for k in keys)
+                seen = self._seen_gate.get(lid, (0, 0, 0, 0))
+                if all(a >= b for a, b in zip(now, seen)):  # a restarted worker starts from 0: skip that round
+                    self.metrics.count_gate(names.get(lid, f"lora-{lid}"), *(a - b for a, b in zip(now, seen)))
+                self._seen_gate[lid] = now
 
     def status(self) -> dict[str, Any]:
         mon = self.monitor

@@ -147,6 +147,11 @@ class GuardRuntime:
     flags: dict[str, bool] = field(default_factory=dict)  # request id -> the gate's decision
     scored: dict[int, int] = field(default_factory=dict)  # lora id -> requests the gate scored
     flagged: dict[int, int] = field(default_factory=dict)  # lora id -> requests the gate flagged
+    judge_tokens: int = 24  # answer tokens of a flagged request the refusal judge reads (drift.probe_tokens)
+    to_judge: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # flagged id -> (lora id, tokens so far)
+    judged: dict[int, int] = field(default_factory=dict)  # lora id -> flagged requests judged
+    answered: dict[int, int] = field(default_factory=dict)  # lora id -> ... that the judge did not count as refusals
+    tokenizer: Any = None
     mode: str = "off"
     filled: float | None = 0.0  # the value the whole buffer holds (None while mask mode writes it per step)
     probe_prefixes: set[str] = field(default_factory=set)
@@ -256,6 +261,28 @@ class GuardRuntime:
         self.mask_builds += 1
         self.mask_tokens = float((values > 0).sum())
 
+    def judge_answers(self) -> None:
+        """The live harm estimate: the refusal judge reads a flagged request's first `judge_tokens` answer tokens
+        (or all of them, when it finishes sooner); flagged requests it does not count as refusals are what the
+        lock did not turn, or gate false alarms. Per-adapter counts; cost: flagged requests only, once each."""
+        live = getattr(self.runner, "requests", None) or {}
+        for rid, (lid, seen) in list(self.to_judge.items()):
+            req = live.get(rid)
+            out = list(getattr(req, "output_token_ids", ()) or ())[: self.judge_tokens] if req is not None else seen
+            if req is not None and len(out) < self.judge_tokens:
+                self.to_judge[rid] = (lid, out)  # not enough yet; judged from these if it finishes first
+                continue
+            del self.to_judge[rid]
+            if not out:
+                continue
+            if self.tokenizer is None:
+                self.tokenizer = _load_tokenizer(self.runner)
+            from guard.judge import DEFAULT_JUDGE
+
+            self.judged[lid] = self.judged.get(lid, 0) + 1
+            if not DEFAULT_JUDGE.is_refusal(self.tokenizer.decode(out, skip_special_tokens=True)):
+                self.answered[lid] = self.answered.get(lid, 0) + 1
+
     def flag_unscored(self) -> None:
         """Fail closed after a scoring error: every live gated request not yet scored is steered."""
         for rid in self.runner.input_batch.req_ids[: int(self.runner.input_batch.num_reqs)]:
@@ -295,6 +322,9 @@ class GuardRuntime:
                 self.scored[lid] = self.scored.get(lid, 0) + 1
                 if f:
                     self.flagged[lid] = self.flagged.get(lid, 0) + 1
+                    self.to_judge[rid] = (lid, [])
+        if self.to_judge:
+            self.judge_answers()
         if len(self.flags) > 4 * max(1, len(req_ids)) + 64:  # finished requests: keep only the live ones
             live = set(getattr(self.runner, "requests", {}) or ()) | set(r for r in req_ids if r is not None)
             self.flags = {k: v for k, v in self.flags.items() if k in live}
@@ -374,7 +404,9 @@ class GuardRuntime:
                 "gate": {"layer": self.aux_layer, "ready": self.gate is not None, "gating": self.gating,
                          "ungated": sorted(self.ungated), "live_flags": len(self.flags),
                          "scored": {str(k): v for k, v in self.scored.items()},
-                         "flagged": {str(k): v for k, v in self.flagged.items()}},
+                         "flagged": {str(k): v for k, v in self.flagged.items()},
+                         "judged": {str(k): v for k, v in self.judged.items()},
+                         "answered": {str(k): v for k, v in self.answered.items()}},
                 "force_strength": self.force_strength}
 
 
@@ -427,6 +459,14 @@ def install(runner: Any) -> GuardRuntime:
     log.info("safety-guard: lock buffers on %d o_proj layers (%s, %d tokens, %s)", len(layers),
              str(dtype).removeprefix("torch."), strength.shape[0], "compiled" if compiled else "eager")
     return rt
+
+
+def _load_tokenizer(runner: Any) -> Any:
+    """The served model's tokenizer (local files only), for judging flagged answers in the worker."""
+    from transformers import AutoTokenizer
+
+    mc = runner.vllm_config.model_config
+    return AutoTokenizer.from_pretrained(getattr(mc, "tokenizer", None) or mc.model, local_files_only=True)
 
 
 def _export_gate_layer(runner: Any, model: Any, num_layers: int) -> int | None:

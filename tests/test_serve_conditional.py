@@ -100,6 +100,8 @@ def test_conditional_lock_steers_flagged_requests_like_hf_and_leaves_the_rest_ex
         st = http("GET", srv.url + "/guard/status")[1]
         gate = st["worker_state"][0]["gate"]
         assert gate["scored"]["0"] == 2 * len(FLAG + KEEP) + 1 and gate["flagged"]["0"] == 2 * len(FLAG), gate
+        # the live harm estimate: every flagged answer was read by the judge (the stand-in lock turns none)
+        assert gate["judged"]["0"] == 2 * len(FLAG) and gate["answered"]["0"] == 2 * len(FLAG), gate
         status, text = http("GET", srv.url + "/metrics")
         fams = {f.name: f for f in text_string_to_metric_families(text)}
         flagged = {s.labels.get("adapter"): s.value for s in fams["safety_guard_requests_flagged"].samples
