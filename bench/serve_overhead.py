@@ -14,7 +14,8 @@ number the issue's <= 1 ms goal is about; `lock_toggle_http_ms` is the full POST
 Writes bench/results/serve_overhead.json (bench/common.py write_result adds commit and machine).
 `--compiled` measures vLLM's default compiled mode instead (both servers up, interleaved; see compiled_run) and
 writes the file's `compiled` section. Eager numbers predate the in-graph lock unless re-run.
-Usage: python bench/serve_overhead.py [--compiled] [--requests 16] [--max-tokens 32] [--reps 4]
+`--compiled --conditional` does the same with `lock_policy: conditional` (section `compiled_conditional`).
+Usage: python bench/serve_overhead.py [--compiled [--conditional]] [--requests 16] [--max-tokens 32] [--reps 4]
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def compiled_run(a: argparse.Namespace) -> None:
     from common import RESULTS
 
     model, tmp, lock, real_lock = bench_setup("sg-bench-compiled-")
-    (tmp / "guard.yaml").write_text("serve:\n  lock_policy: 'off'\n  enable_lora: false\n")
+    policy = "conditional" if a.conditional else "off"  # conditional: "lock on" = the prompt gate decides
+    (tmp / "guard.yaml").write_text(f"serve:\n  lock_policy: '{policy}'\n  enable_lora: false\n")
     name = model.name
     plain = GuardServer.plain(free_port(), model, eager=False, log_path=tmp / "plain.log").start(timeout=600)
     guarded = GuardServer.guarded(free_port(), "--config", str(tmp / "guard.yaml"), "--model", str(model),
@@ -134,12 +136,18 @@ def compiled_run(a: argparse.Namespace) -> None:
         prev.setdefault("eager_commit", prev.pop("commit"))
         prev.setdefault("eager_machine", prev.pop("machine", None))
     prev.pop("versions", None)
-    prev["compiled"] = out
+    if a.conditional:
+        out["policy"] = "conditional: lock_on = the gate scores every request (these prompts are benign: the cost "
+        out["policy"] += "is the gate, the auxiliary output and the per-token mask, with nothing steered)"
+        out["gate"] = st["worker_state"][0].get("gate")
+    prev["compiled_conditional" if a.conditional else "compiled"] = out
     write_result("serve_overhead", prev)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--conditional", action="store_true", help="with --compiled: the conditional policy "
+                    "(into the file's `compiled_conditional` section)")
     ap.add_argument("--compiled", action="store_true", help="measure vLLM's compiled mode (no LoRA) only, into "
                                                              "the file's 'compiled' section")
     ap.add_argument("--requests", type=int, default=16)

@@ -84,17 +84,19 @@ def sha256_text(*parts: str) -> str:
 
 
 def git_commit(short: bool = True) -> str:
-    """The commit of the safety-guard checkout that produced an artifact, '+dirty' when uncommitted."""
+    """The commit of the safety-guard checkout that produced an artifact, '+dirty' when its code is uncommitted.
+    Changes under bench/results/ do not count: they are what runs write, not what they run."""
     repo = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "--short" if short else "--verify", "HEAD"],
             capture_output=True, text=True, timeout=5, check=True,
         ).stdout.strip()
-        dirty = subprocess.run(
+        status = subprocess.run(
             ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()
+        ).stdout.splitlines()
+        dirty = [line for line in status if not line[3:].startswith("bench/results/")]
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

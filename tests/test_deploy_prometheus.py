@@ -60,7 +60,8 @@ def test_dashboard_and_manifests_parse_and_use_the_guard_series():
     dash = json.loads((DEPLOY / "grafana" / "dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
     for series in ("safety_guard_anchor_drift", "safety_guard_anchor_refusal_ratio", "safety_guard_lock_enabled",
-                   "safety_guard_probe_duration_seconds_bucket", "safety_guard_adapter_rejections_total", "vllm:"):
+                   "safety_guard_probe_duration_seconds_bucket", "safety_guard_adapter_rejections_total", "vllm:",
+                   "safety_guard_requests_flagged_total", "safety_guard_flagged_answered_total"):
         assert series in exprs, series
     docs = [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
     kinds = {d["kind"] for d in docs}
