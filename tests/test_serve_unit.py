@@ -243,3 +243,62 @@ def test_gate_routes_read_vllm_request_models_from_the_body():
         paths.add(route.path)
         assert route.body_field is not None and not route.dependant.query_params, route.path
     assert paths == {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+
+
+def test_request_lock_middleware_marks_asked_requests_and_refuses_off():
+    import asyncio
+    import json as _json
+    from types import SimpleNamespace
+
+    from serve.routes import RequestLockMiddleware
+    from serve.worker import FORCE_MARK
+
+    seen: list[tuple[dict, bytes]] = []
+
+    async def app(scope, receive, send):
+        msg = await receive()
+        seen.append((scope, msg["body"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    counted = []
+    svc = SimpleNamespace(table=SimpleNamespace(request_lock=True), lock_info={"path": "x"},
+                          metrics=SimpleNamespace(forced=SimpleNamespace(inc=lambda: counted.append(1))))
+    state = SimpleNamespace(guard=svc)
+
+    def call(body: dict | bytes, headers=(), path="/v1/chat/completions"):
+        raw = body if isinstance(body, bytes) else _json.dumps(body).encode()
+        sent: list[dict] = []
+        scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers),
+                 "app": SimpleNamespace(state=state)}
+        chunks = [{"type": "http.request", "body": raw[:5], "more_body": True},
+                  {"type": "http.request", "body": raw[5:], "more_body": False}]
+
+        async def receive():
+            return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+        async def send(m):
+            sent.append(m)
+
+        seen.clear()
+        asyncio.run(RequestLockMiddleware(app)(scope, receive, send))
+        return sent[0]["status"], (sent[1]["body"] if len(sent) > 1 else b""), seen
+
+    status, _, s = call({"model": "m", "messages": [], "guard": {"lock": "on"}}, [(b"x-request-id", b"abc")])
+    body = _json.loads(s[0][1])
+    assert status == 200 and "guard" not in body and body["request_id"].startswith(FORCE_MARK)
+    assert dict(s[0][0]["headers"])[b"x-request-id"] == FORCE_MARK.encode() + b"abc"  # vLLM prefers the header
+    assert dict(s[0][0]["headers"])[b"content-length"] == str(len(s[0][1])).encode() and counted == [1]
+    status, err, s = call({"model": "m", "guard": {"lock": "off"}})
+    assert status == 400 and b"never turn it off" in err and not s
+    plain = {"model": "m", "messages": [{"role": "user", "content": "a guard dog"}]}
+    status, _, s = call(plain)
+    assert status == 200 and _json.loads(s[0][1]) == plain  # the word in a message is not the field
+    raw = b'{"model": "m", "guard": '  # not JSON: passed through for vLLM to answer
+    status, _, s = call(raw)
+    assert status == 200 and s[0][1] == raw
+    status, _, s = call({"guard": {"lock": "on"}}, path="/v1/models")
+    assert status == 200 and s[0][1] == b'{"gua'  # other routes: the body stream is handed on unread
+    svc.table.request_lock = False
+    status, err, _ = call({"model": "m", "guard": {"lock": "on"}})
+    assert status == 400 and b"request_lock is off" in err
