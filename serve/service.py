@@ -110,7 +110,8 @@ class GuardService:
 
     def _fail(self, msg: str) -> None:
         log.error("safety-guard: %s", msg)
-        self.errors.append(msg)
+        if msg not in self.errors:  # a condition met on every lock push is listed once
+            self.errors.append(msg)
 
     def _offline_reference(self, anchors: Any, anchor_ids: list[list[int]]) -> Any:
         from guard.states import ReferenceStates, prompt_ids_hash
@@ -169,6 +170,11 @@ class GuardService:
                 args = {"default": 0.0, "overrides": {}}
             t0 = time.perf_counter()
             result = await self.workers.set_lock(**args)
+            if not result.get("ok") and args.get("gated") and "conditional lock unavailable" in str(result.get("error")):
+                # fail closed: no usable gate, so what the policy would have gated is steered unconditionally
+                self._fail(f"{result.get('error')}; steering those requests unconditionally instead")
+                self.metrics.count_error("lock_change")
+                result = await self.workers.set_lock(**{**args, "gated": False, "ungated": []})
             rpc_ms = (time.perf_counter() - t0) * 1e3
             if not result.get("ok"):
                 raise GuardError(f"workers refused the lock change: {result.get('error')}")
