@@ -311,6 +311,7 @@ class GuardRuntime:
             scheduled = loc[r + 1] - loc[r]
             if scheduled <= 0 or int(batch.num_computed_tokens_cpu[r]) + scheduled < int(batch.num_prompt_tokens[r]):
                 continue  # its prompt is not complete yet (chunked prefill)
+            # (a request already decoding when gating was switched on is scored at its current token)
             rows.append(loc[r + 1] - 1)
             who.append((rid, int(lora_ids[r])))
         if rows:
@@ -324,7 +325,12 @@ class GuardRuntime:
                     self.flagged[lid] = self.flagged.get(lid, 0) + 1
                     self.to_judge[rid] = (lid, [])
         if self.to_judge:
-            self.judge_answers()
+            try:  # the harm estimate is a signal, not a guard: its failure must not flag anything
+                self.judge_answers()
+            except Exception as e:
+                self.step_errors += 1
+                self.note_error("judge_answers", e)
+                self.to_judge.clear()
         if len(self.flags) > 4 * max(1, len(req_ids)) + 64:  # finished requests: keep only the live ones
             live = set(getattr(self.runner, "requests", {}) or ()) | set(r for r in req_ids if r is not None)
             self.flags = {k: v for k, v in self.flags.items() if k in live}
@@ -555,6 +561,11 @@ class GuardWorkerExtension:
                 gate = lock.gate
                 gate.weight = gate.weight.to(device)
                 info["gate"] = f"layer {gate.layer}, threshold {gate.threshold:.3f}"
+                if rt.tokenizer is None:  # for the flagged-answer judge; loaded now, not inside a step
+                    try:
+                        rt.tokenizer = _load_tokenizer(self.model_runner)
+                    except Exception as e:
+                        log.warning("safety-guard: no tokenizer for judging flagged answers (%s)", e)
         try:
             rt.install_lock({i: lock.biases[i] for i in lock.layers}, info)
         except RuntimeError as e:
