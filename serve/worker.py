@@ -151,7 +151,7 @@ class GuardRuntime:
     to_judge: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # flagged id -> (lora id, tokens so far)
     judged: dict[int, int] = field(default_factory=dict)  # lora id -> flagged requests judged
     answered: dict[int, int] = field(default_factory=dict)  # lora id -> ... that the judge did not count as refusals
-    tokenizer: Any = None
+    tokenizer: Any = None  # for the flagged-answer judge (False: could not be loaded)
     mode: str = "off"
     filled: float | None = 0.0  # the value the whole buffer holds (None while mask mode writes it per step)
     probe_prefixes: set[str] = field(default_factory=set)
@@ -265,6 +265,9 @@ class GuardRuntime:
         """The live harm estimate: the refusal judge reads a flagged request's first `judge_tokens` answer tokens
         (or all of them, when it finishes sooner); flagged requests it does not count as refusals are what the
         lock did not turn, or gate false alarms. Per-adapter counts; cost: flagged requests only, once each."""
+        if self.tokenizer is False:
+            self.to_judge.clear()
+            return
         live = getattr(self.runner, "requests", None) or {}
         for rid, (lid, seen) in list(self.to_judge.items()):
             req = live.get(rid)
@@ -565,6 +568,7 @@ class GuardWorkerExtension:
                     try:
                         rt.tokenizer = _load_tokenizer(self.model_runner)
                     except Exception as e:
+                        rt.tokenizer = False  # judging off for this worker; the gate itself is unaffected
                         log.warning("safety-guard: no tokenizer for judging flagged answers (%s)", e)
         try:
             rt.install_lock({i: lock.biases[i] for i in lock.layers}, info)
