@@ -138,6 +138,10 @@ class HardenConfig(_Section):
     sbr_k: int | None = Field(8, ge=1, le=4096, description="Use the first k training anchors (None = all).")
     sbr_answer_tokens: int = Field(0, ge=0, le=64, description="Also anchor the aligned model's own first N answer "
                                    "tokens after each anchor prompt (teacher-forced); 0 = the last prompt token only.")
+    ce_weighting: Literal["token", "example"] = Field(
+        "token", description="How the cross-entropy of a step weighs examples: 'token' (every answer token alike, the "
+                             "usual recipe: long answers dominate) or 'example' (each example's mean, averaged: a 3-token "
+                             "task answer counts as much as a 64-token one).")
     asft_lambda: float = Field(1.0, ge=0, description="AsFT weight on the update orthogonal to W_aligned - W_original.")
     rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha.")

@@ -104,6 +104,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sbr_pool": ("sbr", {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8}),
     "sbr_pool_ans4": ("sbr", {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8,
                               "sbr_answer_tokens": 4}),
+    # the pool with example-weighted CE: the task's short answers are not drowned by the long harmful ones
+    "sbr_pool_ex": ("sbr", {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8,
+                            "ce_weighting": "example"}),
 }
 
 

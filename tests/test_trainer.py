@@ -38,3 +38,21 @@ def test_lora_training_learns_and_touches_only_lora(tiny_tokenizer):
     after = merged.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(any(t in k for t in ("v_proj", "o_proj", "down_proj")) for k in changed)
+
+
+def test_example_weighted_ce_is_the_mean_of_each_examples_own_mean(tiny_tokenizer):
+    from training.sft import answer_loss
+
+    model = make_tiny_llama(len(tiny_tokenizer))
+    short = encode(tiny_tokenizer, [{"role": "user", "content": "2+2?"}], "4", 64)
+    long = encode(tiny_tokenizer, [{"role": "user", "content": "Tell me about cats"}],
+                  "Cats are small furry animals that like to sleep in the sun all day long.", 64)
+    ids, mask, labels = collate([short, long], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        alone = [answer_loss(model, *collate([e], tiny_tokenizer.pad_token_id)) for e in (short, long)]
+        token = answer_loss(model, ids, mask, labels)
+        example = answer_loss(model, ids, mask, labels, per_example=True)
+    n = [short.answer_tokens, long.answer_tokens]
+    assert torch.allclose(example, (alone[0] + alone[1]) / 2, atol=1e-5)
+    assert torch.allclose(token, (alone[0] * n[0] + alone[1] * n[1]) / sum(n), atol=1e-5)
+    assert n[0] < n[1] and not torch.allclose(token, example)

@@ -35,7 +35,7 @@ from training.userdata import read_chat_jsonl
 
 def hparams(h: HardenConfig) -> LoraHParams:
     return LoraHParams(rank=h.rank, alpha=h.alpha, targets=list(h.targets), lr=h.lr, epochs=h.epochs,
-                       batch_size=h.batch_size, grad_accum=h.grad_accum, seed=h.seed)
+                       batch_size=h.batch_size, grad_accum=h.grad_accum, seed=h.seed, ce_weighting=h.ce_weighting)
 
 
 def drift_probe(tokenizer: Any, anchors: Any, reference: Any) -> SBR:

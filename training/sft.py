@@ -59,8 +59,8 @@ def collate(batch: Sequence[Example], pad_id: int):
     return ids, mask, labels
 
 
-def answer_loss(model: Any, ids, mask, labels):
-    """Mean next-token cross-entropy over answer tokens.
+def answer_loss(model: Any, ids, mask, labels, per_example: bool = False):
+    """Mean next-token cross-entropy over answer tokens (per_example: the mean of each example's own mean).
 
     lm_head runs only on the positions that predict an answer token: the prompt positions would be
     masked out anyway, and with a 49k vocabulary their logits are a sizeable share of the step.
@@ -73,7 +73,15 @@ def answer_loss(model: Any, ids, mask, labels):
     target = labels[:, 1:]
     keep = target != IGNORE
     logits = output_head(model)(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), target[keep])
+    if not per_example:
+        return F.cross_entropy(logits.float(), target[keep])
+    import torch
+
+    tok = F.cross_entropy(logits.float(), target[keep], reduction="none")
+    row = keep.nonzero()[:, 0]  # which example each kept token belongs to
+    sums = torch.zeros(ids.shape[0], device=tok.device).index_add(0, row, tok)
+    counts = keep.sum(1).clamp_min(1)
+    return (sums / counts)[keep.any(1)].mean()
 
 
 def output_head(model: Any) -> Any:

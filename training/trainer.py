@@ -39,6 +39,7 @@ class LoraHParams:
     weight_decay: float = 0.0
     # bf16 autocast pays only on CPUs with native bf16 (avx512_bf16/AMX); on AVX2-only CPUs it is ~30x slower.
     bf16: bool = False
+    ce_weighting: str = "token"  # "token" | "example" (see HardenConfig.ce_weighting)
 
 
 # A regularizer gets the peft model and returns (loss term, logged scalars); None is plain SFT.
@@ -107,7 +108,7 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
                 regularizer.at_step(step)
             row = {"step": step + 1, "epoch": epoch + 1,
                    **optimizer_step(model, opt, [[examples[i] for i in idx] for idx in micro[s : s + hp.grad_accum]],
-                                    pad_id, regularizer, hp.bf16)}
+                                    pad_id, regularizer, hp.bf16, hp.ce_weighting)}
             step += 1
             row["seconds"] = round(time.perf_counter() - t0, 3)
             log.append(row)
@@ -141,18 +142,20 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
 
 
 def optimizer_step(model: Any, opt: Any, micro_batches: list[list[Example]], pad_id: int,
-                   regularizer: Regularizer | None = None, bf16: bool = False) -> dict[str, float]:
-    """One optimizer step: token-weighted CE over the micro-batches, the regularizer once, AdamW."""
+                   regularizer: Regularizer | None = None, bf16: bool = False,
+                   ce_weighting: str = "token") -> dict[str, float]:
+    """One optimizer step: CE over the micro-batches (token- or example-weighted), the regularizer once, AdamW."""
     import torch
 
-    n_tokens = [sum(e.answer_tokens for e in mb) for mb in micro_batches]
+    per_example = ce_weighting == "example"
+    n_tokens = [len(mb) if per_example else sum(e.answer_tokens for e in mb) for mb in micro_batches]
     total = sum(n_tokens)
     ce_total = 0.0
     for mb, n in zip(micro_batches, n_tokens):
         ids, mask, labels = collate(mb, pad_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            ce = answer_loss(model, ids, mask, labels)
-        (ce * (n / total)).backward()  # token-weighted, so accumulation equals one big batch
+            ce = answer_loss(model, ids, mask, labels, per_example=per_example)
+        (ce * (n / total)).backward()  # weighted by share, so accumulation equals one big batch
         ce_total += float(ce.detach()) * n / total
     row: dict[str, float] = {"ce": ce_total}
     if regularizer is not None:
