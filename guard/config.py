@@ -211,6 +211,9 @@ class ServeConfig(_Section):
         "reject", description="What happens to an adapter that fails the probe at load: reject it (4xx), serve it "
                               "with the lock forced on, or serve it and raise the gauge.")
     probe_interval_seconds: float = Field(60.0, ge=0, description="Seconds between health probes of every adapter (0 = only on load).")
+    probe_batch: int | None = Field(8, ge=1, description="Probe anchors each periodic probe reads, rotating through the "
+                                    "probe set (None: all of them every time). The gauge reports over the latest reading "
+                                    "of every anchor; load-time vetting and POST /guard/probe read them all.")
     enable_lora: bool = Field(True, description="Serve LoRA adapters (vLLM --enable-lora). vLLM's CPU backend runs "
                               "eager whenever LoRA is on; GPUs compile and use CUDA graphs either way.")
     enforce_eager: bool = Field(False, description="vLLM --enforce-eager: no torch.compile, no CUDA graphs. The lock "

@@ -12,6 +12,12 @@ The greedy answers (drift.probe_tokens tokens) feed the refusal judge. One probe
 The anchors are the *probe* anchors (`anchors.set`), never SBR's training anchors; the verdict is
 guard/drift.py: verdict, the same rule `guard vet` applies.
 
+**Rotation.** Load-time vetting and `POST /guard/probe` read every probe anchor. The periodic probe reads the
+next `serve.probe_batch` anchors of each adapter (rotating through the set), so its engine time stays small
+whatever the size of the probe pool; the gauge always reports over the latest reading of *every* anchor (per
+adapter, a reading per anchor is kept and refreshed), so a probe of 8 anchors never makes the verdict rest on
+8 prompts.
+
 Probes are serialised (one at a time) and bounded by a timeout; a failing probe is counted and logged and
 never touches user requests (they are separate requests; the probe's are aborted on timeout).
 """
@@ -43,6 +49,8 @@ class ProbeResult:
     seconds: float
     when: float
     base_refusal_ratio: float | None = None
+    probed: int = 0  # anchors read by this probe
+    coverage: float = 1.0  # share of the probe anchors with a reading (1 after the load-time probe)
 
     @property
     def refusal_ratio(self) -> float:
@@ -57,9 +65,38 @@ class ProbeResult:
                "max_drift": round(self.drift.max_rel_l2, 5), "mean_cosine": round(self.drift.mean_cosine, 6),
                "refusal_ratio": self.refusal_ratio, "base_refusal_ratio": self.base_refusal_ratio,
                "status": self.verdict.status,
-               "reasons": list(self.verdict.reasons), "seconds": round(self.seconds, 3), "time": self.when}
+               "reasons": list(self.verdict.reasons), "seconds": round(self.seconds, 3), "time": self.when,
+               "probed": self.probed, "coverage": round(self.coverage, 4)}
         if answers:
             out["answers"] = self.answers
+        return out
+
+
+@dataclass
+class AnchorReadings:
+    """The latest reading of every probe anchor for one adapter (None until first read)."""
+
+    rel: list[float | None]
+    cos: list[float | None]
+    refused: list[bool | None]
+    answers: list[str | None]
+    cursor: int = 0  # where the next rotating probe starts
+
+    @classmethod
+    def empty(cls, k: int) -> AnchorReadings:
+        return cls([None] * k, [None] * k, [None] * k, [None] * k)
+
+    def update(self, indices: list[int], drift: DriftReport, refused: list[bool], answers: list[str]) -> None:
+        for j, i in enumerate(indices):
+            self.rel[i], self.cos[i], self.refused[i], self.answers[i] = drift.rel_l2[j], drift.cosine[j], refused[j], answers[j]
+
+    def seen(self) -> list[int]:
+        return [i for i, r in enumerate(self.rel) if r is not None]
+
+    def next_batch(self, n: int) -> list[int]:
+        k = len(self.rel)
+        out = [(self.cursor + j) % k for j in range(min(n, k))]
+        self.cursor = (self.cursor + len(out)) % k
         return out
 
 
@@ -87,13 +124,18 @@ class Monitor:
         self.base_refusal_ratio: float | None = None  # the base's own share of probe anchors refused, in-engine
         self.reference_check: dict[str, Any] = {}
         self.latest: dict[str, ProbeResult] = {}
+        self.readings: dict[str, AnchorReadings] = {}
+        self.base_refusals: list[bool] | None = None  # the base's own refusal of each probe anchor, in-engine
         self.failures: dict[str, str] = {}
         self._lock = asyncio.Lock()
 
-    async def _states_and_answers(self, lora_request: Any, max_tokens: int) -> tuple[Any, list[str]]:
+    async def _states_and_answers(self, lora_request: Any, max_tokens: int,
+                                  indices: list[int] | None = None) -> tuple[Any, list[str]]:
+        """States and greedy answers of the anchors `indices` (default all), in that order."""
         import torch
         from vllm import SamplingParams
 
+        indices = list(range(len(self.anchor_ids))) if indices is None else indices
         prefix = f"{PROBE_PREFIX}-{uuid.uuid4().hex[:12]}"
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         answers = [""] * len(self.anchor_ids)
@@ -106,7 +148,7 @@ class Monitor:
             answers[i] = final.outputs[0].text if final is not None and final.outputs else ""
 
         await self.workers.probe_arm(prefix)
-        tasks = [asyncio.create_task(one(i, ids)) for i, ids in enumerate(self.anchor_ids)]
+        tasks = [asyncio.create_task(one(i, self.anchor_ids[i])) for i in indices]
         try:
             await asyncio.wait_for(asyncio.gather(*tasks), self.timeout)
         except BaseException:
@@ -122,11 +164,11 @@ class Monitor:
             i = request_index(rid, prefix)
             if i is not None:
                 rows[i] = row
-        missing = [i for i in range(len(self.anchor_ids)) if i not in rows]
+        missing = [i for i in indices if i not in rows]
         if missing:
             raise GuardError(f"probe captured no hidden state for anchors {missing}")
-        states = torch.tensor([rows[i] for i in range(len(self.anchor_ids))], dtype=torch.float32)
-        return states, answers
+        states = torch.tensor([rows[i] for i in indices], dtype=torch.float32)
+        return states, [answers[i] for i in indices]
 
     async def compute_reference(self, offline: Any | None = None) -> dict[str, Any]:
         """Base-model anchor states in this engine; compared once with the offline cache when given."""
@@ -135,6 +177,7 @@ class Monitor:
             states, answers = await self._states_and_answers(None, self.drift_cfg.probe_tokens)
         self.reference = states
         refusals = [self.judge.is_refusal(a) for a in answers]
+        self.base_refusals = refusals
         self.base_refusal_ratio = sum(refusals) / len(refusals)
         check: dict[str, Any] = {"anchors": len(self.anchor_ids), "seconds": round(time.perf_counter() - t0, 3),
                                  "base_refusal_ratio": sum(refusals) / len(refusals)}
@@ -149,15 +192,20 @@ class Monitor:
         self.reference_check = check
         return check
 
-    async def probe(self, name: str, lora_request: Any) -> ProbeResult:
-        """Probe one adapter; records the gauges. Raises (after counting the failure) when it fails."""
+    async def probe(self, name: str, lora_request: Any, batch: int | None = None) -> ProbeResult:
+        """Probe one adapter on every anchor (batch None) or on the next `batch` anchors of its rotation; the
+        result and the gauges report over the latest reading of every anchor. Raises (after counting the
+        failure) when it fails."""
         if self.reference is None:
             raise GuardError("no in-engine reference yet (the guard is still starting)")
+        k = len(self.anchor_ids)
+        readings = self.readings.setdefault(name, AnchorReadings.empty(k))
+        indices = list(range(k)) if batch is None or batch >= k else readings.next_batch(batch)
         async with self._lock:
             t0 = time.perf_counter()
             try:
-                states, answers = await self._states_and_answers(lora_request, self.drift_cfg.probe_tokens)
-                drift = anchor_drift(states, self.reference)
+                states, answers = await self._states_and_answers(lora_request, self.drift_cfg.probe_tokens, indices)
+                drift = anchor_drift(states, self.reference[indices])
             except Exception as e:  # counted, logged, re-raised to the caller (who never fails a user request)
                 self.metrics.count_probe_failure(name)
                 msg = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -165,19 +213,25 @@ class Monitor:
                 log.warning("safety-guard probe of '%s' failed: %s", name, msg)
                 raise
             seconds = time.perf_counter() - t0
-        refusals = [self.judge.is_refusal(a) for a in answers]
+        readings.update(indices, drift, [self.judge.is_refusal(a) for a in answers], answers)
+        seen = readings.seen()
+        total = DriftReport(tuple(readings.rel[i] for i in seen), tuple(readings.cos[i] for i in seen))
+        refusals = [bool(readings.refused[i]) for i in seen]
         ratio = sum(refusals) / len(refusals)
-        base = self.base_refusal_ratio
-        result = ProbeResult(name, drift, answers, refusals, verdict(drift.mean_rel_l2, ratio, self.drift_cfg, base),
-                             seconds, time.time(), base)
-        self.metrics.observe_probe(name, drift.mean_rel_l2, ratio, seconds, result.when, result.refusal_drop)
+        base = (None if self.base_refusals is None
+                else sum(self.base_refusals[i] for i in seen) / len(seen))  # the base on the same anchors
+        result = ProbeResult(name, total, [readings.answers[i] or "" for i in seen], refusals,
+                             verdict(total.mean_rel_l2, ratio, self.drift_cfg, base), seconds, time.time(), base,
+                             probed=len(indices), coverage=len(seen) / k)
+        self.metrics.observe_probe(name, total.mean_rel_l2, ratio, seconds, result.when, result.refusal_drop)
         self.latest[name] = result
         self.failures.pop(name, None)
-        log.info("safety-guard probe '%s': drift %.4f refusal ratio %.2f -> %s (%.2f s)", name,
-                 drift.mean_rel_l2, ratio, result.verdict.status, seconds)
+        log.info("safety-guard probe '%s' (%d of %d anchors): drift %.4f refusal ratio %.2f -> %s (%.2f s)", name,
+                 len(indices), k, total.mean_rel_l2, ratio, result.verdict.status, seconds)
         return result
 
     def forget(self, name: str) -> None:
         self.latest.pop(name, None)
+        self.readings.pop(name, None)
         self.failures.pop(name, None)
         self.metrics.forget_adapter(name)

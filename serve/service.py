@@ -213,11 +213,12 @@ class GuardService:
             return False
 
     # -- probe loop ----------------------------------------------------------------------------------
-    async def probe_all(self) -> dict[str, Any]:
+    async def probe_all(self, batch: int | None = None) -> dict[str, Any]:
+        """Probe every loaded adapter: every anchor (batch None), or the next `batch` of each one's rotation."""
         out: dict[str, Any] = {}
         for name, lr in list(self.models.lora_requests.items()):
             try:
-                out[name] = (await self.monitor.probe(name, lr)).to_dict()
+                out[name] = (await self.monitor.probe(name, lr, batch)).to_dict()
             except Exception as e:
                 out[name] = {"adapter": name, "status": "probe_failed", "error": f"{type(e).__name__}: {e}"}
         return out
@@ -227,7 +228,7 @@ class GuardService:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.probe_all()
+                await self.probe_all(self.cfg.serve.probe_batch)
                 await self.refresh_worker_state()
             except asyncio.CancelledError:
                 raise

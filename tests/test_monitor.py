@@ -1,0 +1,105 @@
+"""The live health check's bookkeeping (serve/monitor.py) against a stand-in engine: rotating probes, the
+per-anchor readings the gauge reports over, and the base's refusals on the same anchors."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from guard.config import DriftConfig  # noqa: E402
+from serve.monitor import Monitor  # noqa: E402
+
+K, HIDDEN = 10, 4
+
+
+class Engine:
+    """generate(): anchor i answers a refusal when the base (or a 'safe' adapter) refuses it: even anchors."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def generate(self, inputs, params, request_id, lora_request=None):
+        self.seen.append(request_id)
+        i = int(request_id.rsplit("-", 1)[1])
+        bad = lora_request is not None and lora_request.name == "bad"
+        text = "Sure, here it is" if bad or i % 2 else "I can't help with that."
+        yield SimpleNamespace(outputs=[SimpleNamespace(text=text)], lora=lora_request)
+
+
+class Workers:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def probe_arm(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    async def probe_collect(self, prefix: str) -> dict[str, list[float]]:
+        out = {}
+        for rid in self.engine.seen:
+            if rid.startswith(prefix):
+                i = int(rid.rsplit("-", 1)[1])
+                row = torch.full((HIDDEN,), float(i + 1))
+                if self.shift:
+                    row = row * (1 + self.shift)
+                out[f"{rid}-1f2e3d4c"] = row.tolist()  # vLLM appends a random suffix
+        self.engine.seen.clear()
+        return out
+
+    shift = 0.0
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.observed: list[tuple] = []
+
+    def observe_probe(self, *args, **kw) -> None:
+        self.observed.append(args)
+
+    def count_probe_failure(self, name: str) -> None:
+        pass
+
+    def set_reference_deviation(self, v: float) -> None:
+        pass
+
+    def forget_adapter(self, name: str) -> None:
+        pass
+
+
+def make() -> tuple[Monitor, Workers]:
+    engine = Engine()
+    workers = Workers(engine)
+    mon = Monitor(engine, workers, [[1, 2, i] for i in range(K)], DriftConfig(), Metrics())
+    asyncio.run(mon.compute_reference())
+    return mon, workers
+
+
+def test_rotating_probes_cover_every_anchor_and_the_gauge_reports_over_all_readings():
+    mon, workers = make()
+    assert mon.base_refusal_ratio == 0.5 and mon.base_refusals == [i % 2 == 0 for i in range(K)]
+    good = SimpleNamespace(name="good")
+    full = asyncio.run(mon.probe("good", good))
+    assert full.probed == K and full.coverage == 1 and full.drift.mean_rel_l2 == 0 and full.verdict.status == "ok"
+
+    workers.shift = 0.5  # the adapter drifts: each rotating probe refreshes 4 anchors' readings
+    r = asyncio.run(mon.probe("good", good, batch=4))
+    assert r.probed == 4 and r.coverage == 1 and len(r.drift.rel_l2) == K
+    assert r.drift.mean_rel_l2 == pytest.approx(0.5 * 4 / K)  # 4 fresh readings of 0.5, 6 old ones of 0
+    r = asyncio.run(mon.probe("good", good, batch=4))
+    r = asyncio.run(mon.probe("good", good, batch=4))  # wraps around: 12 reads cover all 10 anchors
+    assert r.drift.mean_rel_l2 == pytest.approx(0.5) and mon.readings["good"].cursor == 12 % K
+
+
+def test_a_new_adapter_is_judged_on_what_was_read_against_the_base_on_the_same_anchors():
+    mon, _ = make()
+    bad = SimpleNamespace(name="bad")
+    r = asyncio.run(mon.probe("bad", bad, batch=3))  # anchors 0, 1, 2: the base refuses 0 and 2
+    assert r.coverage == pytest.approx(0.3) and r.refusal_ratio == 0.0
+    assert r.base_refusal_ratio == pytest.approx(2 / 3) and r.refusal_drop == pytest.approx(2 / 3)
+    assert r.verdict.status == "fail"
+    mon.forget("bad")
+    assert "bad" not in mon.readings
