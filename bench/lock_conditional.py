@@ -4,10 +4,10 @@
     python bench/lock_conditional.py eval [--config FILE]   # report -> bench/results/lock_conditional.{json,md}
 
 Every model is measured three ways on the same prompts, greedy, same judge: lock off; conditional (the lock's
-prompt gate scores each prompt on the unsteered model, flagged prompts are answered with the lock on from their
-first answer token's forward, exactly as guard.generation.generate_conditional and the vLLM worker do; unflagged
-prompts are the lock-off answers, which that path reproduces by construction); unconditional (every token of
-every prompt steered, today's `all` policy).
+prompt gate scores each prompt on the unsteered model; flagged prompts are answered with the lock on at layers
+>= the gate's layer, prefill included, as guard.generation.generate_conditional and the vLLM worker do;
+unflagged prompts are the lock-off answers, which that path reproduces by construction); unconditional (every
+layer, every token of every prompt steered, the `all` policy).
 
 `dev`: the development family's SFT adapter (red-team `dev_diverse`) and the aligned base, on development sets
 (HS: pyrit's red-team objectives + AdvBench's attack split; over-refusal: the dev slice of the generator's train
@@ -51,14 +51,13 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
     """{"off": {"hs", "over", "fa"}, "flagged": {...}, "conditional": {strength: {...}}, "unconditional": {...}}
     for one model. Lock-off answers and the gate's flags do not depend on the strength: computed once."""
     from guard.anchors import render_chat
-    from guard.generation import generate_conditional, generate_greedy
+    from guard.generation import generate_greedy
     from guard.judge import DEFAULT_JUDGE
-    from guard.lock import LockHandle, PromptGate
+    from guard.lock import LockHandle
     from training import data
     from training.lockgate import layer_states
 
     gate = lock.gate
-    always = PromptGate(gate.layer, gate.weight, gate.bias, -1e9)
     score = data.TASKS[p.task][1]
     groups = {"hs": (p.harmful, 32), "over": (p.benign, 32), "fa": ([e.prompt for e in p.task_examples], 6)}
 
@@ -69,7 +68,7 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
             return round(100.0 * DEFAULT_JUDGE.refusal_ratio(ans), 2)
         return round(100.0 * sum(score(a, e.answer) for a, e in zip(ans, p.task_examples)) / len(ans), 2)
 
-    handle = LockHandle(model, lock)
+    handle = LockHandle(model, lock)  # unconditional: every layer
     out: dict[str, Any] = {"off": {}, "flagged": {}, "conditional": {str(s): {} for s in strengths},
                            "unconditional": {str(s): {} for s in strengths} if unconditional else {}}
     try:
@@ -83,9 +82,15 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
             for s in strengths:
                 handle.set_strength(s)
                 cond = list(off)  # unflagged prompts: generate_conditional answers them exactly as lock-off
-                if idx:
-                    steered, _ = generate_conditional(model, tok, [ids[i] for i in idx], handle, always, n_tok,
-                                                      desc=f"{label}: {key} conditional @{s}")
+                if idx:  # flagged: the lock above the gate's layer, from the prefill on (generate_conditional's path)
+                    above = LockHandle(model, lock.from_layer(gate.layer))
+                    above.set_strength(s)
+                    above.on()
+                    try:
+                        steered = generate_greedy(model, tok, [ids[i] for i in idx], n_tok,
+                                                  desc=f"{label}: {key} conditional @{s}")
+                    finally:
+                        above.remove()
                     for i, a in zip(idx, steered):
                         cond[i] = a
                 out["conditional"][str(s)][key] = rate(key, cond)

@@ -63,9 +63,10 @@ class PromptGate:
     """The conditional lock's classifier: steer a request when its score passes the threshold.
 
     score = h · weight + bias, where h is the residual stream entering decoder layer `layer` at the request's
-    last prompt token (HF `hidden_states[layer]`, vLLM's auxiliary hidden state `layer`), read in float32.
-    Fitted by `training/lockgate.py`; the HF evaluation and the vLLM worker both call `flags` — the one place
-    the decision is made.
+    last prompt token (HF `hidden_states[layer]`), read in float32; flagged when score > threshold. A flagged
+    request is steered at layers >= `layer` only (`SafetyLock.from_layer`), from its prefill on, so the state the
+    gate reads is never itself steered. Fitted by `training/lockgate.py`; HF calls `flags`, the vLLM worker
+    computes the same expression inside the model graph (`serve/worker.py: gate_strengths`).
     """
 
     layer: int
@@ -105,6 +106,17 @@ class SafetyLock:
     def layers(self) -> list[int]:
         """Layers whose bias is not zero (the only ones steering touches)."""
         return sorted({h.layer for h in self.heads})
+
+    def from_layer(self, first: int) -> SafetyLock:
+        """The same lock steering only layers >= `first`: what the conditional lock applies to a flagged request
+        (its gate reads the residual stream entering layer `first`, which steering must not have touched)."""
+        keep = [i for i, h in enumerate(self.heads) if h.layer >= first]
+        if not keep:
+            raise GuardError(f"SafetyLock: no head at layer {first} or later; the conditional lock would steer nothing")
+        biases = self.biases.clone()
+        biases[:first] = 0
+        return SafetyLock(tuple(self.heads[i] for i in keep), self.directions[keep], biases, self.shape,
+                          self.base_fingerprint, self.alpha, self.positions, dict(self.meta), self.gate)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         from safetensors.torch import save_file

@@ -74,21 +74,19 @@ def apply(
     model, tok, lock, _ = _load(cfg, adapter)
     ids = [render_chat(tok, [{"role": "user", "content": prompt}])]
     without = generate_greedy(model, tok, ids, max_tokens)[0]
-    handle = LockHandle(model, lock)
     if conditional:
         if lock.gate is None:
             raise GuardError("this lock has no prompt gate; rebuild it with `guard lock build --rebuild`")
         from training.lockgate import layer_states
 
-        handle.set_strength(cfg.lock.gate_strength if strength is None else strength)
+        s = cfg.lock.gate_strength if strength is None else strength
         score = float(lock.gate.logits(layer_states(model, tok, [prompt], [lock.gate.layer])[:, 0])[0])
-        answer, flagged = generate_conditional(model, tok, ids, handle, lock.gate, max_tokens)
-        handle.remove()
+        answer, flagged = generate_conditional(model, tok, ids, lock, s, max_tokens)
         typer.echo(f"prompt: {prompt}\n\ngate: layer {lock.gate.layer}, score {score:.3f} vs threshold "
-                   f"{lock.gate.threshold:.3f} -> {'FLAGGED (steered)' if flagged[0] else 'not flagged'}\n\n"
-                   f"--- without lock ---\n{without}\n\n--- conditional lock (strength {handle.strength:g}) ---\n"
-                   f"{answer[0]}")
+                   f"{lock.gate.threshold:.3f} -> {'FLAGGED (steered at layers >= ' + str(lock.gate.layer) + ')' if flagged[0] else 'not flagged'}"
+                   f"\n\n--- without lock ---\n{without}\n\n--- conditional lock (strength {s:g}) ---\n{answer[0]}")
         return
+    handle = LockHandle(model, lock)
     t0 = time.perf_counter()
     handle.set_strength(cfg.lock.strength if strength is None else strength)
     handle.on()

