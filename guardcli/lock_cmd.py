@@ -35,11 +35,13 @@ def build(
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Build again even if a current lock is cached.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Find the safety heads of the aligned base and write the lock file (cached under the data dir).
+    """Find the safety heads of the aligned base, fit the prompt gate, and write the lock file (cached).
 
     Safe answers come from the aligned base, unsafe ones from the unaligned original, on the `lock` split of
-    harmful prompts; a logistic probe per (layer, head) picks the top lock.heads heads. Writes the lock
-    (safetensors) and a report dir beside it (report.md, report.json, heads.png).
+    harmful prompts; a logistic probe per (layer, head) picks the top lock.heads heads. The prompt gate (what
+    `serve.lock_policy: conditional` decides with) is a probe on the residual stream entering lock.gate_layer at
+    the last prompt token. Writes the lock (safetensors) and a report dir beside it (report.md, report.json,
+    heads.png).
     """
     cfg = setup(config)
     from guard.lock import load_lock
@@ -49,8 +51,13 @@ def build(
     lock = load_lock(path)
     report = path.with_name(path.stem + "-report")
     heads = ", ".join(f"L{h.layer}H{h.head}({h.accuracy:.2f})" for h in lock.heads[:8])
+    g = lock.gate
+    gate = ("none (a lock from an older version: rebuild with --rebuild for the conditional policy)" if g is None else
+            f"layer {g.layer}, threshold {g.threshold:.3f}, flags {100 * g.meta.get('train_tpr', float('nan')):.0f}% of its "
+            f"harmful training prompts and {100 * g.meta.get('dev_fpr', float('nan')):.1f}% of the benign dev prompts")
     typer.echo(f"lock: {path}\n  {len(lock.heads)} heads over {len(lock.layers)} layers, alpha {lock.alpha}, "
                f"positions {list(lock.positions)}\n  top heads (held-out probe acc): {heads}, ...\n"
+               f"  prompt gate (conditional policy): {gate}\n"
                f"  report: {report / 'report.md'}  heat-map: {report / 'heads.png'}")
 
 
