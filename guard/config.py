@@ -187,7 +187,8 @@ class LockConfig(_Section):
     path: Path | None = Field(None, description="Lock file to use. Default: the one `guard prepare` builds for the base.")
     gate_layer: int | None = Field(None, ge=1, description="Residual-stream layer the conditional lock's prompt gate "
                                    "reads (None: 20% of the model's depth, layer 6 of SmolLM2-135M's 30, chosen on "
-                                   "development adapters by bench/lock_gate_dev.py). The server exports it at start-up.")
+                                   "development adapters by bench/lock_gate_dev.py). The server installs the gate at this layer at start-up "
+                                   "(a change needs a restart).")
     gate_strength: float = Field(0.25, ge=0, le=10, description="Strength (scale on the built strength) for requests "
                                  "the prompt gate flags under `serve.lock_policy: conditional`; chosen on the "
                                  "development adapter by `bench/lock_conditional.py dev`.")
@@ -203,7 +204,8 @@ class ServeConfig(_Section):
     port: int = Field(8000, ge=1, le=65535, description="Port of the OpenAI-compatible server.")
     lock_policy: Literal["conditional", "all", "adapters", "off"] = Field(
         "off", description="Which requests SafetyLock steers: `conditional` (every request the lock's prompt gate "
-                           "flags, from its first answer token on), all, only those of `lock_adapters`, or none.")
+                           "flags, prompt and answer, at layers >= lock.gate_layer), all, only those of "
+                           "`lock_adapters`, or none.")
     request_lock: bool = Field(True, description="Let a request ask for the lock on itself with "
                                "`\"guard\": {\"lock\": \"on\"}` in its body (it can never turn the lock off).")
     lock_adapters: list[str] = Field([], description="Adapter names steered when lock_policy is 'adapters'.")
