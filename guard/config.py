@@ -189,9 +189,10 @@ class LockConfig(_Section):
                                    "reads (None: 20% of the model's depth, layer 6 of SmolLM2-135M's 30, chosen on "
                                    "development adapters by bench/lock_gate_dev.py). The server installs the gate at this layer at start-up "
                                    "(a change needs a restart).")
-    gate_strength: float = Field(0.25, ge=0, le=10, description="Strength (scale on the built strength) for requests "
-                                 "the prompt gate flags under `serve.lock_policy: conditional`; chosen on the "
-                                 "development adapter by `bench/lock_conditional.py dev`.")
+    gate_strength: float = Field(0.75, ge=0, le=10, description="Strength (scale on the built strength) for requests "
+                                 "the prompt gate flags under `serve.lock_policy: conditional`; what the rule of "
+                                 "`bench/lock_conditional.py dev` picks on the development adapter (where no strength "
+                                 "cuts a strong attack's harm by more than 7%: see docs/safetylock.md).")
     gate_prompts: int = Field(1000, ge=4, description="Cap on the gate's training prompts per side (harmful, benign).")
     gate_max_fpr: float = Field(0.02, ge=0, lt=1, description="Share of the benign dev prompts the gate may flag; sets "
                                 "its threshold when the lock is built.")
