@@ -47,7 +47,7 @@ def test_alert_rules_check_and_unit_tests_pass():
     tested = set(re.findall(r"alertname: (\w+)", (rules / "alerts_test.yml").read_text()))
     shipped = {r["alert"] for g in yaml.safe_load((rules / "alerts.yml").read_text())["groups"] for r in g["rules"]}
     assert shipped == tested == {"SafetyGuardAnchorDriftHigh", "SafetyGuardRefusalRatioLow", "SafetyGuardProbeStale",
-                                 "SafetyGuardProbeFailing"}
+                                 "SafetyGuardProbeFailing", "SafetyGuardFlaggedAnswered"}
 
 
 def test_scrape_config_checks():
