@@ -193,6 +193,13 @@ class LockConfig(_Section):
                                  "the prompt gate flags under `serve.lock_policy: conditional`; what the rule of "
                                  "`bench/lock_conditional.py dev` picks on the development adapter (where no strength "
                                  "cuts a strong attack's harm by more than 7%: see docs/safetylock.md).")
+    gate_action: Literal["refuse", "steer"] = Field(
+        "refuse", description="What the conditional policy does with a flagged request: `refuse` (answer with "
+                              "`lock.refusal`) or `steer` (the lock at layers >= gate_layer, strength gate_strength). "
+                              "On a strongly attacked development adapter steering cut harm by at most 7%; see "
+                              "docs/safetylock.md.")
+    refusal: str = Field("I can't help with that request.", min_length=1,
+                         description="The answer a flagged request gets under gate_action `refuse`.")
     gate_prompts: int = Field(1000, ge=4, description="Cap on the gate's training prompts per side (harmful, benign).")
     gate_max_fpr: float = Field(0.02, ge=0, lt=1, description="Share of the benign dev prompts the gate may flag; sets "
                                 "its threshold when the lock is built.")

@@ -45,7 +45,7 @@ def generate_greedy(model: Any, tokenizer: Any, batch: Sequence[Sequence[int]], 
 
 def generate_conditional(model: Any, tokenizer: Any, batch: Sequence[Sequence[int]], lock: Any, strength: float,
                          max_new_tokens: int = 48, batch_size: int = 16, force: Sequence[bool] | None = None,
-                         desc: str | None = None) -> tuple[list[str], list[bool]]:
+                         desc: str | None = None, refusal: Sequence[int] | None = None) -> tuple[list[str], list[bool]]:
     """Greedy answers under the conditional lock, the way the vLLM worker serves them; (texts, steered).
 
     `lock.gate` (guard.lock.PromptGate) scores the residual stream entering its layer at each prompt's last
@@ -53,7 +53,8 @@ def generate_conditional(model: Any, tokenizer: Any, batch: Sequence[Sequence[in
     prefill included (`lock.from_layer`): the layers below, and so the state the gate read, are never steered,
     which is what lets the engine decide inside the same forward. Unflagged prompts are plain greedy.
     `force[i]` steers prompt i at every layer whatever its score (a request that asked for the lock).
-    The model is left unsteered.
+    `refusal` (token ids ending in EOS, guard.lock.refusal_ids): the `refuse` action — a flagged prompt is answered
+    with exactly those tokens, as the worker forces them. The model is left unsteered.
     """
     import torch
 
@@ -81,7 +82,12 @@ def generate_conditional(model: Any, tokenizer: Any, batch: Sequence[Sequence[in
             for i, f in zip(idx, gate.flags(hs).tolist()):
                 flags[i] = bool(f)
     texts: dict[int, str] = {}
-    groups = (([i for i in free if not flags[i]], None), ([i for i in free if flags[i]], lock.from_layer(gate.layer)),
+    flagged = [i for i in free if flags[i]]
+    if refusal is not None:
+        answer = tokenizer.decode(list(refusal)[:max_new_tokens], skip_special_tokens=True).strip()
+        texts.update({i: answer for i in flagged})
+        flagged = []
+    groups = (([i for i in free if not flags[i]], None), (flagged, lock.from_layer(gate.layer)),
               ([i for i in range(len(batch)) if force[i]], lock))
     for rows, steer in groups:
         if not rows:

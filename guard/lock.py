@@ -84,6 +84,41 @@ class PromptGate:
         return self.logits(states) > self.threshold
 
 
+def refusal_ids(tokenizer: Any, text: str) -> list[int]:
+    """The token ids a flagged request is answered with under `lock.gate_action: refuse`, then end-of-sequence."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise GuardError("lock.refusal is empty")
+    return [int(t) for t in ids] + [int(tokenizer.eos_token_id)]
+
+
+def forcing_states(head: torch.Tensor, token_ids: list[int], margin: float = 40.0, steps: int = 500) -> torch.Tensor:
+    """[len(token_ids), hidden] float32: for each token t, a final-norm state h whose logits head·h rank t first
+    by at least `margin` (greedy picks it; at any sane temperature sampling does too). The vLLM worker writes
+    these rows over a flagged request's sampled row to answer with a fixed refusal; checked here, not assumed."""
+    import torch
+
+    w = head.detach().float()
+    out = []
+    for t in token_ids:
+        v = w[t].clone()
+        gap = float("-inf")
+        for _ in range(steps):
+            logits = w @ v
+            best = logits[t].item()
+            logits[t] = float("-inf")
+            j = int(logits.argmax())
+            gap = best - logits[j].item()
+            if gap >= margin:
+                break
+            d = w[t] - w[j]  # raise t's logit over its strongest rival's by the missing amount
+            v = v + d * ((margin - gap) / d.pow(2).sum().clamp_min(1e-6))
+        if gap < margin:
+            raise GuardError(f"cannot make token {t} the sure first choice of this output head")
+        out.append(v)
+    return torch.stack(out)
+
+
 @dataclass
 class SafetyLock:
     """Per-head directions + strengths, and the per-layer o_proj biases they fold into."""

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from guard.artifacts import atomic_path, read_json, write_json_atomic
 from guard.errors import GuardError
@@ -223,3 +223,20 @@ def load_causal_lm(path: str | os.PathLike[str], dtype: str = "float32"):
         tok.pad_token = tok.eos_token
     model.eval()
     return model, tok
+
+
+def output_head_weight(model_dir: str | os.PathLike[str]) -> Any:
+    """[vocab, hidden] float32: the checkpoint's lm_head weight (the input embedding when they are tied)."""
+    import torch
+    from safetensors import safe_open
+
+    found: dict[str, Any] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in ("lm_head.weight", "model.embed_tokens.weight"):
+                if key in st.keys() and key not in found:
+                    found[key] = st.get_tensor(key)
+    w = found.get("lm_head.weight", found.get("model.embed_tokens.weight"))
+    if w is None:
+        raise GuardError(f"{model_dir}: no lm_head.weight or model.embed_tokens.weight in its safetensors")
+    return w.to(torch.float32)

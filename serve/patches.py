@@ -136,6 +136,12 @@ def _wrap_model_forward(cls: type) -> None:
                 rt.step_errors += 1
                 rt.note_error("read_gate", e)
                 rt.flag_unscored()
+            if rt.refusal is not None:
+                try:
+                    rt.force_refusals(output)
+                except Exception as e:  # the steering stays on for flagged requests; counted
+                    rt.step_errors += 1
+                    rt.note_error("force_refusals", e)
         if rt.probe_prefixes:
             try:
                 rt.after_forward(output)

@@ -5,8 +5,9 @@ Routes (all behind the server's API key when one is set: vLLM's own middleware g
 - POST /guard/lock          {"adapter": name|null, "enabled": bool|null, "strength": float|null, "file": path|null}
 - POST /guard/probe         {"adapter": name|null}: probe now (the base model's name = the base; null = every
                             loaded adapter)
-- POST /guard/policy        {"vet_policy": "reject"|"lock"|"warn"}: the vet policy for adapters loaded from now
-                            on (already-served adapters keep their verdict and any forced lock)
+- POST /guard/policy        {"vet_policy": "reject"|"lock"|"warn", "gate_action": "refuse"|"steer"} (either or
+                            both): the vet policy for adapters loaded from now on (already-served adapters keep
+                            their verdict and any forced lock); what the conditional lock does with flagged requests
 - POST /v1/load_lora_adapter, /v1/unload_lora_adapter: vLLM's, behind the vetting gate (serve/gate.py), when
                             VLLM_ALLOW_RUNTIME_LORA_UPDATING is on
 
@@ -50,10 +51,12 @@ class LockChange(BaseModel):
 
 
 class PolicyChange(BaseModel):
-    """POST /guard/policy: the vet policy for adapters loaded from now on (not persisted to the config)."""
+    """POST /guard/policy: the vet policy for adapters loaded from now on, and/or what the conditional lock does
+    with a flagged request (`refuse` | `steer`); neither is persisted to the config."""
 
     model_config = ConfigDict(extra="forbid")
-    vet_policy: Literal["reject", "lock", "warn"]
+    vet_policy: Literal["reject", "lock", "warn"] | None = None
+    gate_action: Literal["refuse", "steer"] | None = None
 
 
 class ProbeAsk(BaseModel):
@@ -135,7 +138,7 @@ def build_router(runtime_lora_updating: bool) -> Any:
             worker = await svc.push_lock()
         except GuardError as e:  # the workers kept their previous state; so does the table
             svc.table = before
-            svc.metrics.counterror_response("lock_change")
+            svc.metrics.count_error("lock_change")
             return error_response(500, f"lock change refused: {e} (the previous lock state stays)", "LockChangeFailed")
         status = svc.status()["lock"]
         status["worker"] = worker
@@ -148,11 +151,26 @@ def build_router(runtime_lora_updating: bool) -> Any:
         svc = service(request)
         if not isinstance(svc, GuardService):
             return svc
-        old = svc.cfg.serve.vet_policy
-        svc.cfg.serve.vet_policy = change.vet_policy
-        if old != change.vet_policy:
-            log.warning("safety-guard: vet policy changed at run time: %s -> %s", old, change.vet_policy)
-        return JSONResponse({"vet_policy": change.vet_policy, "previous": old})
+        if change.vet_policy is None and change.gate_action is None:
+            return error_response(400, "give 'vet_policy' and/or 'gate_action'", "InvalidUserInput")
+        out: dict[str, Any] = {}
+        if change.gate_action is not None:
+            old_action = svc.cfg.lock.gate_action
+            svc.cfg.lock.gate_action = change.gate_action
+            try:
+                await svc.push_lock()
+            except GuardError as e:  # the workers kept their previous state; so does the config
+                svc.cfg.lock.gate_action = old_action
+                svc.metrics.count_error("lock_change")
+                return error_response(500, f"gate action change refused: {e}", "LockChangeFailed")
+            out.update(gate_action=change.gate_action, previous_gate_action=old_action)
+        if change.vet_policy is not None:
+            old = svc.cfg.serve.vet_policy
+            svc.cfg.serve.vet_policy = change.vet_policy
+            if old != change.vet_policy:
+                log.warning("safety-guard: vet policy changed at run time: %s -> %s", old, change.vet_policy)
+            out.update(vet_policy=change.vet_policy, previous=old)
+        return JSONResponse(out)
 
     @router.post("/guard/probe")
     async def guard_probe(ask: ProbeAsk, request: Request):

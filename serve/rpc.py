@@ -47,8 +47,10 @@ class WorkerClient:
         return {"ok": False, "error": err} if err else results[0]
 
     async def set_lock(self, default: float, overrides: dict[int, float], gated: bool = False,
-                       ungated: list[int] | None = None, force_strength: float = 0.0) -> dict[str, Any]:
-        results = await self._call("guard_set_lock", default, overrides, gated, list(ungated or ()), force_strength)
+                       ungated: list[int] | None = None, force_strength: float = 0.0,
+                       refusal: list[list[float]] | None = None) -> dict[str, Any]:
+        results = await self._call("guard_set_lock", default, overrides, gated, list(ungated or ()), force_strength,
+                                   refusal)
         err = self.first_error(results)
         return {"ok": False, "error": err} if err else results[0]
 

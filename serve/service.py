@@ -45,6 +45,7 @@ class GuardService:
         self.worker_info: list[dict[str, Any]] = []
         self.worker_state: list[dict[str, Any]] = []
         self._seen_step_errors = 0
+        self._refusal_cache: list[list[float]] | None = None
         self._seen_gate: dict[int, tuple[int, ...]] = {}  # lora id -> (scored, flagged, judged, answered) counted
         self.lock_info: dict[str, Any] | None = None
         self.table: Any = None
@@ -168,6 +169,12 @@ class GuardService:
             args = self.table.worker_args(self.lora_ids())
             if self.lock_info is None:
                 args = {"default": 0.0, "overrides": {}}
+            elif args.get("gated") and self.cfg.lock.gate_action == "refuse":
+                try:
+                    args["refusal"] = await self._refusal_rows()
+                except Exception as e:  # fall back to steering flagged requests; said once, counted
+                    self._fail(f"gate_action refuse unavailable ({type(e).__name__}: {e}); steering flagged requests")
+                    self.metrics.count_error("lock_change")
             t0 = time.perf_counter()
             result = await self.workers.set_lock(**args)
             if not result.get("ok") and args.get("gated") and "conditional lock unavailable" in str(result.get("error")):
@@ -188,6 +195,19 @@ class GuardService:
                 self.last_cache_reset = await self._reset_prefix_cache()
             self.last_cache_reset["rpc_ms"] = round(rpc_ms, 3)
             return result
+
+    async def _refusal_rows(self) -> list[list[float]]:
+        """The rows that force `lock.refusal` on a flagged request (computed once from the served checkpoint)."""
+        if self._refusal_cache is None:
+            from guard.lock import forcing_states, refusal_ids
+            from guard.models import output_head_weight
+
+            def build() -> list[list[float]]:
+                ids = refusal_ids(_load_tokenizer(self.model_dir), self.cfg.lock.refusal)
+                return forcing_states(output_head_weight(self.model_dir), ids).tolist()
+
+            self._refusal_cache = await asyncio.to_thread(build)
+        return self._refusal_cache
 
     async def _reset_prefix_cache(self) -> dict[str, Any]:
         """Fallback without the salt hook. A soft reset fails whenever any request is running, and every engine

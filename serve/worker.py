@@ -151,6 +151,8 @@ class GuardRuntime:
     gate_bufs: dict[str, Any] = field(default_factory=dict)  # hi, hi_eff, last, keep, w, b, t (see the module doc)
     gate: Any = None  # guard.lock.PromptGate, when the installed lock has one for gate_layer
     deciding: dict[str, tuple[int, int]] = field(default_factory=dict)  # request id -> (lora id, its last row) now
+    refusal: Any = None  # [n, hidden] final-norm rows that force the refusal's tokens (gate_action refuse), or None
+    forced_pos: dict[str, int] = field(default_factory=dict)  # flagged request id -> refusal tokens forced so far
     flags: dict[str, bool] = field(default_factory=dict)  # request id -> the gate's decision
     scored: dict[int, int] = field(default_factory=dict)  # lora id -> requests the gate scored
     flagged: dict[int, int] = field(default_factory=dict)  # lora id -> requests the gate flagged
@@ -319,6 +321,25 @@ class GuardRuntime:
             if not DEFAULT_JUDGE.is_refusal(self.tokenizer.decode(out, skip_special_tokens=True)):
                 self.answered[lid] = self.answered.get(lid, 0) + 1
 
+    def force_refusals(self, output: Any) -> None:
+        """gate_action `refuse`: overwrite the sampled row of every flagged request with the state that makes its
+        next refusal token the sure choice (then end-of-sequence). Runs after the forward, before sampling."""
+        hidden = output[0] if isinstance(output, tuple) else output
+        if not hasattr(hidden, "shape"):
+            return
+        req_ids, loc, batch = self._layout()
+        last = self.refusal.shape[0] - 1
+        for r, rid in enumerate(req_ids):
+            if rid is None or not self.flags.get(rid) or loc[r + 1] <= loc[r]:
+                continue
+            if int(batch.num_computed_tokens_cpu[r]) + (loc[r + 1] - loc[r]) < int(batch.num_prompt_tokens[r]):
+                continue  # an earlier prefill chunk: nothing is sampled from it
+            k = self.forced_pos.get(rid, 0)
+            hidden[loc[r + 1] - 1] = self.refusal[min(k, last)]
+            self.forced_pos[rid] = k + 1
+        if len(self.forced_pos) > 4 * max(1, len(req_ids)) + 64:
+            self.forced_pos = {k: v for k, v in self.forced_pos.items() if k in self.flags}
+
     def flag_unscored(self) -> None:
         """Fail closed after an error reading the gate: every live request not yet decided is steered from now on."""
         for rid in self.runner.input_batch.req_ids[: int(self.runner.input_batch.num_reqs)]:
@@ -446,7 +467,8 @@ class GuardRuntime:
                          "flagged": {str(k): v for k, v in self.flagged.items()},
                          "judged": {str(k): v for k, v in self.judged.items()},
                          "answered": {str(k): v for k, v in self.answered.items()}},
-                "force_strength": self.force_strength}
+                "force_strength": self.force_strength,
+                "action": "refuse" if self.refusal is not None else "steer"}
 
 
 def install(runner: Any) -> GuardRuntime:
@@ -661,10 +683,11 @@ class GuardWorkerExtension:
     @_rpc
     def guard_set_lock(self, rt: GuardRuntime, default: float, overrides: dict[int, float] | None = None,
                        gated: bool = False, ungated: list[int] | None = None,
-                       force_strength: float = 0.0) -> dict[str, Any]:
+                       force_strength: float = 0.0, refusal: list[list[float]] | None = None) -> dict[str, Any]:
         """Steering strengths: `default` for every request, `overrides` per LoRA id (0 = base); 0 = off.
         `gated`: requests are steered only once the lock's prompt gate flags them, except those of the LoRA ids in
-        `ungated`; `force_strength`: the strength of requests that asked for the lock themselves."""
+        `ungated`; `force_strength`: the strength of requests that asked for the lock themselves; `refusal`: the
+        rows that force a flagged request's answer (guard.lock.forcing_states), None to steer it instead."""
         t0 = time.perf_counter()
         from guard.errors import GuardError
         from guard.lock import check_strength
@@ -680,6 +703,17 @@ class GuardWorkerExtension:
         before = (rt.default, dict(rt.overrides), rt.gated_default, set(rt.ungated), rt.force_strength)
         rt.default, rt.overrides = float(default), {int(k): float(v) for k, v in (overrides or {}).items()}
         rt.gated_default, rt.ungated, rt.force_strength = bool(gated), {int(i) for i in ungated or ()}, float(force_strength)
+        if refusal is not None:
+            import torch
+
+            rows = torch.tensor(refusal, dtype=torch.float32)
+            hidden = next(iter(rt.units.values())).shape[0]
+            if rows.ndim != 2 or rows.shape[1] != hidden or rows.shape[0] < 1 or not bool(torch.isfinite(rows).all()):
+                rt.default, rt.overrides, rt.gated_default, rt.ungated, rt.force_strength = before
+                return {"ok": False, "error": f"refusal rows of shape {tuple(rows.shape)}, expected [n, {hidden}], finite"}
+            rt.refusal = rows.to(device=rt.strength.device, dtype=rt.dtype)
+        else:
+            rt.refusal = None
         try:
             rt.apply()
         except Exception:

@@ -124,3 +124,35 @@ def test_version_1_lock_files_are_refused_with_the_rebuild_command(tmp_path, tin
     save_file(load_file(str(path)), str(path), metadata={"guard": json.dumps(header)})
     with pytest.raises(GuardError, match="guard lock build --rebuild"):
         load_lock(path)
+
+
+def test_forcing_states_make_each_token_the_sure_first_choice():
+    from guard.lock import forcing_states
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.randn(300, 24, generator=g)
+    ids = [7, 5, 299, 0]
+    rows = forcing_states(head, ids, margin=40.0)
+    logits = rows @ head.t()
+    assert logits.argmax(-1).tolist() == ids
+    top2 = logits.topk(2, dim=-1).values
+    assert bool(((top2[:, 0] - top2[:, 1]) >= 40.0 - 1e-3).all())
+    head[9] = head[:9].mean(0)  # inside the hull of the other rows: no state can make it the first choice
+    with pytest.raises(GuardError, match="cannot make token 9"):
+        forcing_states(head, [9])
+
+
+def test_refuse_action_answers_flagged_prompts_with_the_refusal_and_leaves_the_rest(tiny_model, tiny_tokenizer):
+    from guard.lock import refusal_ids
+
+    lock, gate = gated(tiny_model, 0.0)
+    states = layer_states(tiny_model, tiny_tokenizer, PROMPTS, [1])[:, 0]
+    gate.threshold = float(gate.logits(states).median())
+    batch = [render_chat(tiny_tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    ids = refusal_ids(tiny_tokenizer, "I can't help with that.")
+    assert ids[-1] == tiny_tokenizer.eos_token_id
+    texts, steered = generate_conditional(tiny_model, tiny_tokenizer, batch, lock, 1.0, 8, refusal=ids)
+    plain = generate_greedy(tiny_model, tiny_tokenizer, batch, 8)
+    want = tiny_tokenizer.decode(ids[:8], skip_special_tokens=True).strip()
+    assert [t for t, s in zip(texts, steered) if s] == [want] * sum(steered) and 0 < sum(steered) < len(PROMPTS)
+    assert [t for t, s in zip(texts, steered) if not s] == [p for p, s in zip(plain, steered) if not s]

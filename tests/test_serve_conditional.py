@@ -30,6 +30,7 @@ anchors:
 lock:
   gate_strength: 1.0  # the stand-in lock as built (HF side: LockHandle's strength 1)
   gate_layer: 6
+  gate_action: steer  # switched to refuse at run time below
 drift:
   probe_tokens: 4
 serve:
@@ -62,8 +63,13 @@ def hf_answers(default_model_dir: Path, gated_lock: Path) -> dict:
     forced = [generate_conditional(model, tok, [i], lock, 1.0, TOKENS, force=[True])[0][0] for i in ids]
     off = [generate_greedy(model, tok, [i], TOKENS)[0] for i in ids]
     assert [c[1][0] for c in cond] == [True] * len(FLAG) + [False] * len(KEEP)
+    from guard.config import LockConfig
+    from guard.lock import refusal_ids
+
+    refused = [generate_conditional(model, tok, [i], lock, 1.0, TOKENS, refusal=refusal_ids(tok, LockConfig().refusal))
+               for i in ids]
     return {"conditional": dict(zip(prompts, [c[0][0] for c in cond])), "forced": dict(zip(prompts, forced)),
-            "plain": dict(zip(prompts, off))}
+            "plain": dict(zip(prompts, off)), "refuse": dict(zip(prompts, [r[0][0] for r in refused]))}
 
 
 def test_conditional_lock_steers_flagged_requests_like_hf_and_leaves_the_rest_exact(
@@ -111,3 +117,13 @@ def test_conditional_lock_steers_flagged_requests_like_hf_and_leaves_the_rest_ex
         asked_n = [s.value for s in fams["safety_guard_requests_lock_asked"].samples if s.name.endswith("_total")]
         assert asked_n == [1.0]
         assert st["worker_state"][0]["step_errors"] == 0 and st["rpc_failures"] == 0
+
+        # gate_action refuse (the default): flagged requests get the fixed refusal, the rest stay exact
+        status, body = http("POST", srv.url + "/guard/policy", {"gate_action": "refuse"})
+        assert status == 200 and body["gate_action"] == "refuse", body
+        with cf.ThreadPoolExecutor(4) as pool:
+            got = dict(zip(FLAG + KEEP, pool.map(lambda p: srv.chat(m.name, p, max_tokens=TOKENS), FLAG + KEEP)))
+        assert got == hf_answers["refuse"]
+        assert [got[p] for p in FLAG] == [hf_answers["refuse"][FLAG[0]]] * len(FLAG) != [hf_answers["plain"][FLAG[0]]]
+        st = http("GET", srv.url + "/guard/status")[1]
+        assert st["worker_state"][0]["action"] == "refuse" and st["worker_state"][0]["step_errors"] == 0

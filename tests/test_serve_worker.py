@@ -128,13 +128,14 @@ class Runner:
     def _model_forward(self, input_ids=None, positions=None, **kw):
         return self.model(input_ids=input_ids, positions=positions)
 
-    def schedule(self, requests: list[tuple[str, int, int, int]]) -> torch.Tensor:
-        """requests: (id, lora id, prompt tokens, tokens this step) -> input ids of one forward."""
+    def schedule(self, requests: list[tuple]) -> torch.Tensor:
+        """requests: (id, lora id, prompt tokens, tokens this step[, tokens already computed]) -> input ids."""
         b = self.input_batch
         b.num_reqs, b.req_ids = len(requests), [r[0] for r in requests]
         loc = [0]
-        for i, (_, lora, prompt, now) in enumerate(requests):
-            b.request_lora_mapping[i], b.num_prompt_tokens[i], b.num_computed_tokens_cpu[i] = lora, prompt, 0
+        for i, (_, lora, prompt, now, *done) in enumerate(requests):
+            b.request_lora_mapping[i], b.num_prompt_tokens[i] = lora, prompt
+            b.num_computed_tokens_cpu[i] = done[0] if done else 0
             loc.append(loc[-1] + now)
         self.query_start_loc.np[: len(loc)] = loc
         return torch.arange(loc[-1])
@@ -409,3 +410,29 @@ def test_the_gate_decides_inside_the_forward_and_steers_flagged_requests_above_i
     rt.gate_bufs = {**rt.gate_bufs, "hi_eff": None}  # the decision cannot be read back: fail closed
     runner._model_forward(input_ids=runner.schedule([("c", 0, 4, 4)]))
     assert rt.step_errors == 1 and "read_gate" in rt.last_error and rt.flags["c"] is True
+
+
+def test_refuse_action_overwrites_the_sampled_row_of_flagged_requests_only():
+    from guard.lock import PromptGate
+
+    runner = Runner(torch.float32, gate=True)
+    runner.vllm_config.additional_config = {patches.CONFIG_KEY: {"graph": patches.GRAPH_VERSION, "gate_layer": 1}}
+    runner.load_model()
+    rt = getattr(runner, worker.RUNTIME_ATTR)
+    w = Worker(runner)
+    rt.install_lock(unit_biases(layers=(0, 1, 2)), {"path": "stand-in", "gate": "stand-in"})
+    seen = {}
+    hook = runner.model.model.layers[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[1] + a[2]))
+    runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 4), ("b", 0, 4, 4)]))
+    hook.remove()
+    ha, hb = seen["h"][3], seen["h"][7]
+    rt.set_gate(PromptGate(1, ha - hb, -float((ha - hb) @ (ha + hb)) / 2, 0.0))
+    rows = [[float(k + 1)] * HIDDEN for k in range(3)]  # stand-in forcing rows: refusal token 1, 2, then EOS
+    assert not w.guard_set_lock(1.0, {}, gated=True, refusal=[[1.0] * (HIDDEN + 1)])["ok"]  # wrong width
+    assert w.guard_set_lock(1.0, {}, gated=True, refusal=rows)["action"] == "refuse"
+    outs = [runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 4), ("b", 0, 4, 4)]))]
+    for k in range(3):  # decode steps
+        outs.append(runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 1, 4 + k), ("b", 0, 4, 1, 4 + k)])))
+    assert outs[0][3].tolist() == rows[0] and outs[0][7].tolist() != rows[0]  # a's sampled row, not b's
+    assert [o[0].tolist() for o in outs[1:]] == [rows[1], rows[2], rows[2]]  # then EOS for ever
+    assert rt.step_errors == 0 and w.guard_set_lock(1.0, {}, gated=True)["action"] == "steer"
