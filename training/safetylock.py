@@ -247,6 +247,10 @@ def write_report(out: Path, lock: SafetyLock, scores: ProbeScores) -> None:
     plt.close(fig)
 
 
+# lock settings read when the lock is applied, not when it is built: changing them must not rebuild the file
+RUNTIME_LOCK_KNOBS = {"strength", "gate_strength", "gate_action", "refusal", "path"}
+
+
 def ensure_lock(cfg: Any, rebuild: bool = False) -> Path:
     """The lock file for the configured base: `lock.path` if set, else built once and cached under the data dir.
 
@@ -264,7 +268,7 @@ def ensure_lock(cfg: Any, rebuild: bool = False) -> Path:
         return Path(cfg.lock.path).expanduser()
     base, fp = ws.base(), ws.base_fingerprint
     path = ws.prepared_lock(fp)
-    settings = cfg.lock.model_dump(mode="json", exclude={"strength", "gate_strength", "path"})  # run-time knobs
+    settings = cfg.lock.model_dump(mode="json", exclude=RUNTIME_LOCK_KNOBS)
     if path.is_file() and not rebuild:
         try:
             if load_lock(path, base_fingerprint=fp).meta.get("settings") == settings:
