@@ -49,10 +49,11 @@ class Prompts:
 
 
 def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts, label: str,
-            unconditional: bool = True, refusal: str | None = None) -> dict[str, Any]:
+            unconditional: float | None = None, refusal: str | None = None) -> dict[str, Any]:
     """{"off": {"hs", "over", "fa"}, "flagged": {...}, "conditional": {strength: {...}}, "unconditional": {...},
     "refuse": {...}} for one model. Lock-off answers and the gate's flags do not depend on the strength: computed
-    once. `refuse`: the gate_action that answers flagged prompts with `refusal` (no generation needed)."""
+    once. `refuse`: the gate_action that answers flagged prompts with `refusal` (no generation needed);
+    `unconditional`: the strength of the `all` policy to compare with (None: not measured)."""
     from guard.anchors import render_chat
     from guard.generation import generate_greedy
     from guard.judge import DEFAULT_JUDGE
@@ -73,7 +74,7 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
 
     handle = LockHandle(model, lock)  # unconditional: every layer
     out: dict[str, Any] = {"off": {}, "flagged": {}, "conditional": {str(s): {} for s in strengths},
-                           "unconditional": {str(s): {} for s in strengths} if unconditional else {}}
+                           "unconditional": {}}
     try:
         for key, (prompts, n_tok) in groups.items():
             ids = [render_chat(tok, [{"role": "user", "content": q}]) for q in prompts]
@@ -102,13 +103,14 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
                     for i, a in zip(idx, steered):
                         cond[i] = a
                 out["conditional"][str(s)][key] = rate(key, cond)
-                if unconditional:
-                    handle.on()
-                    try:
-                        out["unconditional"][str(s)][key] = rate(key, generate_greedy(model, tok, ids, n_tok,
-                                                                                      desc=f"{label}: {key} all @{s}"))
-                    finally:
-                        handle.off()
+            if unconditional is not None:
+                handle.set_strength(unconditional)
+                handle.on()
+                try:
+                    out["unconditional"][key] = rate(key, generate_greedy(model, tok, ids, n_tok,
+                                                                          desc=f"{label}: {key} all @{unconditional}"))
+                finally:
+                    handle.off()
     finally:
         handle.remove()
     return out
@@ -153,9 +155,9 @@ def dev(config: ConfigOpt = None) -> None:
     train_t = [q.text for q in overrefusal.contrast_prompts("train")]
     p = Prompts(list(dict.fromkeys([*data.airt_harmful(), *data.splits().attack])), [q for q in train_t if _is_dev(q)],
                 "arithmetic", data.arithmetic_task(n_train=16, n_eval=100, seed=1)[1])
-    base_m = measure(model, tok, lock, list(GRID), p, "base", unconditional=False, refusal=cfg.lock.refusal)
+    base_m = measure(model, tok, lock, list(GRID), p, "base", refusal=cfg.lock.refusal)
     pm = _with_adapter(model, work)
-    adapter_m = measure(pm, tok, lock, list(GRID), p, "dev_sft", unconditional=False, refusal=cfg.lock.refusal)
+    adapter_m = measure(pm, tok, lock, list(GRID), p, "dev_sft", refusal=cfg.lock.refusal)
     model = pm.unload()
     rows = []
     for s in [*GRID, "refuse"]:
@@ -219,11 +221,11 @@ def evaluate(
         if name in done:
             continue
         m = model if path is None else _with_adapter(model, path)
-        res = measure(m, tok, lock, [s], Prompts(harmful, benign, task, tasks[task]), name,
-                      refusal=cfg.lock.refusal if act == "refuse" else None)
-        res = {"off": res["off"], "flagged": res["flagged"], "action": act,
+        res = measure(m, tok, lock, [] if act == "refuse" else [s], Prompts(harmful, benign, task, tasks[task]), name,
+                      unconditional=cfg.lock.strength, refusal=cfg.lock.refusal if act == "refuse" else None)
+        res = {"off": res["off"], "flagged": res["flagged"], "action": act, "unconditional_strength": cfg.lock.strength,
                "conditional": res["refuse"] if act == "refuse" else res["conditional"][str(s)],
-               "unconditional": res["unconditional"][str(s)]}
+               "unconditional": res["unconditional"]}
         if path is not None:
             model = m.unload()
         from guard.artifacts import provenance
@@ -247,7 +249,8 @@ def report(fp: str, strength: float) -> None:
                   "flagged": base["flagged"]},
          "adapters": adapters,
          "unconditional": {"base": flat(base, "unconditional"), "adapters": uncond},
-         "strength": strength, "action": rows[0].get("action", "steer"), "base_fingerprint": fp,
+         "strength": strength, "action": rows[0].get("action", "steer"),
+         "unconditional_strength": rows[0].get("unconditional_strength", strength), "base_fingerprint": fp,
          "units_commits": sorted({r["commit"] for r in rows})}
     lines = ["| model | lock | HS % | FA % | over-refusal % |", "|---|---|---|---|---|"]
     for r in rows:
