@@ -138,7 +138,7 @@ def compiled_run(a: argparse.Namespace) -> None:
     prev.pop("versions", None)
     if a.conditional:
         out["policy"] = "conditional: lock_on = the gate scores every request (these prompts are benign: the cost "
-        out["policy"] += "is the gate, the auxiliary output and the per-token mask, with nothing steered)"
+        out["policy"] += "is the in-graph gate and the per-token mask, with nothing refused or steered)"
         out["gate"] = st["worker_state"][0].get("gate")
     prev["compiled_conditional" if a.conditional else "compiled"] = out
     write_result("serve_overhead", prev)

@@ -66,8 +66,8 @@ class GuardMetrics:
             f"{PREFIX}_requests_gated_total", "Requests the conditional lock's prompt gate scored.", ["adapter"],
             registry=registry)
         self.flagged = Counter(
-            f"{PREFIX}_requests_flagged_total", "Requests the prompt gate flagged: steered by SafetyLock from their "
-            "first answer token on (conditional policy).", ["adapter"], registry=registry)
+            f"{PREFIX}_requests_flagged_total", "Requests the prompt gate flagged: refused or steered, as "
+            "lock.gate_action says (conditional policy).", ["adapter"], registry=registry)
         self.flagged_answered = Counter(
             f"{PREFIX}_flagged_answered_total", "Flagged requests whose first answer tokens the refusal judge does not "
             "count as refusals (a live harm estimate: what the lock did not turn, or gate false alarms).",

@@ -1,9 +1,10 @@
-"""The conditional lock's prompt gate: a linear probe that decides, once per request, whether to steer it.
+"""The conditional lock's prompt gate: a linear probe that decides, once per request, whether to act on it.
 
 SafetyLock steers every token it is applied to, so applied to everything it costs the task and over-refuses
 (stress run: FA 93 -> 44; the aligned base with the lock refuses 83% of edgy-benign prompts). The gate reads
 one state per request — the residual stream entering decoder layer `layer` at the last prompt token, the state
-vLLM exports for EAGLE-3 as an auxiliary hidden state — and only requests it flags are steered.
+the vLLM worker scores inside the model graph (serve/worker.py: gate_strengths) — and only requests it flags are
+refused or steered.
 
 Why a middle layer and not the lm_head input: on the aligned base "harmful" and "about to refuse" coincide, so a
 probe on the final state learns the refusal decision — and an attacked adapter has exactly that decision
@@ -58,7 +59,7 @@ def gate_data(cap: int | None = None) -> GateData:
 def layer_states(model: Any, tokenizer: Any, prompts: Sequence[str], layers: Sequence[int],
                  batch_size: int = 16, desc: str | None = None) -> torch.Tensor:
     """[len(prompts), len(layers), hidden] fp32: the residual stream entering each of `layers` at the last
-    prompt token (HF `hidden_states[layer]`; vLLM's auxiliary hidden state of the same index)."""
+    prompt token (HF `hidden_states[layer]`; what the vLLM worker's gate layer reads)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seqs = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     n_layers = int(model.config.num_hidden_layers)
