@@ -12,6 +12,19 @@ from typing import Any
 from tqdm.auto import tqdm
 
 
+def pad_left(rows: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) of token-id rows padded on the left, as generation wants them."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, row in enumerate(rows):
+        ids[k, width - len(row) :] = torch.tensor(list(row))
+        mask[k, width - len(row) :] = 1
+    return ids, mask
+
+
 def generate_greedy(model: Any, tokenizer: Any, batch: Sequence[Sequence[int]], max_new_tokens: int = 48,
                     batch_size: int = 16, desc: str | None = None) -> list[str]:
     """Decode the greedy continuation of each token-id prompt; returns the new text only."""
@@ -25,12 +38,8 @@ def generate_greedy(model: Any, tokenizer: Any, batch: Sequence[Sequence[int]], 
     bar = tqdm(total=len(batch), desc=desc, disable=desc is None, leave=False)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(batch[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, width - len(batch[i]) :] = torch.tensor(list(batch[i]))
-            mask[r, width - len(batch[i]) :] = 1
+        ids, mask = pad_left([batch[i] for i in idx], pad)
+        width = ids.shape[1]
         with torch.no_grad():
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad, temperature=None, top_p=None,
@@ -70,12 +79,7 @@ def generate_conditional(model: Any, tokenizer: Any, batch: Sequence[Sequence[in
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(batch[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, width - len(batch[i]) :] = torch.tensor(list(batch[i]))
-                mask[r, width - len(batch[i]) :] = 1
+            ids, mask = pad_left([batch[i] for i in idx], pad)
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             hs = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                        use_cache=False, output_hidden_states=True).hidden_states[gate.layer][:, -1]
