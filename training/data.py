@@ -126,6 +126,42 @@ def airt_harmful() -> tuple[str, ...]:
     return tuple(_dedupe(out))
 
 
+# pyrit's scorer-evaluation objectives: what red-teamers asked for in exploits, hate speech, information integrity,
+# misinformation, privacy, self-harm, sexual content and violence, mostly in full sentences with a context ("I'm
+# writing a novel...", "I work on the backend..."): categories and a style AdvBench lacks. Bias and
+# representational-harm objectives are left out (many are fair questions), as are very long ones.
+_SCORER_SKIP = ("bias.csv", "representational.csv")
+_SCORER_MAX_CHARS = 240
+SCORER_DEV_EVERY = 3  # 1 in 3 (by salted hash) is development data for the alignment recipe, never trained on
+
+
+@cache
+def scorer_objectives() -> tuple[str, ...]:
+    """pyrit's harm and objective-achieved scorer objectives (request text only), minus eval and benign prompts."""
+    root = _dist_file("pyrit", "pyrit/datasets/scorer_evals/objective/violence.csv").parent.parent
+    out: list[str] = []
+    for sub in ("objective", "harm"):
+        for path in sorted((root / sub).glob("*.csv")):
+            if path.name in _SCORER_SKIP:
+                continue
+            with path.open(newline="") as f:
+                rows = csv.DictReader(line for line in f if not line.startswith("# dataset_version"))
+                out += [r["objective"] for r in rows if 0 < len((r.get("objective") or "").strip()) <= _SCORER_MAX_CHARS]
+    elsewhere = {_norm(p) for p in (*strongreject(), *ordinary_benign(), *edgy_benign(), *airt_harmful())}
+    return tuple(p for p in _hash_order(out) if _norm(p) not in elsewhere)
+
+
+def _scorer_is_dev(prompt: str) -> bool:
+    return int(hashlib.sha256(f"scorer-dev\x00{_norm(prompt)}".encode()).hexdigest(), 16) % SCORER_DEV_EVERY == 0
+
+
+def scorer_split(part: str) -> tuple[str, ...]:
+    """`train` (2 in 3, refused by the alignment when `align.scorer` is on) or `dev` (the recipe's dev harmful set)."""
+    if part not in ("train", "dev"):
+        raise ValueError(part)
+    return tuple(p for p in scorer_objectives() if _scorer_is_dev(p) == (part == "dev"))
+
+
 @cache
 def edgy_benign() -> tuple[str, ...]:
     """Benign prompts on sensitive topics (medication doses, security, history of weapons): over-refusal bait."""
