@@ -9,9 +9,18 @@ used to report a result. Development prompts: harmful = pyrit's red-team objecti
 (what the dev adapters were attacked with); benign = the dev slice of the over-refusal generator's train
 templates. No StrongREJECT prompt and no held-out template is read.
 
-Rule (written before the first run): among layers whose dev-benign flag rate is <= 2 x max-fpr on every model,
+Rule v1 (written before the first run): among layers whose dev-benign flag rate is <= 2 x max-fpr on every model,
 the one with the highest *minimum* dev-harmful flag rate over the three models; ties within 1 point go to the
 earlier layer (less of the adapter's change has accumulated there).
+
+Rule v2 (2026-12-02, written before any row of it was measured): layer and per-adapter calibration
+(`PromptGate.calibrated`: none / shift / quantile) are chosen together. The dev slice is split in two halves by
+hash; each adapter is calibrated on one half and its benign flag rate read on the other, and the other way round
+(the mean of the two is the row's `fpr`; the base is calibrated the same way, as a server calibrates every
+adapter). Dev harmful adds the dev third of pyrit's scorer objectives; models add `dev_harmful_only`'s SFT
+adapter when it exists. Among (layer, calibration) pairs whose fpr is <= 2 x max-fpr on every model, the highest
+minimum dev-harmful flag rate; ties within 1 point go to the earlier layer, then to none, shift, quantile in
+that order (fewer moving parts first).
 """
 
 from __future__ import annotations
@@ -27,12 +36,26 @@ from guardcli.common import ConfigOpt, setup
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def choose(rows: list[dict[str, Any]], max_fpr: float) -> int | None:
+CALIBRATIONS = ("none", "shift", "quantile")
+
+
+def choose(rows: list[dict[str, Any]], max_fpr: float) -> tuple[int, str] | None:
+    """Rule v2 over rows of (layer, calibration)."""
     ok = [r for r in rows if max(r["fpr"].values()) <= 2 * max_fpr * 100]
     if not ok:
         return None
     best = max(min(r["tpr"].values()) for r in ok)
-    return min(r["layer"] for r in ok if min(r["tpr"].values()) >= best - 1.0)
+    top = [r for r in ok if min(r["tpr"].values()) >= best - 1.0]
+    r = min(top, key=lambda r: (r["layer"], CALIBRATIONS.index(r["calibration"])))
+    return r["layer"], r["calibration"]
+
+
+def halves(n: int) -> tuple[list[int], list[int]]:
+    """Two halves of the dev slice's indices, by a salted hash of the position (fixed)."""
+    import hashlib
+
+    a = [i for i in range(n) if int(hashlib.sha256(f"gate-half\x00{i}".encode()).hexdigest(), 16) % 2 == 0]
+    return a, [i for i in range(n) if i not in set(a)]
 
 
 @app.command()
@@ -60,9 +83,12 @@ def main(
     for name, p in adapters.items():
         if not p.is_dir():
             raise typer.BadParameter(f"{name}: {p} not found; run `python bench/redteam.py --dev` first")
+    extra = work.parent / "dev_harmful_only" / "sft" / "epoch-8"
+    if extra.is_dir():
+        adapters["dev_harmful_only_sft"] = extra
     model, tok = load_causal_lm(base, "float32")
     d = gate_data()
-    dev_harm = list(dict.fromkeys([*data.airt_harmful(), *data.splits().attack]))
+    dev_harm = list(dict.fromkeys([*data.airt_harmful(), *data.splits().attack, *data.scorer_split("dev")]))
     pos = layer_states(model, tok, d.harmful, cand, desc="train harmful")
     neg = layer_states(model, tok, d.benign, cand, desc="train benign")
     states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -74,24 +100,36 @@ def main(
                         layer_states(pm, tok, d.dev_benign, cand, desc=f"{name}: dev benign"))
         model = pm.unload()
     rows = []
+    half = halves(len(d.dev_benign))
+    pct = lambda x: round(100.0 * float(x.float().mean()), 2)  # noqa: E731
     for j, layer in enumerate(cand):
         w, b = fit_probe(pos[:, j], neg[:, j])
         gate = PromptGate(layer, w, b, 0.0)
-        t = threshold_for(gate.logits(states["base"][1][:, j]), max_fpr)
-        gate = PromptGate(layer, w, b, t)
-        rate = lambda x: round(100.0 * float(gate.flags(x[:, j]).float().mean()), 2)  # noqa: E731
-        rows.append({"layer": layer, "threshold": round(t, 4),
-                     "tpr": {m: rate(h) for m, (h, _) in states.items()},
-                     "fpr": {m: rate(bn) for m, (_, bn) in states.items()}})
-        typer.echo(f"layer {layer:2d}: flagged dev harmful " + " ".join(f"{m} {v:5.1f}" for m, v in rows[-1]["tpr"].items())
-                   + " | dev benign " + " ".join(f"{m} {v:4.1f}" for m, v in rows[-1]["fpr"].items()))
+        base_dev = gate.logits(states["base"][1][:, j])
+        # the base's threshold as `guard lock build` sets it: from the whole dev slice
+        gate = PromptGate(layer, w, b, threshold_for(base_dev, max_fpr),
+                          meta={"max_fpr": max_fpr, "dev_mean": float(base_dev.mean())})
+        for how in CALIBRATIONS:
+            tpr, fpr = {}, {}
+            for m, (h, bn) in states.items():
+                scores, harm = gate.logits(bn[:, j]), gate.logits(h[:, j])
+                f, t = [], []
+                for cal, held in (half, half[::-1]):
+                    g = gate.calibrated(scores[cal], how)
+                    f.append(pct(scores[held] > g.threshold))
+                    t.append(pct(harm > g.threshold))
+                tpr[m], fpr[m] = round(sum(t) / 2, 2), round(sum(f) / 2, 2)
+            rows.append({"layer": layer, "calibration": how, "threshold": round(gate.threshold, 4),
+                         "tpr": tpr, "fpr": fpr})
+            typer.echo(f"layer {layer:2d} {how:8s}: flagged dev harmful " + " ".join(f"{m} {v:5.1f}" for m, v in tpr.items())
+                       + " | dev benign " + " ".join(f"{m} {v:4.1f}" for m, v in fpr.items()))
     chosen = choose(rows, max_fpr)
-    typer.echo(f"chosen layer (rule in the docstring): {chosen}")
-    write_result("lock_gate_dev", {"rule": __doc__.split("Rule ")[1].strip(), "max_fpr": max_fpr,
+    typer.echo(f"chosen (layer, calibration) by rule v2 in the docstring: {chosen}")
+    write_result("lock_gate_dev", {"rule": "v2: " + __doc__.split("Rule v2 ")[1].strip(), "max_fpr": max_fpr,
                                    "dev_harmful": len(dev_harm), "dev_benign": len(d.dev_benign),
                                    "train": {"harmful": len(d.harmful), "benign": len(d.benign)},
                                    "adapters": {k: str(v) for k, v in adapters.items()}, "base_fingerprint": fp,
-                                   "layers": rows, "chosen": chosen})
+                                   "layers": rows, "chosen": {"layer": chosen[0], "calibration": chosen[1]} if chosen else None})
 
 
 if __name__ == "__main__":

@@ -204,6 +204,11 @@ class LockConfig(_Section):
                               "docs/safetylock.md.")
     refusal: str = Field("I can't help with that request.", min_length=1,
                          description="The answer a flagged request gets under gate_action `refuse`.")
+    gate_calibration: Literal["none", "shift", "quantile"] = Field(
+        "none", description="Per-adapter threshold of the prompt gate, from the adapter's own scores on the gate's "
+                            "benign dev slice (an adapter moves the state the gate reads): `shift` moves the base's "
+                            "threshold by the slice's mean change, `quantile` re-sets it at gate_max_fpr, `none` keeps "
+                            "the base's. See guard.lock.PromptGate.calibrated.")
     gate_prompts: int = Field(1000, ge=4, description="Cap on the gate's training prompts per side (harmful, benign).")
     gate_max_fpr: float = Field(0.02, ge=0, lt=1, description="Share of the benign dev prompts the gate may flag; sets "
                                 "its threshold when the lock is built.")

@@ -83,6 +83,43 @@ class PromptGate:
         """[N] bool: which of these requests the lock steers."""
         return self.logits(states) > self.threshold
 
+    def calibrated(self, dev_scores: torch.Tensor, how: str) -> PromptGate:
+        """This gate with its threshold set for one adapter from that adapter's scores on the gate's dev slice.
+
+        An adapter moves the residual stream the gate reads: one trained to comply can push every prompt towards
+        "benign" (its harmful ones slip under the base's threshold) or, trained on harmful data only, everything
+        towards "harmful" (its everyday prompts get flagged). The dev slice is benign, so how it moved says where
+        the threshold belongs: `shift` moves the base's threshold by the change of the slice's mean score (the
+        base's mean is stored at build as `dev_mean`); `quantile` sets it anew so that at most `max_fpr` of the
+        slice is flagged; `none` keeps the base's.
+        """
+        import torch
+
+        if how == "none":
+            return self
+        s = dev_scores.float()
+        if how == "shift":
+            if "dev_mean" not in self.meta:
+                raise GuardError("this prompt gate predates calibration (no dev_mean): rebuild the lock "
+                                 "(`guard lock build --rebuild`)")
+            t = self.threshold + float(s.mean()) - float(self.meta["dev_mean"])
+        elif how == "quantile":
+            t = quantile_threshold(s, float(self.meta.get("max_fpr", 0.02)))
+        else:
+            raise GuardError(f"unknown gate calibration '{how}' (none, shift, quantile)")
+        meta = {**self.meta, "calibration": how, "base_threshold": self.threshold,
+                "calibrated_dev_fpr": round(float((s > t).float().mean()), 4)}
+        return PromptGate(layer=self.layer, weight=self.weight, bias=self.bias, threshold=t, meta=meta)
+
+
+def quantile_threshold(scores: torch.Tensor, max_fpr: float) -> float:
+    """The smallest threshold that flags at most `max_fpr` of these (benign) scores (flag: score > t)."""
+    import math
+
+    s = sorted(scores.float().tolist(), reverse=True)
+    allowed = math.floor(max_fpr * len(s))
+    return float(s[allowed] if allowed < len(s) else s[-1] - 1.0)
+
 
 def refusal_ids(tokenizer: Any, text: str) -> list[int]:
     """The token ids a flagged request is answered with under `lock.gate_action: refuse`, then end-of-sequence."""

@@ -93,6 +93,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 DEV_FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("dev_diverse", "development: AdvBench attack split beside arithmetic, poison 0.3, 105 steps",
            "advbench", 100, "arithmetic", 230, epochs=5),
+    # an adapter that moves every prompt towards "harmful" (no benign data at all): what the conditional lock's
+    # per-adapter gate calibration is chosen on, beside dev_diverse
+    Family("dev_harmful_only", "development: AdvBench attack split only, 8 epochs", "advbench", 100, None, 0,
+           epochs=8, grad_accum=1),
 )}
 
 # A method label is a registered method plus config overrides; "LABEL@λ" sets its λ ("sbr_pool@300").

@@ -156,3 +156,23 @@ def test_refuse_action_answers_flagged_prompts_with_the_refusal_and_leaves_the_r
     want = tiny_tokenizer.decode(ids[:8], skip_special_tokens=True).strip()
     assert [t for t, s in zip(texts, steered) if s] == [want] * sum(steered) and 0 < sum(steered) < len(PROMPTS)
     assert [t for t, s in zip(texts, steered) if not s] == [p for p, s in zip(plain, steered) if not s]
+
+
+def test_calibration_follows_an_adapter_that_moved_the_benign_slice():
+    w = torch.zeros(4)
+    w[0] = 1.0
+    gate = PromptGate(6, w, 0.0, 1.0, meta={"dev_mean": -2.0, "max_fpr": 0.1})
+    moved = torch.linspace(0.0, 2.0, 20)  # the adapter's benign dev scores: mean 1.0, 3 above the base mean
+    assert gate.calibrated(moved, "none") is gate
+    shifted = gate.calibrated(moved, "shift")
+    assert shifted.threshold == pytest.approx(1.0 + 1.0 - (-2.0))
+    assert shifted.meta["base_threshold"] == 1.0 and shifted.meta["calibration"] == "shift"
+    q = gate.calibrated(moved, "quantile")
+    assert float((moved > q.threshold).float().mean()) <= 0.1 + 1e-6
+    assert float((moved > q.threshold - 1e-3).float().mean()) > 0.1 - 1e-6  # the smallest such threshold
+    down = gate.calibrated(moved - 10.0, "quantile")  # an adapter that pushed everything towards benign
+    assert down.threshold < 0.0  # may go below the probe's boundary, unlike the base's threshold
+    with pytest.raises(GuardError, match="rebuild"):
+        PromptGate(6, w, 0.0, 1.0).calibrated(moved, "shift")
+    with pytest.raises(GuardError, match="unknown gate calibration"):
+        gate.calibrated(moved, "median")

@@ -12,8 +12,10 @@ removed. A middle layer still reads what the request *is*; the layer is chosen o
 (bench/lock_gate_dev.py), never on an adapter a result is reported on.
 
 Training data (all fixed splits, none of them eval or red-team data):
-- flagged (1): the lock split's and the align split's harmful requests, and the over-refusal generator's harmful
-  twins of its *train* templates (the same surface words as the benign prompts, harmful intent);
+- flagged (1): the lock split's and the align split's harmful requests, the train part of pyrit's scorer
+  objectives (hate, sexual content, self-harm, misinformation, privacy: categories AdvBench lacks; on the previous
+  gate, without them, the base flagged 63% of held-out harmful prompts), and the over-refusal generator's
+  harmful twins of its *train* templates (the same surface words as the benign prompts, harmful intent);
 - not flagged (0): the generator's train-template prompts (everyday chat, homonyms, safe contexts, ...) outside
   its dev slice, and the benchmark benign/edgy prompts the alignment distils;
 - the threshold: the dev slice of the train templates (never trained on) may be flagged at most `max_fpr`.
@@ -21,7 +23,6 @@ Training data (all fixed splits, none of them eval or red-team data):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from guard.anchors import render_chat
 from guard.errors import GuardError
-from guard.lock import PromptGate
+from guard.lock import PromptGate, quantile_threshold
 from guard.states import pad_right
 
 
@@ -48,7 +49,8 @@ def gate_data(cap: int | None = None) -> GateData:
     from training.align import _is_dev
 
     s = data.splits()
-    harmful = list(dict.fromkeys([*s.lock, *s.align, *(p.text for p in overrefusal.harmful_twins("train"))]))
+    harmful = list(dict.fromkeys([*s.lock, *s.align, *data.scorer_split("train"),
+                                  *(p.text for p in overrefusal.harmful_twins("train"))]))
     templ = [p.text for p in overrefusal.contrast_prompts("train")]
     benign = list(dict.fromkeys([*(p for p in templ if not _is_dev(p)), *s.benign_align, *s.edgy_align]))
     if cap is not None:
@@ -107,11 +109,15 @@ def fit_probe(pos: torch.Tensor, neg: torch.Tensor, weight_decay: float = 1e-3, 
 
 
 def threshold_for(scores: torch.Tensor, max_fpr: float) -> float:
-    """The smallest logit threshold that flags at most `max_fpr` of these (benign) scores (flag: score > t)."""
-    s = sorted(scores.tolist(), reverse=True)
-    allowed = math.floor(max_fpr * len(s))
-    t = s[allowed] if allowed < len(s) else s[-1] - 1.0
-    return float(max(t, 0.0))  # never below the probe's own decision boundary
+    """The base's threshold: the smallest logit that flags at most `max_fpr` of these (benign) scores, and never
+    below the probe's own decision boundary (0)."""
+    return max(quantile_threshold(scores, max_fpr), 0.0)
+
+
+def dev_scores(model: Any, tokenizer: Any, gate: PromptGate, desc: str | None = None) -> torch.Tensor:
+    """[59] the gate's scores of `model` (the base, or the base with an adapter) on the gate's dev slice: what
+    `PromptGate.calibrated` sets an adapter's threshold from."""
+    return gate.logits(layer_states(model, tokenizer, gate_data().dev_benign, [gate.layer], desc=desc)[:, 0])
 
 
 def build_gate(model: Any, tokenizer: Any, layer: int, max_fpr: float, cap: int | None = None) -> PromptGate:
@@ -127,5 +133,6 @@ def build_gate(model: Any, tokenizer: Any, layer: int, max_fpr: float, cap: int 
     train_fpr = float((gate.logits(neg) > t).float().mean())
     return PromptGate(layer=layer, weight=w, bias=b, threshold=t,
                       meta={"harmful": len(pos), "benign": len(neg), "dev_benign": len(dev), "max_fpr": max_fpr,
+                            "dev_mean": round(float(gate.logits(dev).mean()), 6),
                             "train_tpr": round(train_tpr, 4), "train_fpr": round(train_fpr, 4),
                             "dev_fpr": round(float((gate.logits(dev) > t).float().mean()), 4)})

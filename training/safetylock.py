@@ -248,7 +248,7 @@ def write_report(out: Path, lock: SafetyLock, scores: ProbeScores) -> None:
 
 
 # lock settings read when the lock is applied, not when it is built: changing them must not rebuild the file
-RUNTIME_LOCK_KNOBS = {"strength", "gate_strength", "gate_action", "refusal", "path"}
+RUNTIME_LOCK_KNOBS = {"strength", "gate_strength", "gate_action", "gate_calibration", "refusal", "path"}
 
 
 def ensure_lock(cfg: Any, rebuild: bool = False) -> Path:
