@@ -49,11 +49,14 @@ class Prompts:
 
 
 def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts, label: str,
-            unconditional: float | None = None, refusal: str | None = None) -> dict[str, Any]:
+            unconditional: float | None = None, refusal: str | None = None, calibration: str = "none"
+            ) -> dict[str, Any]:
     """{"off": {"hs", "over", "fa"}, "flagged": {...}, "conditional": {strength: {...}}, "unconditional": {...},
     "refuse": {...}} for one model. Lock-off answers and the gate's flags do not depend on the strength: computed
     once. `refuse`: the gate_action that answers flagged prompts with `refusal` (no generation needed);
-    `unconditional`: the strength of the `all` policy to compare with (None: not measured)."""
+    `unconditional`: the strength of the `all` policy to compare with (None: not measured); `calibration`: the
+    gate's per-model threshold (lock.gate_calibration), set from this model's scores on the gate's dev slice as the
+    server sets it when the adapter loads."""
     from guard.anchors import render_chat
     from guard.generation import generate_greedy
     from guard.judge import DEFAULT_JUDGE
@@ -61,6 +64,9 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
     from training import data
     from training.lockgate import layer_states
 
+    from training.lockgate import calibrate_lock
+
+    lock = calibrate_lock(model, tok, lock, calibration)
     gate = lock.gate
     score = data.TASKS[p.task][1]
     groups = {"hs": (p.harmful, 32), "over": (p.benign, 32), "fa": ([e.prompt for e in p.task_examples], 6)}
@@ -74,7 +80,7 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
 
     handle = LockHandle(model, lock)  # unconditional: every layer
     out: dict[str, Any] = {"off": {}, "flagged": {}, "conditional": {str(s): {} for s in strengths},
-                           "unconditional": {}}
+                           "unconditional": {}, "threshold": round(gate.threshold, 4), "calibration": calibration}
     try:
         for key, (prompts, n_tok) in groups.items():
             ids = [render_chat(tok, [{"role": "user", "content": q}]) for q in prompts]
@@ -155,9 +161,11 @@ def dev(config: ConfigOpt = None) -> None:
     train_t = [q.text for q in overrefusal.contrast_prompts("train")]
     p = Prompts(list(dict.fromkeys([*data.airt_harmful(), *data.splits().attack])), [q for q in train_t if _is_dev(q)],
                 "arithmetic", data.arithmetic_task(n_train=16, n_eval=100, seed=1)[1])
-    base_m = measure(model, tok, lock, list(GRID), p, "base", refusal=cfg.lock.refusal)
+    base_m = measure(model, tok, lock, list(GRID), p, "base", refusal=cfg.lock.refusal,
+                     calibration=cfg.lock.gate_calibration)
     pm = _with_adapter(model, work)
-    adapter_m = measure(pm, tok, lock, list(GRID), p, "dev_sft", refusal=cfg.lock.refusal)
+    adapter_m = measure(pm, tok, lock, list(GRID), p, "dev_sft", refusal=cfg.lock.refusal,
+                        calibration=cfg.lock.gate_calibration)
     model = pm.unload()
     rows = []
     for s in [*GRID, "refuse"]:
@@ -222,8 +230,10 @@ def evaluate(
             continue
         m = model if path is None else _with_adapter(model, path)
         res = measure(m, tok, lock, [] if act == "refuse" else [s], Prompts(harmful, benign, task, tasks[task]), name,
-                      unconditional=cfg.lock.strength, refusal=cfg.lock.refusal if act == "refuse" else None)
+                      unconditional=cfg.lock.strength, refusal=cfg.lock.refusal if act == "refuse" else None,
+                      calibration=cfg.lock.gate_calibration)
         res = {"off": res["off"], "flagged": res["flagged"], "action": act, "unconditional_strength": cfg.lock.strength,
+               "gate_threshold": res["threshold"], "calibration": res["calibration"],
                "conditional": res["refuse"] if act == "refuse" else res["conditional"][str(s)],
                "unconditional": res["unconditional"]}
         if path is not None:

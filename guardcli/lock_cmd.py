@@ -84,8 +84,9 @@ def apply(
     if conditional:
         if lock.gate is None:
             raise GuardError("this lock has no prompt gate; rebuild it with `guard lock build --rebuild`")
-        from training.lockgate import layer_states
+        from training.lockgate import calibrate_lock, layer_states
 
+        lock = calibrate_lock(model, tok, lock, cfg.lock.gate_calibration)
         s = cfg.lock.gate_strength if strength is None else strength
         score = float(lock.gate.logits(layer_states(model, tok, [prompt], [lock.gate.layer])[:, 0])[0])
         answer, flagged = generate_conditional(model, tok, ids, lock, s, max_tokens)
@@ -126,7 +127,8 @@ def evaluate(
     say(f"{len(harmful)} harmful eval prompts (StrongREJECT), {len(benign)} over-refusal prompts, judge {DEFAULT_JUDGE.id}")
     if conditional:
         res = conditional_comparison(model, tok, lock, harmful, benign, max_tokens,
-                                     cfg.lock.gate_strength if strength is None else strength)
+                                     cfg.lock.gate_strength if strength is None else strength,
+                                     calibration=cfg.lock.gate_calibration)
     else:
         res = lock_comparison(model, tok, lock, harmful, benign, max_tokens,
                               cfg.lock.strength if strength is None else strength)

@@ -81,15 +81,18 @@ def lock_comparison(model: Any, tokenizer: Any, lock: Any, harmful: Sequence[str
 
 
 def conditional_comparison(model: Any, tokenizer: Any, lock: Any, harmful: Sequence[str], benign: Sequence[str],
-                           max_tokens: int = 32, strength: float = 1.0) -> dict[str, dict[str, float]]:
+                           max_tokens: int = 32, strength: float = 1.0, calibration: str = "none"
+                           ) -> dict[str, dict[str, float]]:
     """HS and over-refusal without the lock and under the conditional lock (guard.generation.generate_conditional),
-    plus the share of each set the prompt gate flags."""
+    plus the share of each set the prompt gate flags; the gate calibrated for `model` first (`calibration`)."""
     from guard.generation import generate_conditional
+    from training.lockgate import calibrate_lock
 
     if lock.gate is None:
         from guard.errors import GuardError
 
         raise GuardError("this lock has no prompt gate; rebuild it with `guard lock build --rebuild`")
+    lock = calibrate_lock(model, tokenizer, lock, calibration)
     out: dict[str, dict[str, float]] = {"unlocked": {}, "conditional": {}}
     for key, prompts in (("hs", harmful), ("over_refusal", benign)):
         ids = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]

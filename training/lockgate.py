@@ -114,6 +114,16 @@ def threshold_for(scores: torch.Tensor, max_fpr: float) -> float:
     return max(quantile_threshold(scores, max_fpr), 0.0)
 
 
+def calibrate_lock(model: Any, tokenizer: Any, lock: Any, how: str) -> Any:
+    """`lock` with its gate's threshold calibrated for `model` (the base or the base with an adapter), as the
+    server calibrates each adapter when it loads (`lock.gate_calibration`); the lock itself when `how` is none."""
+    import dataclasses
+
+    if how == "none" or lock.gate is None:
+        return lock
+    return dataclasses.replace(lock, gate=lock.gate.calibrated(dev_scores(model, tokenizer, lock.gate), how))
+
+
 def dev_scores(model: Any, tokenizer: Any, gate: PromptGate, desc: str | None = None) -> torch.Tensor:
     """[59] the gate's scores of `model` (the base, or the base with an adapter) on the gate's dev slice: what
     `PromptGate.calibrated` sets an adapter's threshold from."""
