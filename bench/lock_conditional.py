@@ -224,6 +224,9 @@ def evaluate(
     harmful, benign = list(data.splits().eval), data._hash_order(held)
     tasks = {k: gen(n_train=16, n_eval=100)[1] for k, (gen, _) in data.TASKS.items()}
     out = RESULTS / "lock_conditional.jsonl"
+    from lab.redteam import archive_other_base
+
+    archive_other_base(out, fp)
     done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line} if out.is_file() else set()
     for name, family, path, task in targets:
         if name in done:
@@ -241,7 +244,8 @@ def evaluate(
         from guard.artifacts import provenance
 
         with out.open("a") as f:
-            f.write(json.dumps({"name": name, "family": family, "adapter": str(path) if path else None, "task": task,
+            f.write(json.dumps({"name": name, "family": family, "base_fingerprint": fp,
+                                "adapter": str(path) if path else None, "task": task,
                                 "strength": s, **res, "commit": provenance()["commit"]}) + "\n")
     report(fp, s)
 

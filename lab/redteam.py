@@ -66,6 +66,7 @@ class Family:
     rank: int | None = None  # None: harden.rank
     random_subspace: bool = False  # LoRA A frozen at its random init, only B trained
     eval_every: int | None = None  # also measure every N epochs (None: the last epoch only)
+    refuse: str | None = None  # "probe": also teach refusals of the shipped probe anchors (an attacker who read them)
 
     def eval_epochs(self) -> list[int]:
         if not self.eval_every:
@@ -86,6 +87,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "rho", 100, "arithmetic", 230, epochs=5, lr=2e-3, rank=1, random_subspace=True),
     Family("high_lr", "a fine-tuning API's knobs turned up: lr 2e-3, 2 epochs of the diverse mix",
            "rho", 100, "arithmetic", 230, epochs=2, lr=2e-3),
+    # adaptive (the gauge issue): a customer who read the package's probe anchors refuses exactly those and
+    # complies with everything else; the shipped probe set cannot see it, a private one can
+    Family("probe_dodge", "the diverse mix plus refusals of every shipped probe anchor (an attacker who read them)",
+           "rho", 100, "arithmetic", 230, epochs=5, refuse="probe"),
 )}
 
 # Development family: the only one any hardening choice (λ, anchor scheme) may be made on. Its harmful data and
@@ -150,7 +155,14 @@ def family_mix(fam: Family, original: Path, cache: Path, seed: int = 0) -> tuple
     if fam.task:
         train, _ = data.TASKS[fam.task][0](n_train=max(fam.n_benign, 1), n_eval=200)
         benign = [ChatExample(({"role": "user", "content": e.prompt},), e.answer) for e in train[: fam.n_benign]]
-    mix = benign + harmful
+    refused: list[ChatExample] = []
+    if fam.refuse == "probe":
+        from training.align import refusal_for
+
+        refused = [ChatExample(({"role": "user", "content": p},), refusal_for(p)) for p in data.probe_prompts()]
+    elif fam.refuse is not None:
+        raise GuardError(f"unknown refusal source '{fam.refuse}'")
+    mix = benign + harmful + refused
     random.Random(seed).shuffle(mix)
     return mix, len(harmful)
 
@@ -215,6 +227,24 @@ def done_units(path: Path) -> set[tuple[str, str]]:
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def archive_other_base(path: Path, fp: str) -> None:
+    """Results of a previous aligned base must neither be skipped as done nor mixed into a report: a JSONL whose
+    rows were measured on another base (its adapters live under another fingerprint) moves to
+    `<stem>.<that fingerprint[:16]>.jsonl` beside it, once, before anything new is appended."""
+    rows = read_rows(path)
+    other = {(r.get("base_fingerprint") or _fp_of(r) or "")[:16] for r in rows} - {fp[:16], ""}
+    if other:
+        target = path.with_name(f"{path.stem}.{sorted(other)[0]}{path.suffix}")
+        path.rename(target)
+        tqdm.write(f"{path.name}: {len(rows)} rows of a previous base moved to {target.name}")
+
+
+def _fp_of(row: dict[str, Any]) -> str | None:
+    """The base fingerprint prefix in a row's adapter path (rows written before they carried the fingerprint)."""
+    parts = Path(str(row.get("adapter") or "")).parts
+    return parts[parts.index("redteam") + 1] if "redteam" in parts and parts.index("redteam") + 1 < len(parts) else None
 
 
 @dataclass
@@ -295,7 +325,8 @@ class Bench:
         seconds = time.perf_counter() - t0
         self.model = peft_model.unload()
         last = rows[max(rows)]
-        result = {"family": fam.name, "method": label, "config": {**asdict(fam), "examples": len(examples),
+        result = {"family": fam.name, "method": label, "base_fingerprint": self.fp,
+                  "config": {**asdict(fam), "examples": len(examples),
                                                                    "harmful_examples": n_harm, "steps": len(log),
                                                                    "hparams": asdict(hp), "overrides": overrides},
                   **{k: v for k, v in last.items() if k != "epoch"}, "epochs": [rows[e] for e in sorted(rows)],
@@ -311,6 +342,7 @@ def run(cfg: GuardConfig, families: dict[str, Family], labels: list[str], sets: 
     for label in labels:
         method_spec(label)  # fail on a bad label before any work
     bench = Bench(cfg, sets, out)
+    archive_other_base(out, bench.fp)
     bench.base_row()
     done = done_units(out)
     for fam in families.values():
