@@ -15,19 +15,22 @@ Writes bench/results/serve_overhead.json (bench/common.py write_result adds comm
 `--compiled` measures vLLM's default compiled mode instead (both servers up, interleaved; see compiled_run) and
 writes the file's `compiled` section. Eager numbers predate the in-graph lock unless re-run.
 `--compiled --conditional` does the same with `lock_policy: conditional` (section `compiled_conditional`).
+`--duty-cycle` measures the live gauge's share of engine time with 4 adapters (section `probe_duty_cycle`).
 Usage: python bench/serve_overhead.py [--compiled [--conditional]] [--requests 16] [--max-tokens 32] [--reps 4]
+       python bench/serve_overhead.py --duty-cycle [--adapters 4] [--interval S] [--window S]
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import write_result  # noqa: E402  (bench/common.py puts the repo root on sys.path)
+from common import RESULTS, write_result  # noqa: E402  (bench/common.py puts the repo root on sys.path)
 
 from guard.config import GuardConfig
 from guard.workspace import Workspace
@@ -83,10 +86,6 @@ def compiled_run(a: argparse.Namespace) -> None:
     next rep reversed (ABBA), medians kept. The guard runs its monitor at the default probe interval; with LoRA off
     there are no adapters to probe, so this isolates the lock and the per-step hook.
     """
-    import json
-
-    from common import RESULTS
-
     model, tmp, lock, real_lock = bench_setup("sg-bench-compiled-")
     policy = "conditional" if a.conditional else "off"  # conditional: "lock on" = the prompt gate decides
     (tmp / "guard.yaml").write_text(f"serve:\n  lock_policy: '{policy}'\n  enable_lora: false\n")
@@ -144,8 +143,61 @@ def compiled_run(a: argparse.Namespace) -> None:
     write_result("serve_overhead", prev)
 
 
+def _probe_totals(srv: GuardServer) -> tuple[float, float]:
+    """(seconds, probes) summed over every adapter, from the server's /metrics."""
+    status, text = http("GET", srv.url + "/metrics")
+    assert status == 200, text
+    vals = {}
+    for line in str(text).splitlines():
+        for key in ("safety_guard_probe_duration_seconds_sum", "safety_guard_probe_duration_seconds_count"):
+            if line.startswith(key + " ") or line.startswith(key + "{"):
+                vals[key] = vals.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return (vals.get("safety_guard_probe_duration_seconds_sum", 0.0),
+            vals.get("safety_guard_probe_duration_seconds_count", 0.0))
+
+
+def duty_cycle_run(a: argparse.Namespace) -> None:
+    """The live gauge's share of engine time: a guarded server with `--adapters` adapters loaded and the default
+    probe settings (or `--interval`), otherwise idle, for `--window` seconds after its load-time probes; share =
+    probe wall time / window. Idle is the worst case: under traffic a probe's requests share batches with it."""
+    cfg = GuardConfig()
+    interval = a.interval if a.interval is not None else cfg.serve.probe_interval_seconds
+    window = a.window or 3 * interval
+    model, tmp, lock, real_lock = bench_setup("sg-duty-")
+    mods = [f"a{i}={random_lora(model, tmp / f'adapter-{i}', b_std=1e-3, seed=i)}" for i in range(a.adapters)]
+    (tmp / "guard.yaml").write_text(f"serve:\n  vet_policy: warn\n  probe_interval_seconds: {interval}\n")
+    srv = GuardServer.guarded(free_port(), "--config", str(tmp / "guard.yaml"), "--model", str(model), "--lock",
+                              str(lock), "--lora-modules", *mods, log_path=tmp / "guarded.log").start()
+    try:
+        st = http("GET", srv.url + "/guard/status")[1]
+        s0, n0 = _probe_totals(srv)
+        t0 = time.perf_counter()
+        time.sleep(window)
+        s1, n1 = _probe_totals(srv)
+        elapsed = time.perf_counter() - t0
+    finally:
+        srv.stop()
+    path = RESULTS / "serve_overhead.json"
+    prev = json.loads(path.read_text()) if path.is_file() else {}
+    prev["probe_duty_cycle"] = {
+        "duty_cycle": round((s1 - s0) / elapsed, 4), "adapters": a.adapters, "probe_interval_seconds": interval,
+        "probe_batch": cfg.serve.probe_batch, "probe_tokens": cfg.drift.probe_tokens, "window_seconds": round(elapsed, 1),
+        "probe_seconds": round(s1 - s0, 2), "probes": int(n1 - n0),
+        "seconds_per_probe": round((s1 - s0) / max(1.0, n1 - n0), 3), "compiled": False,
+        "probe_anchors": st["reference"]["anchors"],
+        "note": "idle eager LoRA engine (LoRA on: the CPU backend runs eager); probe wall time / window",
+    }
+    write_result("serve_overhead", prev)
+    print(json.dumps(prev["probe_duty_cycle"], indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duty-cycle", action="store_true", help="only the live gauge's share of engine time with "
+                    "--adapters adapters (into the file's `probe_duty_cycle` section)")
+    ap.add_argument("--adapters", type=int, default=4)
+    ap.add_argument("--interval", type=float, default=None, help="probe interval (default: the config's)")
+    ap.add_argument("--window", type=float, default=None, help="seconds measured (default: 3 intervals)")
     ap.add_argument("--conditional", action="store_true", help="with --compiled: the conditional policy "
                     "(into the file's `compiled_conditional` section)")
     ap.add_argument("--compiled", action="store_true", help="measure vLLM's compiled mode (no LoRA) only, into "
@@ -156,6 +208,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--toggles", type=int, default=20)
     a = ap.parse_args()
+    if a.duty_cycle:
+        duty_cycle_run(a)
+        return
     if a.compiled:
         compiled_run(a)
         return
