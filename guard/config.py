@@ -107,10 +107,11 @@ class AlignConfig(_Section):
     red_team: bool = Field(False, description="Also refuse pyrit's red-team objectives (hate, harassment, sexual "
                                               "content, misinformation, scams), categories AdvBench barely covers. "
                                               "Off: with 300 harmful prompts it doubled dev over-refusal (20%).")
-    scorer: bool = Field(False, description="Also refuse 2 in 3 of pyrit's scorer-evaluation objectives (exploits, hate, "
-                                            "misinformation, privacy, self-harm, sexual content, violence; full "
-                                            "sentences with a context), categories and a style AdvBench lacks. The "
-                                            "other third is the recipe's development harmful set.")
+    scorer: int = Field(0, ge=0, description="How many of pyrit's scorer-evaluation objectives (exploits, hate, "
+                                             "misinformation, privacy, self-harm, sexual content, violence; full "
+                                             "sentences with a context: categories and a style AdvBench lacks) are also "
+                                             "refused, from their train part (218; the dev third is the recipe's "
+                                             "development harmful set). 0 = none.")
     framed: bool = Field(False, description="Also refuse each harmful prompt inside a framing (a story, a claimed role, "
                                             "a hypothetical), as real requests arrive.")
     benign: int = Field(200, ge=1, description="Benign prompts from the benchmark wheels (-> the original model's own "

@@ -119,7 +119,7 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
     if cfg.twins:
         harmful += [t.text for t in overrefusal.harmful_twins("train")]
     if cfg.scorer:
-        harmful += list(data.scorer_split("train"))
+        harmful += list(data.scorer_split("train"))[: cfg.scorer]
     if cfg.red_team:
         harmful += list(data.airt_harmful())
     return {"harmful": data._dedupe(harmful), "benign": data._dedupe(benign), "dev": dev}
