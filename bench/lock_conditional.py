@@ -181,7 +181,7 @@ def dev(config: ConfigOpt = None) -> None:
     # amended rule: the largest dev HS cut among candidates within the limits; steering ties go to the smaller strength
     chosen = max(ok, key=lambda r: (r["hs_cut"], -(r["strength"] if r["strength"] != "refuse" else 0.0))) if ok else None
     write_result("lock_conditional_dev", {"rule": __doc__.split("Rule ")[1].split("\n\n")[0].strip(),
-                                          "adapter": str(work), "base_fingerprint": fp, "gate": lock.gate.meta,
+                                          "adapter": str(work), "base_fingerprint": fp, "gate": {k: v for k, v in lock.gate.meta.items() if k != "dev_prompts"},
                                           "off": {"base": base_m["off"], "dev_sft": adapter_m["off"]},
                                           "flagged": {"base": base_m["flagged"], "dev_sft": adapter_m["flagged"]},
                                           "grid": rows, "chosen": chosen["strength"] if chosen else None})

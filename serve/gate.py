@@ -39,6 +39,7 @@ class VettingGate:
     def __init__(self, svc: "GuardService") -> None:
         self.svc = svc
         self.records: dict[str, AdapterRecord] = {}
+        self.hidden: dict[str, Any] = {}  # name -> LoRARequest of an adapter being vetted (not yet served)
 
     def precheck(self, path: str) -> None:
         """The adapter dir is a LoRA that fits this base (shapes, rank, fingerprint); GuardError otherwise,
@@ -63,11 +64,15 @@ class VettingGate:
         """
         models = self.svc.models
         lr = models.lora_requests.pop(name)
+        self.hidden[name] = lr
         rec = AdapterRecord(name, str(lr.lora_path), lr.lora_int_id)
         self.records[name] = rec
         try:
             await self._apply_policy(name, lr, rec)
+            if rec.action != "reject":  # its prompt-gate threshold, before its first request
+                await self.svc.calibrate_gate([name])
         finally:
+            self.hidden.pop(name, None)
             if rec.action != "reject":
                 models.lora_requests[name] = lr
             else:

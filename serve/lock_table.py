@@ -26,6 +26,9 @@ class LockTable:
     forced: dict[str, str] = field(default_factory=dict)  # name -> why vetting forced the lock on
     conditional: bool = False  # the default is gated by the lock's prompt gate
     request_lock: bool = True  # requests may ask for the lock on themselves
+    # the prompt gate's threshold per name, calibrated on that adapter (lock.gate_calibration); None: calibration
+    # failed, so its gated requests are steered unconditionally (fail closed)
+    thresholds: dict[str, float | None] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, serve_cfg: object, base_name: str, strength: float = 1.0) -> LockTable:
@@ -73,22 +76,26 @@ class LockTable:
         self.forced[adapter] = reason
 
     def forget(self, adapter: str) -> None:
-        """An unloaded adapter: its forced lock and its override go (a reload is vetted afresh)."""
+        """An unloaded adapter: its forced lock, its override and its gate threshold go (a reload is vetted and
+        calibrated afresh)."""
         self.forced.pop(adapter, None)
         self.overrides.pop(adapter, None)
+        self.thresholds.pop(adapter, None)
 
     def strengths(self, names: list[str]) -> dict[str, float]:
         """Effective strength of the base model and each named adapter."""
         return {n: self.strength_of(n) for n in [self.base_name, *names]}
 
     def gated(self, name: str) -> bool:
-        """Is this adapter's steering left to the prompt gate (conditional policy, default strength)?"""
-        return self.conditional and self.default_on and name not in self.forced and name not in self.overrides
+        """Is this adapter's steering left to the prompt gate (conditional policy, default strength, and, when
+        calibration is on, a calibrated threshold)?"""
+        return (self.conditional and self.default_on and name not in self.forced and name not in self.overrides
+                and not (name in self.thresholds and self.thresholds[name] is None))
 
     def worker_args(self, lora_ids: dict[str, int]) -> dict[str, object]:
         """The keyword arguments of GuardWorkerExtension.guard_set_lock: default strength, {lora id: strength},
-        whether the default is gated, the lora ids steered unconditionally, and the strength of requests that
-        ask for the lock themselves."""
+        whether the default is gated, the lora ids steered unconditionally, the strength of requests that
+        ask for the lock themselves, and the gate's calibrated threshold per lora id."""
         default = self.strength if self.default_on else 0.0
         overrides: dict[int, float] = {}
         ungated: list[int] = []
@@ -98,5 +105,8 @@ class LockTable:
                 overrides[int(lid)] = s
             if self.conditional and not self.gated(name):
                 ungated.append(int(lid))
+        thresholds = {int(lid): t for name, lid in [(self.base_name, 0), *lora_ids.items()]
+                      if (t := self.thresholds.get(name)) is not None}
         return {"default": default, "overrides": overrides, "gated": self.conditional and self.default_on,
-                "ungated": ungated, "force_strength": self.strength if self.request_lock else 0.0}
+                "ungated": ungated, "force_strength": self.strength if self.request_lock else 0.0,
+                "thresholds": thresholds}

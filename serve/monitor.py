@@ -129,26 +129,28 @@ class Monitor:
         self.failures: dict[str, str] = {}
         self._lock = asyncio.Lock()
 
-    async def _states_and_answers(self, lora_request: Any, max_tokens: int,
-                                  indices: list[int] | None = None) -> tuple[Any, list[str]]:
-        """States and greedy answers of the anchors `indices` (default all), in that order."""
-        import torch
+    async def _capture(self, lora_request: Any, prompts: list[list[int]], max_tokens: int,
+                       keys: list[int] | None = None) -> tuple[dict[int, list[float]], dict[int, float], list[str]]:
+        """Run `prompts` (token ids) greedily under `lora_request` as probe requests, unsteered; returns their
+        lm_head-input states and prompt-gate scores at the last prompt token, by position, and the answers.
+        Request ids are `<prefix>-<key>` (`keys`: e.g. anchor indices; default the positions)."""
+        keys = list(range(len(prompts))) if keys is None else keys
+        pos = {k: j for j, k in enumerate(keys)}
+        prefix = f"{PROBE_PREFIX}-{uuid.uuid4().hex[:12]}"
         from vllm import SamplingParams
 
-        indices = list(range(len(self.anchor_ids))) if indices is None else indices
-        prefix = f"{PROBE_PREFIX}-{uuid.uuid4().hex[:12]}"
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        answers = [""] * len(self.anchor_ids)
+        answers = [""] * len(prompts)
 
         async def one(i: int, ids: list[int]) -> None:
             final = None
-            async for out in self.engine.generate({"prompt_token_ids": ids}, params, f"{prefix}-{i}",
+            async for out in self.engine.generate({"prompt_token_ids": ids}, params, f"{prefix}-{keys[i]}",
                                                   lora_request=lora_request):
                 final = out
             answers[i] = final.outputs[0].text if final is not None and final.outputs else ""
 
         await self.workers.probe_arm(prefix)
-        tasks = [asyncio.create_task(one(i, self.anchor_ids[i])) for i in indices]
+        tasks = [asyncio.create_task(one(j, ids)) for j, ids in enumerate(prompts)]
         try:
             await asyncio.wait_for(asyncio.gather(*tasks), self.timeout)
         except BaseException:
@@ -158,17 +160,34 @@ class Monitor:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
-            captured = await self.workers.probe_collect(prefix)
-        rows: dict[int, list[float]] = {}
-        for rid, row in captured.items():
-            i = request_index(rid, prefix)
-            if i is not None:
-                rows[i] = row
-        missing = [i for i in indices if i not in rows]
+            captured = await self.workers.probe_collect_all(prefix)
+        by_index = lambda d: {pos[k]: v for rid, v in d.items() if (k := request_index(rid, prefix)) in pos}  # noqa: E731
+        return by_index(captured["states"]), by_index(captured["gate_scores"]), answers
+
+    async def _states_and_answers(self, lora_request: Any, max_tokens: int,
+                                  indices: list[int] | None = None) -> tuple[Any, list[str]]:
+        """States and greedy answers of the anchors `indices` (default all), in that order."""
+        import torch
+
+        indices = list(range(len(self.anchor_ids))) if indices is None else indices
+        rows, _, answers = await self._capture(lora_request, [self.anchor_ids[i] for i in indices], max_tokens,
+                                               keys=indices)
+        missing = [indices[j] for j in range(len(indices)) if j not in rows]
         if missing:
             raise GuardError(f"probe captured no hidden state for anchors {missing}")
-        states = torch.tensor([rows[i] for i in indices], dtype=torch.float32)
-        return states, [answers[i] for i in indices]
+        return torch.tensor([rows[j] for j in range(len(indices))], dtype=torch.float32), answers
+
+    async def gate_scores(self, lora_request: Any, prompts: list[list[int]]) -> Any:
+        """[len(prompts)] float32: the prompt gate's score of each prompt under `lora_request`, read inside the
+        engine from one prefill each (what `PromptGate.calibrated` sets the adapter's threshold from)."""
+        import torch
+
+        _, scores, _ = await self._capture(lora_request, prompts, 1)
+        missing = [j for j in range(len(prompts)) if j not in scores]
+        if missing:
+            raise GuardError(f"the prompt gate gave no score for {len(missing)} of {len(prompts)} calibration prompts "
+                             f"(is a lock with a gate installed?)")
+        return torch.tensor([scores[j] for j in range(len(prompts))], dtype=torch.float32)
 
     async def compute_reference(self, offline: Any | None = None) -> dict[str, Any]:
         """Base-model anchor states in this engine; compared once with the offline cache when given."""

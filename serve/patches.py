@@ -34,7 +34,7 @@ log = logging.getLogger("safety_guard.patches")
 
 EXTENSION = "serve.worker.GuardWorkerExtension"
 CONFIG_KEY = "safety_guard"
-GRAPH_VERSION = 4  # bump when the steering op in the graph changes (it is part of the compile-cache key)
+GRAPH_VERSION = 5  # bump when the steering op in the graph changes (it is part of the compile-cache key)
 _PATCHED = "_safety_guard_patched"
 
 

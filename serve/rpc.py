@@ -48,9 +48,10 @@ class WorkerClient:
 
     async def set_lock(self, default: float, overrides: dict[int, float], gated: bool = False,
                        ungated: list[int] | None = None, force_strength: float = 0.0,
-                       refusal: list[list[float]] | None = None) -> dict[str, Any]:
+                       refusal: list[list[float]] | None = None,
+                       thresholds: dict[int, float] | None = None) -> dict[str, Any]:
         results = await self._call("guard_set_lock", default, overrides, gated, list(ungated or ()), force_strength,
-                                   refusal)
+                                   refusal, dict(thresholds or {}))
         err = self.first_error(results)
         return {"ok": False, "error": err} if err else results[0]
 
@@ -63,8 +64,12 @@ class WorkerClient:
             raise GuardError(f"probe could not start: {err}")
 
     async def probe_collect(self, prefix: str) -> dict[str, list[float]]:
+        return (await self.probe_collect_all(prefix))["states"]
+
+    async def probe_collect_all(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """{"states": {request id: h(x)}, "gate_scores": {request id: the prompt gate's score}}."""
         results = await self._call("guard_probe_collect", prefix)
         err = self.first_error(results)
         if err is not None:
             raise GuardError(f"probe collection failed: {err}")
-        return results[0].get("states", {})
+        return {"states": results[0].get("states", {}), "gate_scores": results[0].get("gate_scores", {})}

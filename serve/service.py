@@ -57,6 +57,8 @@ class GuardService:
         self._push_lock = asyncio.Lock()
         self.lock_epoch = 0
         self.salting = False
+        self.prompt_gate: Any = None  # guard.lock.PromptGate of the installed lock (None: no gate, or no lock)
+        self._calibration_ids: list[list[int]] | None = None  # its dev slice, tokenized for this model
 
     # -- start-up ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -99,12 +101,16 @@ class GuardService:
             self._fail(f"in-engine reference failed, probes disabled: {type(e).__name__}: {e}")
             self.monitor = None
             return
+        await self.calibrate_gate([self.base_name])  # adapters given at start-up are calibrated as they are vetted
+        await self.try_push_lock()
         for name in list(self.models.lora_requests):  # adapters given at start-up
             try:
                 await self.gate.vet(name)
             except Exception as e:
                 log.exception("safety-guard: vetting start-up adapter '%s' failed", name)
                 self.errors.append(f"vetting '{name}' failed: {e}")
+        if self.models.lora_requests and self.table.thresholds:
+            await self.try_push_lock()  # the start-up adapters' calibrated gate thresholds
         self.started = True
         if self.cfg.serve.probe_interval_seconds > 0:
             self._loop_task = asyncio.create_task(self._probe_loop())
@@ -157,7 +163,62 @@ class GuardService:
             self.metrics.count_error("lock_install")
             raise GuardError(f"SafetyLock not installed: {res.get('error')}")
         self.lock_info = {k: v for k, v in res.items() if k not in ("ok", "mode")}
+        await self._read_gate(path)
+        if self.monitor is not None:  # a lock installed at run time: every adapter's threshold is calibrated anew
+            await self.calibrate_gate()
         return self.lock_info
+
+    async def _read_gate(self, path: str) -> None:
+        """The installed lock's prompt gate, for calibrating its threshold per adapter (the workers hold the
+        weights; the service needs the threshold, the base's dev statistics and the dev slice)."""
+        from guard.lock import load_lock
+
+        if self.table is not None:
+            self.table.thresholds.clear()  # calibrated for the previous gate
+        self.prompt_gate, self._calibration_ids = None, None
+        try:
+            self.prompt_gate = (await asyncio.to_thread(load_lock, path)).gate
+        except Exception as e:  # the workers accepted the file: this cannot fail for a good reason
+            self._fail(f"reading the prompt gate of {path} failed ({type(e).__name__}: {e}); not calibrated")
+
+    async def calibrate_gate(self, names: list[str] | None = None) -> None:
+        """Set the prompt gate's threshold for each of `names` (default: the base and every loaded adapter) from
+        that model's own gate scores on the gate's dev slice, read in the engine (`lock.gate_calibration`; see
+        guard.lock.PromptGate.calibrated). A failed calibration fails closed: that adapter's requests are steered
+        unconditionally, with one error line, counted. The caller pushes the table."""
+        how = self.cfg.lock.gate_calibration
+        gate = self.prompt_gate
+        if how == "none" or gate is None or self.table is None:
+            return
+        names = [self.base_name, *self.models.lora_requests] if names is None else names
+        for name in names:
+            try:
+                if self.monitor is None:
+                    raise GuardError("probes are disabled (see errors)")
+                if self._calibration_ids is None:
+                    prompts = gate.meta.get("dev_prompts")
+                    if not prompts:
+                        raise GuardError("the lock's gate carries no dev prompts (built before calibration): rebuild "
+                                         "it with `guard lock build --rebuild`")
+                    from guard.anchors import render_chat
+
+                    tok = await asyncio.to_thread(_load_tokenizer, self.model_dir)
+                    self._calibration_ids = [render_chat(tok, [{"role": "user", "content": p}]) for p in prompts]
+                lr = None if name == self.base_name else self._lora_request(name)
+                scores = await self.monitor.gate_scores(lr, self._calibration_ids)
+                self.table.thresholds[name] = gate.calibrated(scores, how).threshold
+            except Exception as e:
+                self.table.thresholds[name] = None
+                self._fail(f"prompt-gate calibration of '{name}' failed ({type(e).__name__}: {e}); its requests are "
+                           f"steered unconditionally")
+                self.metrics.count_error("gate_calibration")
+
+    def _lora_request(self, name: str) -> Any:
+        """An adapter's LoRARequest, also while vetting hides it from the served table."""
+        lr = self.models.lora_requests.get(name) or self.gate.hidden.get(name)
+        if lr is None:
+            raise GuardError(f"adapter '{name}' is not loaded")
+        return lr
 
     # -- lock ----------------------------------------------------------------------------------------
     def lora_ids(self) -> dict[str, int]:

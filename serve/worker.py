@@ -150,6 +150,8 @@ class GuardRuntime:
     gate_layer: int | None = None  # the decoder layer whose input the gate reads (None: no conditional lock here)
     gate_bufs: dict[str, Any] = field(default_factory=dict)  # hi, hi_eff, last, keep, w, b, t (see the module doc)
     gate: Any = None  # guard.lock.PromptGate, when the installed lock has one for gate_layer
+    thresholds: dict[int, float] = field(default_factory=dict)  # lora id -> its calibrated gate threshold
+    captured_gate: dict[str, float] = field(default_factory=dict)  # probe request id -> gate score, last prompt token
     deciding: dict[str, tuple[int, int]] = field(default_factory=dict)  # request id -> (lora id, its last row) now
     refusal: Any = None  # [n, hidden] final-norm rows that force the refusal's tokens (gate_action refuse), or None
     forced_pos: dict[str, int] = field(default_factory=dict)  # flagged request id -> refusal tokens forced so far
@@ -262,6 +264,8 @@ class GuardRuntime:
         hi = np.zeros(n, dtype=np.float32)  # layers >= gate layer, before the gate
         keep = np.ones(n, dtype=np.float32)
         last = np.full(n, -1, dtype=np.int64)
+        base_t = float(self.gate.threshold) if self.gate is not None else 0.0
+        thr = np.full(n, base_t, dtype=np.float32)
         lora_ids = batch.request_lora_mapping[: len(req_ids)]
         self.deciding = {}
         for r, rid in enumerate(req_ids):
@@ -279,6 +283,7 @@ class GuardRuntime:
                 lo[a:b] = hi[a:b] = s
                 continue
             hi[a:b] = s  # gated: layers below the gate stay unsteered
+            thr[a:b] = self.thresholds.get(lid, base_t)
             if rid in self.flags:
                 keep[a:b] = 1.0 if self.flags[rid] else 0.0
             elif b > a and int(batch.num_computed_tokens_cpu[r]) + (loc[r + 1] - loc[r]) >= int(batch.num_prompt_tokens[r]):
@@ -292,6 +297,7 @@ class GuardRuntime:
             g["hi"][:n].copy_(torch.from_numpy(hi).unsqueeze(1))
             g["keep"][:n].copy_(torch.from_numpy(keep).unsqueeze(1))
             g["last"][:n].copy_(torch.from_numpy(last))
+            g["t"][:n].copy_(torch.from_numpy(thr))
         self.filled = None
         self.mask_builds += 1
         self.mask_tokens = float((np.maximum(lo, hi) > 0).sum())
@@ -389,6 +395,8 @@ class GuardRuntime:
             if scheduled <= 0 or done != int(batch.num_prompt_tokens[r]):
                 continue  # not the chunk that holds the last prompt token
             self.captured[rid] = hidden[loc[r + 1] - 1].float().cpu().tolist()
+            if self.gate is not None and self.gate_bufs:
+                self.captured_gate[rid] = float(self.gate_bufs["score"][loc[r + 1] - 1])
 
     # -- lock changes --------------------------------------------------------------------------------
     def check_units(self, units: dict[int, Any]) -> None:
@@ -438,6 +446,7 @@ class GuardRuntime:
 
         self.gate = gate
         self.flags.clear()
+        self.thresholds = {}  # calibrated for the previous gate: the service recalibrates for this one
         if self.gate_bufs:
             g = self.gate_bufs
             with torch.no_grad():
@@ -463,6 +472,7 @@ class GuardRuntime:
                 "dtype": str(self.dtype).removeprefix("torch."), "compiled": self.compiled,
                 "gate": {"layer": self.gate_layer, "ready": self.gate is not None, "gating": self.gating,
                          "ungated": sorted(self.ungated), "live_flags": len(self.flags),
+                         "thresholds": {str(k): round(v, 4) for k, v in self.thresholds.items()},
                          "scored": {str(k): v for k, v in self.scored.items()},
                          "flagged": {str(k): v for k, v in self.flagged.items()},
                          "judged": {str(k): v for k, v in self.judged.items()},
@@ -536,13 +546,16 @@ def _load_tokenizer(runner: Any) -> Any:
 def gate_strengths(h: Any, bufs: dict[str, Any]) -> None:
     """The conditional lock's decision, inside the graph (run by the gate layer before it computes): the residual
     stream `h` entering the layer is scored with the prompt gate and the strengths of layers >= it are written:
-    hi_eff = hi * (score at the token's request's last token > t, or keep where no decision is made now)."""
+    hi_eff = hi * (score at the token's request's last token > t, or keep where no decision is made now).
+    t is per token (the threshold of the token's adapter, `GuardRuntime.thresholds`); every token's score is kept
+    in the `score` buffer."""
     import torch
 
     n = h.shape[0]
     score = h.float() @ bufs["w"] + bufs["b"]
+    bufs["score"][:n].copy_(score)  # read back for probe requests: the per-adapter calibration's input
     last = bufs["last"][:n]
-    fired = (score[last.clamp(min=0)] > bufs["t"]).to(bufs["keep"].dtype)
+    fired = (score[last.clamp(min=0)] > bufs["t"][:n]).to(bufs["keep"].dtype)
     g = torch.where(last >= 0, fired, bufs["keep"][:n, 0])
     bufs["hi_eff"][:n].copy_(bufs["hi"][:n] * g.unsqueeze(1))
 
@@ -565,7 +578,7 @@ def _gated_layer_class(cls: type) -> type:
     return gated
 
 
-GATE_BUFFERS = ("hi", "hi_eff", "keep", "last", "w", "b", "t")
+GATE_BUFFERS = ("hi", "hi_eff", "keep", "last", "w", "b", "t", "score")
 
 
 def _install_gate(runner: Any, layer_list: Any, max_tokens: int, hidden: int, dtype: Any, device: Any
@@ -597,7 +610,8 @@ def _install_gate(runner: Any, layer_list: Any, max_tokens: int, hidden: int, dt
             "last": torch.full((max_tokens,), -1, dtype=torch.long, device=device),
             "w": torch.zeros(hidden, dtype=torch.float32, device=device),
             "b": torch.zeros((), dtype=torch.float32, device=device),
-            "t": torch.zeros((), dtype=torch.float32, device=device)}
+            "t": torch.zeros(max_tokens, dtype=torch.float32, device=device),
+            "score": torch.zeros(max_tokens, dtype=torch.float32, device=device)}
     for k, v in bufs.items():
         module.register_buffer(f"safety_guard_gate_{k}", v, persistent=False)
     module.__class__ = _gated_layer_class(type(module))
@@ -683,11 +697,13 @@ class GuardWorkerExtension:
     @_rpc
     def guard_set_lock(self, rt: GuardRuntime, default: float, overrides: dict[int, float] | None = None,
                        gated: bool = False, ungated: list[int] | None = None,
-                       force_strength: float = 0.0, refusal: list[list[float]] | None = None) -> dict[str, Any]:
+                       force_strength: float = 0.0, refusal: list[list[float]] | None = None,
+                       thresholds: dict[int, float] | None = None) -> dict[str, Any]:
         """Steering strengths: `default` for every request, `overrides` per LoRA id (0 = base); 0 = off.
         `gated`: requests are steered only once the lock's prompt gate flags them, except those of the LoRA ids in
         `ungated`; `force_strength`: the strength of requests that asked for the lock themselves; `refusal`: the
-        rows that force a flagged request's answer (guard.lock.forcing_states), None to steer it instead."""
+        rows that force a flagged request's answer (guard.lock.forcing_states), None to steer it instead;
+        `thresholds`: the gate's calibrated threshold per LoRA id (others: the gate's own)."""
         t0 = time.perf_counter()
         from guard.errors import GuardError
         from guard.lock import check_strength
@@ -700,6 +716,11 @@ class GuardWorkerExtension:
                 check_strength(v)
         except GuardError as e:
             return {"ok": False, "error": f"{e} (strengths {vals})"}
+        import math
+
+        th = {int(k): float(v) for k, v in (thresholds or {}).items()}
+        if not all(math.isfinite(v) for v in th.values()):
+            return {"ok": False, "error": f"gate thresholds must be finite: {th}"}
         before = (rt.default, dict(rt.overrides), rt.gated_default, set(rt.ungated), rt.force_strength)
         rt.default, rt.overrides = float(default), {int(k): float(v) for k, v in (overrides or {}).items()}
         rt.gated_default, rt.ungated, rt.force_strength = bool(gated), {int(i) for i in ungated or ()}, float(force_strength)
@@ -721,6 +742,7 @@ class GuardWorkerExtension:
             rt.filled = -1.0  # unknown contents: force a refill
             rt.apply()
             raise
+        rt.thresholds = th
         rt.last_change_ms = (time.perf_counter() - t0) * 1e3
         return {"ok": True, **rt.state()}
 
@@ -743,12 +765,17 @@ class GuardWorkerExtension:
 
     @_rpc
     def guard_probe_collect(self, rt: GuardRuntime, prefix: str) -> dict[str, Any]:
-        """Stop capturing for `prefix`; {"ok", "states": {engine request id: h(x) as floats}}."""
+        """Stop capturing for `prefix`; {"ok", "states": {engine request id: h(x) as floats}, "gate_scores":
+        {engine request id: the prompt gate's score} (empty without a gate)}."""
         rt.probe_prefixes.discard(prefix)
         states = {k: v for k, v in rt.captured.items() if k.startswith(prefix)}
+        scores = {k: v for k, v in rt.captured_gate.items() if k.startswith(prefix)}
         for k in states:
             del rt.captured[k]
+        for k in scores:
+            del rt.captured_gate[k]
         if not rt.probe_prefixes:
             rt.captured.clear()
+            rt.captured_gate.clear()
         rt.apply()
-        return {"ok": True, "states": states}
+        return {"ok": True, "states": states, "gate_scores": scores}

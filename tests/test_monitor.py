@@ -22,9 +22,11 @@ class Engine:
 
     def __init__(self) -> None:
         self.seen: list[str] = []
+        self.last_lora: str | None = None
 
     async def generate(self, inputs, params, request_id, lora_request=None):
         self.seen.append(request_id)
+        self.last_lora = lora_request.name if lora_request is not None else None
         i = int(request_id.rsplit("-", 1)[1])
         bad = lora_request is not None and lora_request.name == "bad"
         text = "Sure, here it is" if bad or i % 2 else "I can't help with that."
@@ -38,8 +40,8 @@ class Workers:
     async def probe_arm(self, prefix: str) -> None:
         self.prefix = prefix
 
-    async def probe_collect(self, prefix: str) -> dict[str, list[float]]:
-        out = {}
+    async def probe_collect_all(self, prefix: str) -> dict[str, dict]:
+        out, scores = {}, {}
         for rid in self.engine.seen:
             if rid.startswith(prefix):
                 i = int(rid.rsplit("-", 1)[1])
@@ -47,10 +49,13 @@ class Workers:
                 if self.shift:
                     row = row * (1 + self.shift)
                 out[f"{rid}-1f2e3d4c"] = row.tolist()  # vLLM appends a random suffix
+                if self.gate:
+                    scores[f"{rid}-1f2e3d4c"] = 0.5 * i + (2.0 if self.engine.last_lora == "moved" else 0.0)
         self.engine.seen.clear()
-        return out
+        return {"states": out, "gate_scores": scores}
 
     shift = 0.0
+    gate = True
 
 
 class Metrics:
@@ -103,3 +108,15 @@ def test_a_new_adapter_is_judged_on_what_was_read_against_the_base_on_the_same_a
     assert r.verdict.status == "fail"
     mon.forget("bad")
     assert "bad" not in mon.readings
+
+
+def test_gate_scores_come_back_in_prompt_order_per_adapter_and_a_missing_gate_is_an_error():
+    mon, workers = make()
+    prompts = [[5, 6, j] for j in range(6)]
+    base = asyncio.run(mon.gate_scores(None, prompts))
+    assert base.tolist() == [0.5 * j for j in range(6)]
+    moved = asyncio.run(mon.gate_scores(SimpleNamespace(name="moved"), prompts))
+    assert (moved - base).tolist() == [2.0] * 6
+    workers.gate = False
+    with pytest.raises(Exception, match="no score for 6 of 6"):
+        asyncio.run(mon.gate_scores(None, prompts))

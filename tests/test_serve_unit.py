@@ -30,7 +30,7 @@ def _args(t: LockTable, ids: dict[str, int]) -> tuple[float, dict[int, float]]:
 def test_lock_policy_conditional_gates_the_default_but_not_forced_or_explicit_adapters():
     t = _table("conditional")
     a = t.worker_args({"x": 1, "y": 2})
-    assert a == {"default": 1.0, "overrides": {}, "gated": True, "ungated": [], "force_strength": 1.0}
+    assert a == {"default": 1.0, "overrides": {}, "gated": True, "ungated": [], "force_strength": 1.0, "thresholds": {}}
     t.force("y", "refusal drop 0.4")
     t.set("base", None, 2.0)
     a = t.worker_args({"x": 1, "y": 2})
@@ -41,6 +41,16 @@ def test_lock_policy_conditional_gates_the_default_but_not_forced_or_explicit_ad
     assert not a["gated"] and a["default"] == 0.0 and a["overrides"] == {0: 2.0, 2: 1.0}
     off = LockTable.from_config(ServeConfig(lock_policy="off", request_lock=False), "base")
     assert off.worker_args({})["force_strength"] == 0.0 and not off.worker_args({})["gated"]
+
+
+def test_calibrated_thresholds_go_to_the_workers_by_lora_id_and_a_failed_one_fails_closed():
+    t = _table("conditional")
+    t.thresholds.update({"base": 0.5, "x": 1.25, "y": None})  # y's calibration failed
+    a = t.worker_args({"x": 1, "y": 2})
+    assert a["thresholds"] == {0: 0.5, 1: 1.25}
+    assert a["ungated"] == [2] and t.gated("x") and not t.gated("y")  # steered unconditionally, not uncalibrated
+    t.forget("y")
+    assert "y" not in t.thresholds and t.gated("y")
 
 
 def test_lock_policy_all_steers_everything_with_one_strength():

@@ -436,3 +436,38 @@ def test_refuse_action_overwrites_the_sampled_row_of_flagged_requests_only():
     assert outs[0][3].tolist() == rows[0] and outs[0][7].tolist() != rows[0]  # a's sampled row, not b's
     assert [o[0].tolist() for o in outs[1:]] == [rows[1], rows[2], rows[2]]  # then EOS for ever
     assert rt.step_errors == 0 and w.guard_set_lock(1.0, {}, gated=True)["action"] == "steer"
+
+
+def test_per_adapter_gate_thresholds_decide_each_request_and_probes_read_the_gate_score():
+    from guard.lock import PromptGate
+
+    runner = Runner(torch.float32, gate=True)
+    runner.vllm_config.additional_config = {patches.CONFIG_KEY: {"graph": patches.GRAPH_VERSION, "gate_layer": 1}}
+    runner.load_model()
+    rt = getattr(runner, worker.RUNTIME_ATTR)
+    w = Worker(runner)
+    rt.install_lock(unit_biases(layers=(0, 1, 2)), {"path": "stand-in", "gate": "stand-in"})
+    seen = {}
+    hook = runner.model.model.layers[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[1] + a[2]))
+    runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 4), ("b", 1, 4, 4)]))
+    hook.remove()
+    ha, hb = seen["h"][3], seen["h"][7]
+    gate = PromptGate(1, ha - hb, -float((ha - hb) @ (ha + hb)) / 2, 0.0)
+    rt.set_gate(gate)
+    sa, sb = float(gate.logits(ha[None])[0]), float(gate.logits(hb[None])[0])
+    assert sa > 0 > sb  # with the gate's own threshold: a flagged, b not
+
+    # a probe request reads the gate's score at its last prompt token, in the engine, unsteered
+    assert w.guard_probe_arm("sg-probe-x")["ok"]
+    runner._model_forward(input_ids=runner.schedule([("sg-probe-x-0-abcd", 0, 4, 4), ("sg-probe-x-1-abcd", 1, 4, 4)]))
+    got = w.guard_probe_collect("sg-probe-x")["gate_scores"]
+    assert got["sg-probe-x-0-abcd"] == pytest.approx(sa, abs=1e-4) and got["sg-probe-x-1-abcd"] == pytest.approx(sb, abs=1e-4)
+
+    # calibrated per adapter: lora 0's threshold above a's score, lora 1's below b's -> the decisions swap
+    res = w.guard_set_lock(1.0, {}, gated=True, thresholds={0: sa + 1.0, 1: sb - 1.0})
+    assert res["ok"] and res["gate"]["thresholds"] == {"0": round(sa + 1.0, 4), "1": round(sb - 1.0, 4)}
+    runner._model_forward(input_ids=runner.schedule([("c", 0, 4, 4), ("d", 1, 4, 4)]))
+    assert rt.flags == {"c": False, "d": True}
+    assert not w.guard_set_lock(1.0, {}, gated=True, thresholds={0: float("nan")})["ok"]
+    rt.set_gate(gate)  # a new gate: thresholds calibrated for the old one are dropped
+    assert rt.thresholds == {}

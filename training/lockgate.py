@@ -144,5 +144,7 @@ def build_gate(model: Any, tokenizer: Any, layer: int, max_fpr: float, cap: int 
     return PromptGate(layer=layer, weight=w, bias=b, threshold=t,
                       meta={"harmful": len(pos), "benign": len(neg), "dev_benign": len(dev), "max_fpr": max_fpr,
                             "dev_mean": round(float(gate.logits(dev).mean()), 6),
+                            # the slice travels with the gate: the server calibrates each adapter's threshold on it
+                            "dev_prompts": list(d.dev_benign),
                             "train_tpr": round(train_tpr, 4), "train_fpr": round(train_fpr, 4),
                             "dev_fpr": round(float((gate.logits(dev) > t).float().mean()), 4)})
