@@ -43,11 +43,15 @@ VARIANTS: dict[str, dict | None] = {
     # 200 more contrast prompts to hold over-refusal (SC), and with all but the dev-check contrast prompts (SCC).
     "C2": None,
     "S": {"scorer": 218},  # its row says `true`: `scorer` was a switch for all 218 then
+    # SC was stopped unmeasured: the generator has 379 usable train-template prompts, so contrast 400 already took
+    # them all and SC was S again (the count is capped, not an error).
     "SC": {"scorer": 218, "contrast": 600},
-    # after S (ood 94%, dev_over 19%: over the limit) and before SC's row: fewer scorer prompts beside more contrast
-    # (SH), and all of them with 2 epochs instead of 3 (SC2: less time, less over-fitting to refusals)
+    # after S (ood 94%, dev_over 19%: over the limit): fewer scorer prompts (SH), all of them with 2 epochs instead
+    # of 3 (SC2: less time, less over-fitting to refusals), and 2 epochs with every benchmark benign prompt (344)
+    # self-distilled beside them (SB2). `contrast` 600 = all 379.
     "SC2": {"scorer": 218, "contrast": 600, "epochs": 2},
     "SH": {"scorer": 109, "contrast": 600},
+    "SB2": {"scorer": 218, "contrast": 600, "epochs": 2, "benign": 344},
     # E: stopped at step 230 of 378 after 22 min (beside other jobs; ~3 s/step alone): over the 15-minute budget
     # on this machine before any dev number was read. A faster trainer (bf16 on AMX CPUs) would let it back in.
     "E": {"harmful": 300, "benign": 300},
