@@ -102,7 +102,8 @@ class GuardService:
             self.monitor = None
             return
         await self.calibrate_gate([self.base_name])  # adapters given at start-up are calibrated as they are vetted
-        await self.try_push_lock()
+        if self.table.thresholds:
+            await self.try_push_lock()
         for name in list(self.models.lora_requests):  # adapters given at start-up
             try:
                 await self.gate.vet(name)
