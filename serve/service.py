@@ -349,6 +349,9 @@ class GuardService:
                 "vetting": {"status": rec.status, "reasons": rec.reasons, "action": rec.action} if rec else None,
                 "lock_strength": self.table.strength_of(name) if self.lock_info else 0.0,
                 "lock_forced": name in self.table.forced,
+                # the prompt gate's threshold calibrated on this adapter (null: calibration failed, steered
+                # unconditionally; absent: not calibrated, the gate's own threshold)
+                **({"gate_threshold": self.table.thresholds[name]} if name in self.table.thresholds else {}),
                 "probe": latest.to_dict() if latest else None,
                 "probe_error": mon.failures.get(name) if mon else None,
             }
@@ -360,6 +363,9 @@ class GuardService:
                      "policy": self.cfg.serve.lock_policy, "default_on": self.table.default_on if self.table else None,
                      "strength": self.table.strength if self.table else None,
                      "base_strength": self.table.strength_of(self.base_name) if self.table and self.lock_info else 0.0,
+                     "gate_calibration": self.cfg.lock.gate_calibration,
+                     "gate_threshold": self.prompt_gate.threshold if self.prompt_gate is not None else None,
+                     "base_gate_threshold": self.table.thresholds.get(self.base_name) if self.table else None,
                      "last_prefix_cache_reset": self.last_cache_reset},
             "vet_policy": self.cfg.serve.vet_policy,
             "thresholds": {"drift_warn": self.cfg.drift.warn, "drift_fail": self.cfg.drift.fail,
