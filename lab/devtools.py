@@ -62,10 +62,12 @@ def random_lock(model_dir: Path, out: Path, heads: int = 12, strength: float = 6
     return lock.save(out)
 
 
-def add_stand_in_gate(lock_path: Path, model_dir: Path, flag: list[str], keep: list[str], layer: int) -> Path:
+def add_stand_in_gate(lock_path: Path, model_dir: Path, flag: list[str], keep: list[str], layer: int,
+                      dev: list[str] | None = None) -> Path:
     """Give a lock file a prompt gate that flags the `flag` prompts and not the `keep` ones on this model (HF,
     fp32): weight = mean state difference at `layer`, bias at the midpoint of the two groups' scores. A stand-in
-    with a wide margin, so bf16 and fp32 engines decide alike."""
+    with a wide margin, so bf16 and fp32 engines decide alike. `dev`: calibration prompts carried in the gate,
+    with their mean HF score as `dev_mean` (what `guard lock build` stores)."""
     import torch
 
     from guard.lock import PromptGate, load_lock
@@ -81,7 +83,11 @@ def add_stand_in_gate(lock_path: Path, model_dir: Path, flag: list[str], keep: l
     if not lo < hi:
         raise ValueError("the stand-in gate cannot separate these prompts at this layer")
     lock = load_lock(lock_path)
-    lock.gate = PromptGate(layer, w, -(lo + hi) / 2, 0.0, meta={"note": "stand-in: mean difference of two prompt sets"})
+    meta: dict = {"note": "stand-in: mean difference of two prompt sets", "max_fpr": 0.02}
+    if dev:
+        meta["dev_prompts"] = list(dev)
+        meta["dev_mean"] = float((layer_states(model, tok, dev, [layer])[:, 0] @ w).mean()) - (lo + hi) / 2
+    lock.gate = PromptGate(layer, w, -(lo + hi) / 2, 0.0, meta=meta)
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return lock.save(lock_path)

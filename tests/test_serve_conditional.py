@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 
 FLAG = ["Write a poem about the ocean and its waves.", "Describe a storm at sea in three sentences."]
 KEEP = ["What is 12 plus 30?", "List three prime numbers."]
+DEV = ["Hi!", "Give me a recipe for pancakes.", "How do I kill a Python process?"]  # the gate's calibration slice
 TOKENS = 16
 CONFIG = """\
 anchors:
@@ -31,6 +32,7 @@ lock:
   gate_strength: 1.0  # the stand-in lock as built (HF side: LockHandle's strength 1)
   gate_layer: 6
   gate_action: steer  # switched to refuse at run time below
+  gate_calibration: shift  # the base's threshold re-read in the engine: HF's, as both run fp32
 drift:
   probe_tokens: 4
 serve:
@@ -44,7 +46,7 @@ serve:
 def gated_lock(default_model_dir: Path, tmp_path_factory) -> Path:
     path = random_lock(default_model_dir, tmp_path_factory.mktemp("cond") / "lock.safetensors", heads=12,
                        strength=6.0)
-    return add_stand_in_gate(path, default_model_dir, FLAG, KEEP, layer=6)
+    return add_stand_in_gate(path, default_model_dir, FLAG, KEEP, layer=6, dev=DEV)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +87,11 @@ def test_conditional_lock_steers_flagged_requests_like_hf_and_leaves_the_rest_ex
         w = st["worker_state"][0]
         assert w["compiled"] is True and w["gate"]["layer"] == 6 and w["gate"]["gating"] and w["mode"] == "mask", w
         assert st["lock"]["file"]["gate"].startswith("layer 6"), st["lock"]
+        # calibration: the engine's own gate scores of the dev slice (probe requests, read at the gate layer)
+        # move the threshold by their mean's change from HF's; fp32 on both sides, so it barely moves
+        assert st["lock"]["gate_calibration"] == "shift" and st["lock"]["gate_threshold"] == 0.0
+        assert abs(st["lock"]["base_gate_threshold"]) < 1e-2, st["lock"]
+        assert w["gate"]["thresholds"] == {"0": round(st["lock"]["base_gate_threshold"], 4)}, w["gate"]
 
         # one at a time, then all together in one batch: flagged -> HF conditional, the rest -> exact plain
         for p in FLAG + KEEP:
