@@ -238,17 +238,20 @@ def serve(d: dict) -> str:
 
 def gate_dev(d: dict) -> str:
     models = list(d["layers"][0]["tpr"])
-    out = ["| layer | " + " | ".join(f"{m}: dev harmful flagged %" for m in models) + " | "
-           + " | ".join(f"{m}: dev benign flagged %" for m in models) + " |", "|---|" + "---|" * (2 * len(models))]
+    chosen = d["chosen"] if isinstance(d["chosen"], dict) else {"layer": d["chosen"], "calibration": "none"}
+    out = ["| layer | calibration | " + " | ".join(f"{m}: dev harmful flagged %" for m in models) + " | "
+           + " | ".join(f"{m}: dev benign flagged %" for m in models) + " |", "|---|---|" + "---|" * (2 * len(models))]
     for r in d["layers"]:
-        bold = "**" if r["layer"] == d["chosen"] else ""
-        out.append(f"| {bold}{r['layer']}{bold} | " + " | ".join(f"{r['tpr'][m]:.1f}" for m in models) + " | "
-                   + " | ".join(f"{r['fpr'][m]:.1f}" for m in models) + " |")
+        cal = r.get("calibration", "none")
+        bold = "**" if (r["layer"], cal) == (chosen.get("layer"), chosen.get("calibration")) else ""
+        out.append(f"| {bold}{r['layer']}{bold} | {bold}{cal}{bold} | " + " | ".join(f"{r['tpr'][m]:.1f}" for m in models)
+                   + " | " + " | ".join(f"{r['fpr'][m]:.1f}" for m in models) + " |")
     out.append(f"\nGate fitted on the aligned base ({d['train']['harmful']} harmful / {d['train']['benign']} benign "
-               f"training prompts), threshold at ≤ {100 * d['max_fpr']:.0f}% of the base's dev benign prompts, applied "
-               f"unchanged to the development adapters. Dev harmful n={d['dev_harmful']} (pyrit red-team objectives + "
-               f"AdvBench attack split), dev benign n={d['dev_benign']}. Rule: {d['rule']} Chosen: **layer "
-               f"{d['chosen']}**. Commit {d['commit']}.")
+               f"training prompts), threshold at ≤ {100 * d['max_fpr']:.0f}% of the base's dev benign prompts; per "
+               f"model, calibrated as the server calibrates each adapter (benign rates cross-fitted on halves of the "
+               f"dev slice). Dev harmful n={d['dev_harmful']} (pyrit red-team objectives, AdvBench attack split, "
+               f"scorer dev third), dev benign n={d['dev_benign']}. Rule {d['rule']} Chosen: **layer "
+               f"{chosen.get('layer')}, calibration {chosen.get('calibration')}**. Commit {d['commit']}.")
     return "\n".join(out)
 
 
