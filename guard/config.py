@@ -118,6 +118,8 @@ class AlignConfig(_Section):
                                                "answers) for self-distillation.")
     contrast: int = Field(400, ge=0, description="Benign-but-edgy and everyday prompts from the over-refusal generator's "
                                                  "train templates (-> the original's answers); 0 = none.")
+    contrast_repeat: int = Field(1, ge=1, le=8, description="Times each contrast prompt is seen per epoch (more weight "
+                                                         "on answering everyday and edgy prompts).")
     twins: bool = Field(True, description="Also teach refusals of the generator's harmful twins (the same surface words "
                                           "in a harmful request), so refusals follow the intent, not the word.")
     answer_tokens: int = Field(32, ge=8, le=1024, description="Max tokens of each self-distilled benign answer (the "

@@ -52,6 +52,11 @@ VARIANTS: dict[str, dict | None] = {
     "SC2": {"scorer": 218, "contrast": 600, "epochs": 2},
     "SH": {"scorer": 109, "contrast": 600},
     "SB2": {"scorer": 218, "contrast": 600, "epochs": 2, "benign": 344},
+    # after SB2 (ood 90.5, dev_over 8.47: one prompt over the limit; 3 of its 5 dev refusals are one figurative
+    # template, "steal the show at ...", and one is everyday chat): the contrast prompts seen twice an epoch (SBR2),
+    # and half the scorer prompts beside every benign prompt (SB1H). Written before either row.
+    "SBR2": {"scorer": 218, "contrast": 600, "epochs": 2, "benign": 344, "contrast_repeat": 2},
+    "SB1H": {"scorer": 109, "contrast": 600, "epochs": 2, "benign": 344},
     # E: stopped at step 230 of 378 after 22 min (beside other jobs; ~3 s/step alone): over the 15-minute budget
     # on this machine before any dev number was read. A faster trainer (bf16 on AMX CPUs) would let it back in.
     "E": {"harmful": 300, "benign": 300},

@@ -106,6 +106,7 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
     benign = data._hash_order(list(s.benign_align + s.edgy_align))[: cfg.benign]  # ordinary and edgy, mixed
     contrast = [p.text for p in overrefusal.contrast_prompts("train")]
     dev = [p for p in contrast if _is_dev(p)]
+    usable: list[str] = []
     if cfg.contrast:
         usable = [p for p in contrast if not _is_dev(p)]
         if cfg.contrast < len(usable):  # an even sample across categories and templates
@@ -122,7 +123,7 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
         harmful += list(data.scorer_split("train"))[: cfg.scorer]
     if cfg.red_team:
         harmful += list(data.airt_harmful())
-    return {"harmful": data._dedupe(harmful), "benign": data._dedupe(benign), "dev": dev}
+    return {"harmful": data._dedupe(harmful), "benign": data._dedupe(benign), "dev": dev, "contrast": usable}
 
 
 def align_key(original_fp: str, cfg: AlignConfig) -> str:
@@ -157,6 +158,9 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
     kept = [(p, a, fin) for p, (a, fin) in zip(benign, answers) if not DEFAULT_JUDGE.is_refusal(a)]
     examples = [encode(tok, p, refusal_for(p), cfg.max_len) for p in harmful]
     examples += [encode(tok, p, a, cfg.max_len, end_turn=fin) for p, a, fin in kept]
+    if cfg.contrast_repeat > 1:  # the contrast prompts weigh more: each is seen contrast_repeat times an epoch
+        rep = set(prompts["contrast"])
+        examples += [encode(tok, p, a, cfg.max_len, end_turn=fin) for p, a, fin in kept if p in rep] * (cfg.contrast_repeat - 1)
     hp = LoraHParams(rank=cfg.rank, alpha=cfg.alpha, targets=list(cfg.targets), lr=cfg.lr, epochs=cfg.epochs,
                      batch_size=cfg.batch_size, seed=0)
     peft_model = add_lora(model, hp)
