@@ -81,6 +81,9 @@ def main() -> None:
     result["align_minutes"] = round(meta.get("seconds", 0) / 60, 2)
     result["align_dev_over_refusal"] = meta.get("dev_over_refusal")
     result["align_config"] = meta.get("config")
+    from guard.models import fingerprint_dir
+
+    result["base_fingerprint"] = fingerprint_dir(aligned)  # what the other results' `base_fingerprint` refer to
     result["samples"] = samples
     write_result("align_eval", result)
 

@@ -314,12 +314,21 @@ PREDATES_BASE = {"fa_task", "train_overhead", "harden_vet", "lock_search", "lock
                  "stress_asft", "stress_short"}
 
 
+def predates(name: str, d: dict) -> bool:
+    """Measured on an earlier aligned base: its recorded base fingerprint is not the one align_eval measured, or
+    it records none and is listed in PREDATES_BASE."""
+    current = (_load("align_eval") or {}).get("base_fingerprint")
+    if d.get("base_fingerprint") and current:
+        return d["base_fingerprint"] != current
+    return name in PREDATES_BASE
+
+
 def headline() -> str:
     """One row per goal, from whichever result files exist; each row names its file and commit."""
     rows: list[tuple[str, str, str, str]] = []  # (what, value, goal, source)
 
     def src(name: str, d: dict) -> str:
-        return f"`{name}` {d['commit']}" + (" (previous base)" if name in PREDATES_BASE else "")
+        return f"`{name}` {d['commit']}" + (" (previous base)" if predates(name, d) else "")
 
     if d := _load("align_eval"):
         a = d["aligned"]

@@ -151,7 +151,7 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
     meter = Meter(tok, sc, probe)
 
     result: dict[str, Any] = {
-        "judge": DEFAULT_JUDGE.id, "name": name,
+        "judge": DEFAULT_JUDGE.id, "name": name, "base_fingerprint": fp,
         "config": {**asdict(sc), "examples": len(examples), "harmful_examples": n_harm,
                    "hparams": asdict(hparams(h)), "sbr_lambda": h.sbr_lambda, "asft_lambda": h.asft_lambda,
                    "anchors_k": len(anchors), "lock_heads": len(lock.heads) if lock else None,

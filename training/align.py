@@ -126,9 +126,16 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
     return {"harmful": data._dedupe(harmful), "benign": data._dedupe(benign), "dev": dev, "contrast": usable}
 
 
+# What the training itself depends on; the data-selection fields (harmful, benign, contrast, scorer, twins, ...)
+# enter the key through the prompt lists they select, so two configs that pick the same prompts share a base.
+_TRAINING_FIELDS = ("rank", "alpha", "targets", "lr", "epochs", "batch_size", "max_len", "answer_tokens", "contrast_repeat")
+
+
 def align_key(original_fp: str, cfg: AlignConfig) -> str:
     p = alignment_prompts(cfg)
-    return sha256_text("align/v4", original_fp, cfg.model_dump_json(), *p["harmful"], *p["benign"], *REFUSALS)
+    hp = json.dumps({k: getattr(cfg, k) for k in _TRAINING_FIELDS}, sort_keys=True)
+    return sha256_text("align/v5", original_fp, hp, "\x00harmful", *p["harmful"], "\x00benign", *p["benign"],
+                       "\x00contrast", *p["contrast"], *REFUSALS)
 
 
 def is_current(out: Path, key: str) -> bool:
