@@ -71,16 +71,51 @@ def dev_sets(cfg_align) -> dict[str, list[str]]:
             "lock_harmful": list(s.lock), "dev_over": alignment_prompts(cfg_align)["dev"]}
 
 
+def adopt(ws: Workspace, cfg, name: str) -> None:
+    """The chosen dev variant becomes the aligned base (the previous one is kept beside it, renamed)."""
+    import shutil
+
+    from guard.artifacts import write_json_atomic
+    from guard.models import fingerprint_dir
+    from training.align import align_key
+
+    src = ws.home / "work" / "align-dev" / name
+    override = VARIANTS.get(name)
+    if override is None or not (src / ALIGN_META).is_file():
+        raise SystemExit(f"no trained variant '{name}' under {src}")
+    original_fp = fingerprint_dir(ws.original())
+    want = align_key(original_fp, cfg.align)
+    if align_key(original_fp, cfg.align.model_copy(update=override)) != want:
+        raise SystemExit(f"the configured align recipe does not select what variant {name} trained on: set its "
+                         f"values ({override}) as the defaults first")
+    target = ws.base_target()
+    if target.exists():
+        old = target.with_name(f"{target.name}.prev-{fingerprint_dir(target)[:16]}")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        print(f"previous base kept at {old}")
+    shutil.copytree(src, target)
+    meta = read_json(target / ALIGN_META, "align metadata")
+    write_json_atomic(target / ALIGN_META, {**meta, "key": want, "adopted_from": f"align-dev/{name}"})
+    print(f"aligned base <- variant {name} ({meta['seconds'] / 60:.1f} min to train); fingerprint {fingerprint_dir(target)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None)
     ap.add_argument("--out", type=Path, default=Path("bench/results/align_dev.jsonl"))
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--adopt", default=None, metavar="NAME",
+                    help="put variant NAME's model in place as the aligned base, when the configured recipe selects "
+                         "the same prompts and hyper-parameters (checked: same align key); no re-training")
     args = ap.parse_args()
     cfg = load_config(args.config)
     resolve_threads(cfg.runtime.threads)
     ws = Workspace(cfg)
+    if args.adopt:
+        adopt(ws, cfg, args.adopt)
+        return
     done = {json.loads(line)["variant"] for line in args.out.read_text().splitlines()} if args.out.is_file() else set()
     for name, override in VARIANTS.items():
         if name in done or (args.only and name not in args.only):
