@@ -36,6 +36,11 @@ from guard.lock import PromptGate, quantile_threshold
 from guard.states import pad_right
 
 
+# Part of the lock's build settings: a lock whose gate was fitted on other data is rebuilt by `guard prepare`.
+# 2: the scorer objectives' train part joined the harmful side; the dev slice travels in the lock (calibration).
+GATE_DATA_VERSION = 2
+
+
 @dataclass(frozen=True)
 class GateData:
     harmful: list[str]

@@ -268,7 +268,9 @@ def ensure_lock(cfg: Any, rebuild: bool = False) -> Path:
         return Path(cfg.lock.path).expanduser()
     base, fp = ws.base(), ws.base_fingerprint
     path = ws.prepared_lock(fp)
-    settings = cfg.lock.model_dump(mode="json", exclude=RUNTIME_LOCK_KNOBS)
+    from training.lockgate import GATE_DATA_VERSION
+
+    settings = {**cfg.lock.model_dump(mode="json", exclude=RUNTIME_LOCK_KNOBS), "gate_data": GATE_DATA_VERSION}
     if path.is_file() and not rebuild:
         try:
             if load_lock(path, base_fingerprint=fp).meta.get("settings") == settings:
