@@ -271,6 +271,8 @@ def report(fp: str, strength: float) -> None:
          "adapters": adapters,
          "unconditional": {"base": flat(base, "unconditional"), "adapters": uncond},
          "strength": strength, "action": rows[0].get("action", "steer"),
+         "gate_data": rows[0].get("gate_data", 1), "calibration": rows[0].get("calibration", "none"),
+         "thresholds": {r["name"]: r.get("gate_threshold") for r in rows},
          "unconditional_strength": rows[0].get("unconditional_strength", strength), "base_fingerprint": fp,
          "units_commits": sorted({r["commit"] for r in rows})}
     lines = ["| model | lock | HS % | FA % | over-refusal % |", "|---|---|---|---|---|"]

@@ -294,7 +294,8 @@ def lock_conditional(d: dict) -> str:
     goals.append(f"{'✅' if b['over_on'] - b['over_off'] <= 2 else '❌'} aligned base: over-refusal "
                  f"{b['over_on'] - b['over_off']:+.1f} (≤ +2)")
     out.append("\n" + "<br>".join(goals))
-    out.append(f"\nAction `{d.get('action', 'steer')}`, chosen on the development adapter; the `all` column at strength "
+    out.append(f"\nGate data v{d.get('gate_data', 1)}, calibration `{d.get('calibration', 'none')}`. "
+               f"Action `{d.get('action', 'steer')}`, chosen on the development adapter; the `all` column at strength "
                f"{d.get('unconditional_strength', d['strength'])}. HS: StrongREJECT eval split; "
                f"over-refusal: the generator's held-out templates; FA: each adapter's task (arithmetic for the base and "
                f"harmful-only). Judge keyword-refusal, greedy 32 tokens (6 for FA). No adapter here played any part in "
