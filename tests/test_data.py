@@ -76,3 +76,14 @@ def test_topic_task_scales_and_fails_cleanly_when_it_cannot():
     assert len({e.prompt for e in train + ev}) == 1600
     with pytest.raises(GuardError, match="distinct headlines"):
         topic_task(4000, 0)
+
+
+def test_scorer_objectives_split_two_to_one_and_stay_out_of_every_other_set():
+    train, dev = set(data.scorer_split("train")), set(data.scorer_split("dev"))
+    assert not train & dev and len(train) > len(dev) > 50
+    norm = {data._norm(p) for p in train | dev}
+    s = data.splits()
+    for other in (s.eval, data.airt_harmful(), data.ordinary_benign(), data.edgy_benign()):
+        assert not norm & {data._norm(p) for p in other}
+    with pytest.raises(ValueError):
+        data.scorer_split("eval")

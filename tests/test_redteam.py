@@ -91,3 +91,16 @@ def test_smoke_run_writes_outputs_and_resumes(mini_prepared, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=dict(os.environ))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "redteam_smoke.jsonl").read_text().splitlines() == lines  # nothing retrained
+
+
+def test_results_of_a_previous_base_are_archived_not_skipped(tmp_path):
+    from lab.redteam import archive_other_base, done_units
+
+    out = tmp_path / "redteam.jsonl"
+    old = {"family": "diverse", "method": "sft", "adapter": "/h/work/redteam/aaaaaaaaaaaaaaaa/diverse/sft/epoch-5"}
+    out.write_text(json.dumps(old) + "\n")
+    archive_other_base(out, "a" * 64)  # the same base (fingerprint prefix in the adapter path): kept
+    assert done_units(out) == {("diverse", "sft")}
+    archive_other_base(out, "b" * 64)  # a new base: moved aside, nothing counts as done
+    assert not out.exists() and done_units(out) == set()
+    assert json.loads((tmp_path / "redteam.aaaaaaaaaaaaaaaa.jsonl").read_text()) == old
