@@ -268,9 +268,13 @@ def ensure_lock(cfg: Any, rebuild: bool = False) -> Path:
         return Path(cfg.lock.path).expanduser()
     base, fp = ws.base(), ws.base_fingerprint
     path = ws.prepared_lock(fp)
+    from guard.lock import gate_layer_for
     from training.lockgate import GATE_DATA_VERSION
 
-    settings = {**cfg.lock.model_dump(mode="json", exclude=RUNTIME_LOCK_KNOBS), "gate_data": GATE_DATA_VERSION}
+    # the gate's data version and its resolved layer: a lock fitted on other data or another layer is rebuilt
+    n_layers = int(read_json(base / "config.json", "model config")["num_hidden_layers"])
+    settings = {**cfg.lock.model_dump(mode="json", exclude=RUNTIME_LOCK_KNOBS), "gate_data": GATE_DATA_VERSION,
+                "gate_layer_resolved": gate_layer_for(n_layers, cfg.lock.gate_layer)}
     if path.is_file() and not rebuild:
         try:
             if load_lock(path, base_fingerprint=fp).meta.get("settings") == settings:
