@@ -41,13 +41,13 @@ def test_alert_rules_check_and_unit_tests_pass():
     promtool = tool("promtool")
     rules = DEPLOY / "prometheus"
     check = subprocess.run([promtool, "check", "rules", "alerts.yml"], cwd=rules, capture_output=True, text=True)
-    assert check.returncode == 0 and "5 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "6 rules found" in check.stdout, check.stdout + check.stderr
     test = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=rules, capture_output=True, text=True)
     assert test.returncode == 0 and "SUCCESS" in test.stdout, test.stdout + test.stderr
     tested = set(re.findall(r"alertname: (\w+)", (rules / "alerts_test.yml").read_text()))
     shipped = {r["alert"] for g in yaml.safe_load((rules / "alerts.yml").read_text())["groups"] for r in g["rules"]}
     assert shipped == tested == {"SafetyGuardAnchorDriftHigh", "SafetyGuardRefusalRatioLow", "SafetyGuardProbeStale",
-                                 "SafetyGuardProbeFailing", "SafetyGuardFlaggedAnswered"}
+                                 "SafetyGuardProbeFailing", "SafetyGuardFlaggedAnswered", "SafetyGuardProbeDutyCycleHigh"}
 
 
 def test_scrape_config_checks():
