@@ -26,8 +26,9 @@ Strength per token, three modes chosen after every change:
 Conditional lock (`lock_policy: conditional`), decided inside the graph: the decoder layer L the prompt gate
 reads (`lock.gate_layer`) gets a forward that, before the layer runs, scores the residual stream entering it
 (guard.lock.PromptGate: h·w + b > t, in float32) and writes the strengths of layers >= L for this forward:
-    hi_eff[t] = hi[t] * (score[last[t]] > t   if last[t] >= 0   else keep[t])
-`last[t]` points a token at its request's last prompt token when that request is being decided in this forward
+    hi_eff[i] = hi[i] * (score[last[i]] > t[i]   if last[i] >= 0   else keep[i])
+(per token i; `t[i]` is the threshold of token i's adapter: the gate's own, or the one the service calibrated on
+that adapter, `lock.gate_calibration`). `last[i]` points a token at its request's last prompt token when that request is being decided in this forward
 (its whole prefill is then steered at layers >= L, the first answer token included); `keep[t]` carries the
 decision of earlier forwards (1: flagged, or not gated at all). Layers < L read `strength` (0 for gated requests),
 so the state the gate reads is never steered and HF reproduces the decision from an unsteered pass. After the
@@ -36,7 +37,8 @@ A request whose id carries `FORCE_MARK` (the API server sets it for `"guard": {"
 every layer from its prefill on, under every policy.
 
 Probe capture reads the model's output (the final-norm rows fed to lm_head) after each forward, so it works in
-eager and compiled mode alike.
+eager and compiled mode alike; with a gate installed it also reads the gate's score at a probe request's last
+prompt token (every token's score is kept in the gate layer's `score` buffer): what calibration is made of.
 
 **Never crash the engine.** Every RPC catches its own failures, leaves the previous state in place and answers
 `{"ok": False, "error": ...}`; the per-step code is wrapped the same way and, when it fails, steers every token with
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -148,7 +151,7 @@ class GuardRuntime:
     ungated: set[int] = field(default_factory=set)  # lora ids steered unconditionally (forced, explicit)
     force_strength: float = 0.0  # strength for FORCE_MARK requests (0: no lock installed)
     gate_layer: int | None = None  # the decoder layer whose input the gate reads (None: no conditional lock here)
-    gate_bufs: dict[str, Any] = field(default_factory=dict)  # hi, hi_eff, last, keep, w, b, t (see the module doc)
+    gate_bufs: dict[str, Any] = field(default_factory=dict)  # hi, hi_eff, last, keep, w, b, t, score (module doc)
     gate: Any = None  # guard.lock.PromptGate, when the installed lock has one for gate_layer
     thresholds: dict[int, float] = field(default_factory=dict)  # lora id -> its calibrated gate threshold
     captured_gate: dict[str, float] = field(default_factory=dict)  # probe request id -> gate score, last prompt token
@@ -716,8 +719,6 @@ class GuardWorkerExtension:
                 check_strength(v)
         except GuardError as e:
             return {"ok": False, "error": f"{e} (strengths {vals})"}
-        import math
-
         th = {int(k): float(v) for k, v in (thresholds or {}).items()}
         if not all(math.isfinite(v) for v in th.values()):
             return {"ok": False, "error": f"gate thresholds must be finite: {th}"}
