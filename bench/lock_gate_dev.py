@@ -21,6 +21,12 @@ adapter). Dev harmful adds the dev third of pyrit's scorer objectives; models ad
 adapter when it exists. Among (layer, calibration) pairs whose fpr is <= 2 x max-fpr on every model, the highest
 minimum dev-harmful flag rate; ties within 1 point go to the earlier layer, then to none, shift, quantile in
 that order (fewer moving parts first).
+
+Rule v3 (2026-12-02, written after v2 chose layer 3 / shift and `lock_conditional.py dev` then showed that gate
+flagging 25% of the base's and 4% of the dev SFT adapter's dev arithmetic questions — dev data — and before any
+v3 row): the gate's benign side also holds task-like prompts (gate data v3), and the dev task questions (both FA
+tasks' dev sets, seed 1) are a second benign set: a pair also needs their flag rate (`task_fpr`, uncalibrated
+threshold as each model is calibrated for fpr) <= 2 x max-fpr on every model. Otherwise as v2.
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ CALIBRATIONS = ("none", "shift", "quantile")
 
 
 def choose(rows: list[dict[str, Any]], max_fpr: float) -> tuple[int, str] | None:
-    """Rule v2 over rows of (layer, calibration)."""
-    ok = [r for r in rows if max(r["fpr"].values()) <= 2 * max_fpr * 100]
+    """Rule v3 over rows of (layer, calibration)."""
+    ok = [r for r in rows if max(r["fpr"].values()) <= 2 * max_fpr * 100
+          and max(r.get("task_fpr", {"-": 0.0}).values()) <= 2 * max_fpr * 100]
     if not ok:
         return None
     best = max(min(r["tpr"].values()) for r in ok)
@@ -91,13 +98,17 @@ def main(
     dev_harm = list(dict.fromkeys([*data.airt_harmful(), *data.splits().attack, *data.scorer_split("dev")]))
     pos = layer_states(model, tok, d.harmful, cand, desc="train harmful")
     neg = layer_states(model, tok, d.benign, cand, desc="train benign")
+    dev_task = [e.prompt for gen, _ in data.TASKS.values() for e in gen(n_train=16, n_eval=100, seed=1)[1]]
     states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    task_states: dict[str, torch.Tensor] = {}
     states["base"] = (layer_states(model, tok, dev_harm, cand, desc="base: dev harmful"),
                       layer_states(model, tok, d.dev_benign, cand, desc="base: dev benign"))
+    task_states["base"] = layer_states(model, tok, dev_task, cand, desc="base: dev tasks")
     for name, p in adapters.items():
         pm = PeftModel.from_pretrained(model, str(p), is_trainable=False).eval()
         states[name] = (layer_states(pm, tok, dev_harm, cand, desc=f"{name}: dev harmful"),
                         layer_states(pm, tok, d.dev_benign, cand, desc=f"{name}: dev benign"))
+        task_states[name] = layer_states(pm, tok, dev_task, cand, desc=f"{name}: dev tasks")
         model = pm.unload()
     rows = []
     half = halves(len(d.dev_benign))
@@ -110,22 +121,25 @@ def main(
         gate = PromptGate(layer, w, b, threshold_for(base_dev, max_fpr),
                           meta={"max_fpr": max_fpr, "dev_mean": float(base_dev.mean())})
         for how in CALIBRATIONS:
-            tpr, fpr = {}, {}
+            tpr, fpr, task_fpr = {}, {}, {}
             for m, (h, bn) in states.items():
-                scores, harm = gate.logits(bn[:, j]), gate.logits(h[:, j])
-                f, t = [], []
+                scores, harm, task = gate.logits(bn[:, j]), gate.logits(h[:, j]), gate.logits(task_states[m][:, j])
+                f, t, k = [], [], []
                 for cal, held in (half, half[::-1]):
                     g = gate.calibrated(scores[cal], how)
                     f.append(pct(scores[held] > g.threshold))
                     t.append(pct(harm > g.threshold))
-                tpr[m], fpr[m] = round(sum(t) / 2, 2), round(sum(f) / 2, 2)
+                    k.append(pct(task > g.threshold))
+                tpr[m], fpr[m], task_fpr[m] = round(sum(t) / 2, 2), round(sum(f) / 2, 2), round(sum(k) / 2, 2)
             rows.append({"layer": layer, "calibration": how, "threshold": round(gate.threshold, 4),
-                         "tpr": tpr, "fpr": fpr})
+                         "tpr": tpr, "fpr": fpr, "task_fpr": task_fpr})
             typer.echo(f"layer {layer:2d} {how:8s}: flagged dev harmful " + " ".join(f"{m} {v:5.1f}" for m, v in tpr.items())
-                       + " | dev benign " + " ".join(f"{m} {v:4.1f}" for m, v in fpr.items()))
+                       + " | dev benign " + " ".join(f"{m} {v:4.1f}" for m, v in fpr.items())
+                       + " | dev tasks " + " ".join(f"{m} {v:4.1f}" for m, v in task_fpr.items()))
     chosen = choose(rows, max_fpr)
-    typer.echo(f"chosen (layer, calibration) by rule v2 in the docstring: {chosen}")
-    write_result("lock_gate_dev", {"rule": "v2: " + __doc__.split("Rule v2 ")[1].strip(), "max_fpr": max_fpr,
+    typer.echo(f"chosen (layer, calibration) by rule v3 in the docstring: {chosen}")
+    write_result("lock_gate_dev", {"rule": "v3 (v2 plus the task condition): " + __doc__.split("Rule v2 ")[1].strip(),
+                                   "max_fpr": max_fpr, "dev_tasks": len(dev_task),
                                    "dev_harmful": len(dev_harm), "dev_benign": len(d.dev_benign),
                                    "train": {"harmful": len(d.harmful), "benign": len(d.benign)},
                                    "adapters": {k: str(v) for k, v in adapters.items()}, "base_fingerprint": fp,

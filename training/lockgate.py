@@ -17,7 +17,9 @@ Training data (all fixed splits, none of them eval or red-team data):
   gate, without them, the base flagged 63% of held-out harmful prompts), and the over-refusal generator's
   harmful twins of its *train* templates (the same surface words as the benign prompts, harmful intent);
 - not flagged (0): the generator's train-template prompts (everyday chat, homonyms, safe contexts, ...) outside
-  its dev slice, and the benchmark benign/edgy prompts the alignment distils;
+  its dev slice, the benchmark benign/edgy prompts the alignment distils, and task-like requests (headline
+  classification, arithmetic: what customers fine-tune for) from the FA task generators at a seed no
+  measurement uses, minus any question a dev or eval set asks;
 - the threshold: the dev slice of the train templates (never trained on) may be flagged at most `max_fpr`.
 """
 
@@ -38,7 +40,10 @@ from guard.states import pad_right
 
 # Part of the lock's build settings: a lock whose gate was fitted on other data is rebuilt by `guard prepare`.
 # 2: the scorer objectives' train part joined the harmful side; the dev slice travels in the lock (calibration).
-GATE_DATA_VERSION = 2
+# 3: task-like benign prompts (the FA tasks' generators, another seed, minus every dev and eval question): at
+#    layer 3 the v2 gate flagged 25% of the base's and 4% of a dev adapter's arithmetic questions (dev data).
+GATE_DATA_VERSION = 3
+TASK_PROMPTS = 100  # per task generator
 
 
 @dataclass(frozen=True)
@@ -57,10 +62,23 @@ def gate_data(cap: int | None = None) -> GateData:
     harmful = list(dict.fromkeys([*s.lock, *s.align, *data.scorer_split("train"),
                                   *(p.text for p in overrefusal.harmful_twins("train"))]))
     templ = [p.text for p in overrefusal.contrast_prompts("train")]
-    benign = list(dict.fromkeys([*(p for p in templ if not _is_dev(p)), *s.benign_align, *s.edgy_align]))
+    benign = list(dict.fromkeys([*(p for p in templ if not _is_dev(p)), *s.benign_align, *s.edgy_align,
+                                 *task_prompts()]))
     if cap is not None:
         harmful, benign = data._hash_order(harmful)[:cap], data._hash_order(benign)[:cap]
     return GateData(harmful, benign, [p for p in templ if _is_dev(p)])
+
+
+def task_prompts() -> list[str]:
+    """Benign task-like requests for the gate's benign side: TASK_PROMPTS per FA task generator at seed 7, none
+    of them a question the dev (seed 1) or eval (seed 0) task sets ask."""
+    from training import data
+
+    # every question of the first 600 the dev/eval seeds generate (their eval slices start after 16..400 train ones)
+    taken = {e.prompt for gen, _ in data.TASKS.values() for seed in (0, 1)
+             for part in gen(n_train=400, n_eval=200, seed=seed) for e in part}
+    return [e.prompt for gen, _ in data.TASKS.values() for e in gen(n_train=TASK_PROMPTS, n_eval=1, seed=7)[0]
+            if e.prompt not in taken]
 
 
 def layer_states(model: Any, tokenizer: Any, prompts: Sequence[str], layers: Sequence[int],
