@@ -239,18 +239,22 @@ def serve(d: dict) -> str:
 def gate_dev(d: dict) -> str:
     models = list(d["layers"][0]["tpr"])
     chosen = d["chosen"] if isinstance(d["chosen"], dict) else {"layer": d["chosen"], "calibration": "none"}
+    tasks = "task_fpr" in d["layers"][0]
     out = ["| layer | calibration | " + " | ".join(f"{m}: dev harmful flagged %" for m in models) + " | "
-           + " | ".join(f"{m}: dev benign flagged %" for m in models) + " |", "|---|---|" + "---|" * (2 * len(models))]
+           + " | ".join(f"{m}: dev benign flagged %" for m in models) + (" | dev task questions flagged % (worst model)" if tasks else "")
+           + " |", "|---|---|" + "---|" * (2 * len(models) + tasks)]
     for r in d["layers"]:
         cal = r.get("calibration", "none")
         bold = "**" if (r["layer"], cal) == (chosen.get("layer"), chosen.get("calibration")) else ""
         out.append(f"| {bold}{r['layer']}{bold} | {bold}{cal}{bold} | " + " | ".join(f"{r['tpr'][m]:.1f}" for m in models)
-                   + " | " + " | ".join(f"{r['fpr'][m]:.1f}" for m in models) + " |")
+                   + " | " + " | ".join(f"{r['fpr'][m]:.1f}" for m in models)
+                   + (f" | {max(r['task_fpr'].values()):.1f}" if tasks else "") + " |")
     out.append(f"\nGate fitted on the aligned base ({d['train']['harmful']} harmful / {d['train']['benign']} benign "
                f"training prompts), threshold at ≤ {100 * d['max_fpr']:.0f}% of the base's dev benign prompts; per "
                f"model, calibrated as the server calibrates each adapter (benign rates cross-fitted on halves of the "
                f"dev slice). Dev harmful n={d['dev_harmful']} (pyrit red-team objectives, AdvBench attack split, "
-               f"scorer dev third), dev benign n={d['dev_benign']}. Rule {d['rule']} Chosen: **layer "
+               f"scorer dev third), dev benign n={d['dev_benign']}"
+               + (f", dev task questions n={d['dev_tasks']}" if tasks else "") + f". Rule {d['rule']} Chosen: **layer "
                f"{chosen.get('layer')}, calibration {chosen.get('calibration')}**. Commit {d['commit']}.")
     return "\n".join(out)
 
