@@ -189,8 +189,8 @@ class GuardService:
         unconditionally, with one error line, counted. The caller pushes the table."""
         how = self.cfg.lock.gate_calibration
         gate = self.prompt_gate
-        if how == "none" or gate is None or self.table is None:
-            return
+        if how == "none" or gate is None or self.table is None or not self.table.conditional:
+            return  # thresholds only matter for gated requests, and only the conditional policy gates
         names = [self.base_name, *self.models.lora_requests] if names is None else names
         for name in names:
             try:
