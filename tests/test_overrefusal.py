@@ -146,3 +146,13 @@ def test_alignment_trains_on_train_templates_only_and_keeps_its_dev_slice_out():
     assert set(airt_harmful()) <= set(alignment_prompts(AlignConfig(red_team=True))["harmful"])
     small = alignment_prompts(AlignConfig(contrast=9, twins=False, red_team=False))
     assert len(small["benign"]) == AlignConfig().benign + 9 and len(small["harmful"]) == AlignConfig().harmful
+
+
+def test_every_align_field_reaches_the_base_key():
+    """A new AlignConfig field must change the cached base's key: either it is a training hyper-parameter, or it
+    selects prompts (and reaches the key through them)."""
+    from guard.config import AlignConfig
+    from training.align import _TRAINING_FIELDS
+
+    selection = {"harmful", "benign", "contrast", "twins", "red_team", "framed", "scorer"}
+    assert set(AlignConfig.model_fields) == set(_TRAINING_FIELDS) | selection
