@@ -51,7 +51,7 @@ GATE_DEPTH = 0.1  # the default gate layer as a share of the model's depth: laye
 def gate_layer_for(num_layers: int, configured: int | None) -> int:
     """The residual-stream layer the prompt gate reads: `lock.gate_layer`, or GATE_DEPTH of the way in.
     bench/lock_gate_dev.py chose layer 3 of 30 with per-adapter calibration `shift` on development adapters
-    (rule v2; before calibration existed, rule v1 chose layer 6; later layers lose the harmful/benign
+    (rules v2 and v3; before calibration existed, rule v1 chose layer 6; later layers lose the harmful/benign
     split once an adapter has been trained to comply)."""
     layer = configured if configured is not None else max(1, round(GATE_DEPTH * num_layers))
     if not 0 < layer < num_layers:
