@@ -148,9 +148,10 @@ def calibrate_lock(model: Any, tokenizer: Any, lock: Any, how: str) -> Any:
 
 
 def dev_scores(model: Any, tokenizer: Any, gate: PromptGate, desc: str | None = None) -> torch.Tensor:
-    """[59] the gate's scores of `model` (the base, or the base with an adapter) on the gate's dev slice: what
-    `PromptGate.calibrated` sets an adapter's threshold from."""
-    return gate.logits(layer_states(model, tokenizer, gate_data().dev_benign, [gate.layer], desc=desc)[:, 0])
+    """The gate's scores of `model` (the base, or the base with an adapter) on the dev slice the gate carries (the
+    server reads the same prompts from the lock file): what `PromptGate.calibrated` sets a threshold from."""
+    prompts = gate.meta.get("dev_prompts") or gate_data().dev_benign
+    return gate.logits(layer_states(model, tokenizer, list(prompts), [gate.layer], desc=desc)[:, 0])
 
 
 def build_gate(model: Any, tokenizer: Any, layer: int, max_fpr: float, cap: int | None = None) -> PromptGate:
