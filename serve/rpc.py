@@ -63,9 +63,6 @@ class WorkerClient:
         if err is not None:
             raise GuardError(f"probe could not start: {err}")
 
-    async def probe_collect(self, prefix: str) -> dict[str, list[float]]:
-        return (await self.probe_collect_all(prefix))["states"]
-
     async def probe_collect_all(self, prefix: str) -> dict[str, dict[str, Any]]:
         """{"states": {request id: h(x)}, "gate_scores": {request id: the prompt gate's score}}."""
         results = await self._call("guard_probe_collect", prefix)
