@@ -211,7 +211,7 @@ class LockConfig(_Section):
         "shift", description="Per-adapter threshold of the prompt gate, from the adapter's own scores on the gate's "
                             "benign dev slice (an adapter moves the state the gate reads): `shift` moves the base's "
                             "threshold by the slice's mean change, `quantile` re-sets it at gate_max_fpr, `none` keeps "
-                            "the base's. `shift` at layer 3 is what bench/lock_gate_dev.py (rule v2) chose on "
+                            "the base's. `shift` at layer 3 is what bench/lock_gate_dev.py (rules v2, v3) chose on "
                             "development adapters. See guard.lock.PromptGate.calibrated.")
     gate_prompts: int = Field(1000, ge=4, description="Cap on the gate's training prompts per side (harmful, benign).")
     gate_max_fpr: float = Field(0.02, ge=0, lt=1, description="Share of the benign dev prompts the gate may flag; sets "
