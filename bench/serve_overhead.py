@@ -167,7 +167,7 @@ def duty_cycle_run(a: argparse.Namespace) -> None:
     mods = [f"a{i}={random_lora(model, tmp / f'adapter-{i}', b_std=1e-3, seed=i)}" for i in range(a.adapters)]
     (tmp / "guard.yaml").write_text(f"serve:\n  vet_policy: warn\n  probe_interval_seconds: {interval}\n")
     srv = GuardServer.guarded(free_port(), "--config", str(tmp / "guard.yaml"), "--model", str(model), "--lock",
-                              str(lock), "--lora-modules", *mods, log_path=tmp / "guarded.log").start()
+                              str(lock), "--lora-modules", *mods, log_path=tmp / "guarded.log").start(timeout=900)
     try:
         st = http("GET", srv.url + "/guard/status")[1]
         s0, n0 = _probe_totals(srv)
