@@ -224,16 +224,14 @@ def evaluate(
     harmful, benign = list(data.splits().eval), data._hash_order(held)
     tasks = {k: gen(n_train=16, n_eval=100)[1] for k, (gen, _) in data.TASKS.items()}
     out = RESULTS / "lock_conditional.jsonl"
-    from lab.redteam import archive_other_base, read_rows
+    from lab.redteam import archive_other_base, archive_rows
     from training.lockgate import GATE_DATA_VERSION
 
     archive_other_base(out, fp)
     stamp = {"gate_data": GATE_DATA_VERSION, "calibration": cfg.lock.gate_calibration}
-    old = [r for r in read_rows(out) if {k: r.get(k, 1 if k == "gate_data" else "none") for k in stamp} != stamp]
-    if old:  # measured with another gate: kept beside, not mixed into this run's report
-        target = out.with_name(f"{out.stem}.gate{old[0].get('gate_data', 1)}-{old[0].get('calibration', 'none')}.jsonl")
-        out.rename(target)
-        typer.echo(f"{out.name}: rows of another gate moved to {target.name}")
+    gate_of = lambda r: {"gate_data": r.get("gate_data", 1), "calibration": r.get("calibration", "none")}  # noqa: E731
+    # rows measured with another gate are kept beside, not mixed into this run's report
+    archive_rows(out, lambda r: gate_of(r) == stamp, lambda r: "gate{gate_data}-{calibration}".format(**gate_of(r)))
     done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line} if out.is_file() else set()
     for name, family, path, task in targets:
         if name in done:

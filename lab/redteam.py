@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,16 +230,22 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
-def archive_other_base(path: Path, fp: str) -> None:
-    """Results of a previous aligned base must neither be skipped as done nor mixed into a report: a JSONL whose
-    rows were measured on another base (its adapters live under another fingerprint) moves to
-    `<stem>.<that fingerprint[:16]>.jsonl` beside it, once, before anything new is appended."""
+def archive_rows(path: Path, belongs: Callable[[dict[str, Any]], bool], tag: Callable[[dict[str, Any]], str]) -> None:
+    """Rows measured under other conditions must neither be skipped as done nor mixed into a report: when any row
+    of the JSONL does not `belongs`, the whole file moves to `<stem>.<tag(that row)>.jsonl` beside it, once,
+    before anything new is appended."""
     rows = read_rows(path)
-    other = {(r.get("base_fingerprint") or _fp_of(r) or "")[:16] for r in rows} - {fp[:16], ""}
-    if other:
-        target = path.with_name(f"{path.stem}.{sorted(other)[0]}{path.suffix}")
+    foreign = [r for r in rows if not belongs(r)]
+    if foreign:
+        target = path.with_name(f"{path.stem}.{tag(foreign[0])}{path.suffix}")
         path.rename(target)
-        tqdm.write(f"{path.name}: {len(rows)} rows of a previous base moved to {target.name}")
+        tqdm.write(f"{path.name}: {len(rows)} rows measured under other conditions moved to {target.name}")
+
+
+def archive_other_base(path: Path, fp: str) -> None:
+    """`archive_rows` for rows measured on another aligned base (their adapters live under another fingerprint)."""
+    base_of = lambda r: (r.get("base_fingerprint") or _fp_of(r) or "")[:16]  # noqa: E731
+    archive_rows(path, lambda r: base_of(r) in (fp[:16], ""), base_of)
 
 
 def _fp_of(row: dict[str, Any]) -> str | None:

@@ -102,16 +102,14 @@ class GuardService:
             self.monitor = None
             return
         await self.calibrate_gate([self.base_name])  # adapters given at start-up are calibrated as they are vetted
-        if self.table.thresholds:
-            await self.try_push_lock()
         for name in list(self.models.lora_requests):  # adapters given at start-up
             try:
                 await self.gate.vet(name)
             except Exception as e:
                 log.exception("safety-guard: vetting start-up adapter '%s' failed", name)
                 self.errors.append(f"vetting '{name}' failed: {e}")
-        if self.models.lora_requests and self.table.thresholds:
-            await self.try_push_lock()  # the start-up adapters' calibrated gate thresholds
+        if self.table.thresholds:
+            await self.try_push_lock()  # the calibrated gate thresholds of the base and the start-up adapters
         self.started = True
         if self.cfg.serve.probe_interval_seconds > 0:
             self._loop_task = asyncio.create_task(self._probe_loop())

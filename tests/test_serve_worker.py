@@ -412,7 +412,9 @@ def test_the_gate_decides_inside_the_forward_and_steers_flagged_requests_above_i
     assert rt.step_errors == 1 and "read_gate" in rt.last_error and rt.flags["c"] is True
 
 
-def test_refuse_action_overwrites_the_sampled_row_of_flagged_requests_only():
+def _gated_runner(b_lora: int = 0):
+    """A runner with the gate at layer 1, a stand-in lock, and a gate that flags request "a" and not "b" of a
+    first two-prompt forward ("b" under LoRA id `b_lora`): (runner, runtime, worker, gate, (h_a, h_b))."""
     from guard.lock import PromptGate
 
     runner = Runner(torch.float32, gate=True)
@@ -423,10 +425,16 @@ def test_refuse_action_overwrites_the_sampled_row_of_flagged_requests_only():
     rt.install_lock(unit_biases(layers=(0, 1, 2)), {"path": "stand-in", "gate": "stand-in"})
     seen = {}
     hook = runner.model.model.layers[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[1] + a[2]))
-    runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 4), ("b", 0, 4, 4)]))
+    runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 4), ("b", b_lora, 4, 4)]))
     hook.remove()
-    ha, hb = seen["h"][3], seen["h"][7]
-    rt.set_gate(PromptGate(1, ha - hb, -float((ha - hb) @ (ha + hb)) / 2, 0.0))
+    ha, hb = seen["h"][3], seen["h"][7]  # the two prompts' last tokens, entering layer 1, unsteered
+    gate = PromptGate(1, ha - hb, -float((ha - hb) @ (ha + hb)) / 2, 0.0)
+    rt.set_gate(gate)
+    return runner, rt, w, gate, (ha, hb)
+
+
+def test_refuse_action_overwrites_the_sampled_row_of_flagged_requests_only():
+    runner, rt, w, _, _ = _gated_runner()
     rows = [[float(k + 1)] * HIDDEN for k in range(3)]  # stand-in forcing rows: refusal token 1, 2, then EOS
     assert not w.guard_set_lock(1.0, {}, gated=True, refusal=[[1.0] * (HIDDEN + 1)])["ok"]  # wrong width
     assert w.guard_set_lock(1.0, {}, gated=True, refusal=rows)["action"] == "refuse"
@@ -439,21 +447,7 @@ def test_refuse_action_overwrites_the_sampled_row_of_flagged_requests_only():
 
 
 def test_per_adapter_gate_thresholds_decide_each_request_and_probes_read_the_gate_score():
-    from guard.lock import PromptGate
-
-    runner = Runner(torch.float32, gate=True)
-    runner.vllm_config.additional_config = {patches.CONFIG_KEY: {"graph": patches.GRAPH_VERSION, "gate_layer": 1}}
-    runner.load_model()
-    rt = getattr(runner, worker.RUNTIME_ATTR)
-    w = Worker(runner)
-    rt.install_lock(unit_biases(layers=(0, 1, 2)), {"path": "stand-in", "gate": "stand-in"})
-    seen = {}
-    hook = runner.model.model.layers[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[1] + a[2]))
-    runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 4), ("b", 1, 4, 4)]))
-    hook.remove()
-    ha, hb = seen["h"][3], seen["h"][7]
-    gate = PromptGate(1, ha - hb, -float((ha - hb) @ (ha + hb)) / 2, 0.0)
-    rt.set_gate(gate)
+    runner, rt, w, gate, (ha, hb) = _gated_runner(b_lora=1)
     sa, sb = float(gate.logits(ha[None])[0]), float(gate.logits(hb[None])[0])
     assert sa > 0 > sb  # with the gate's own threshold: a flagged, b not
 
