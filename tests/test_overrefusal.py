@@ -29,11 +29,25 @@ def test_deterministic(split):
     assert contrast_prompts(split, per_category=7, seed=3) != contrast_prompts(split, per_category=7, seed=4)
 
 
-def test_splits_disjoint_by_template_and_text():
-    train, held = contrast_prompts("train"), contrast_prompts("heldout")
-    assert {p.template_id for p in train}.isdisjoint({p.template_id for p in held})
-    assert {_norm(p.text) for p in train}.isdisjoint({_norm(p.text) for p in held})
-    assert set(ov.template_ids("train")).isdisjoint(ov.template_ids("heldout"))
+@pytest.mark.parametrize(("a", "b"), [("train", "heldout"), ("train", "dev"), ("dev", "heldout")])
+def test_splits_disjoint_by_template_and_text(a, b):
+    pa, pb = contrast_prompts(a), contrast_prompts(b)
+    assert {p.template_id for p in pa}.isdisjoint({p.template_id for p in pb})
+    assert {_norm(p.text) for p in pa}.isdisjoint({_norm(p.text) for p in pb})
+    assert set(ov.template_ids(a)).isdisjoint(ov.template_ids(b))
+
+
+def test_dev_templates_mostly_bring_their_own_fillers():
+    """Dev prompts stand in for unseen phrasings *and* unseen content: few share a filler with the train split."""
+    train_text = " ".join(p.text.lower() for p in contrast_prompts("train"))
+    fillers = {v for cat in ov._SPECS.values() for t in cat.templates if t.split == "dev"
+               for name in re.findall(r"\{(\w+)\}", t.text) for v in cat.slots[name].for_split("dev")}
+    assert len(fillers) >= 100
+    assert sum(v.lower() in train_text for v in fillers) <= len(fillers) // 10
+    assert len(contrast_prompts("dev")) >= 150
+
+
+def test_twin_splits_follow_templates():
     tw_train, tw_held = harmful_twins("train"), harmful_twins("heldout")
     assert {p.template_id for p in tw_train} <= set(ov.template_ids("train"))
     assert {p.template_id for p in tw_held} <= set(ov.template_ids("heldout"))
@@ -55,10 +69,12 @@ def test_counts_per_category():
     for cat in CATEGORIES:
         train = contrast_prompts("train", categories=[cat])
         held = contrast_prompts("heldout", categories=[cat])
+        dev = contrast_prompts("dev", categories=[cat])
         assert len(train) >= 40, (cat, len(train))
-        assert len(held) >= 20, (cat, len(held))
+        assert len(held) >= 20 and len(dev) >= 20, (cat, len(held), len(dev))
         n_train, n_held = len(ov.template_ids("train", [cat])), len(ov.template_ids("heldout", [cat]))
-        assert n_train >= 4 and n_held >= 4, cat
+        assert n_train >= 4 and n_held >= 4 and len(ov.template_ids("dev", [cat])) >= 4, cat
+        assert {p.template_id for p in dev} == set(ov.template_ids("dev", [cat]))
         assert n_train + n_held >= (25 if cat == "everyday" else 12), cat
         # every template yields at least one prompt
         assert {p.template_id for p in train} == set(ov.template_ids("train", [cat]))
