@@ -16,11 +16,12 @@ Training data (all fixed splits, none of them eval or red-team data):
   objectives (hate, sexual content, self-harm, misinformation, privacy: categories AdvBench lacks; on the previous
   gate, without them, the base flagged 63% of held-out harmful prompts), and the over-refusal generator's
   harmful twins of its *train* templates (the same surface words as the benign prompts, harmful intent);
-- not flagged (0): the generator's train-template prompts (everyday chat, homonyms, safe contexts, ...) outside
-  its dev slice, the benchmark benign/edgy prompts the alignment distils, and task-like requests (headline
-  classification, arithmetic: what customers fine-tune for) from the FA task generators at a seed no
-  measurement uses, minus any question a dev or eval set asks;
-- the threshold: the dev slice of the train templates (never trained on) may be flagged at most `max_fpr`.
+- not flagged (0): the generator's train-template prompts (everyday chat, homonyms, safe contexts, ...), the
+  benchmark benign/edgy prompts the alignment distils, and task-like requests (headline classification,
+  arithmetic: what customers fine-tune for) from the FA task generators at a seed no measurement uses, minus any
+  question a dev or eval set asks;
+- the threshold: the generator's *dev templates* (phrasings the gate never trained on) may be flagged at most
+  `max_fpr`; the same prompts travel in the lock file, so each adapter's threshold is calibrated on them too.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ from guard.states import pad_right
 # 2: the scorer objectives' train part joined the harmful side; the dev slice travels in the lock (calibration).
 # 3: task-like benign prompts (the FA tasks' generators, another seed, minus every dev and eval question): at
 #    layer 3 the v2 gate flagged 25% of the base's and 4% of a dev adapter's arithmetic questions (dev data).
-GATE_DATA_VERSION = 3
+# 4: the threshold and calibration read the generator's dev templates instead of a slice of its train templates:
+#    a slice of trained phrasings (3.5% flagged) under-stated unseen phrasings (9.2% of the held-out templates on
+#    the base); the whole train split is now training data.
+GATE_DATA_VERSION = 4
 TASK_PROMPTS = 100  # per task generator
 
 
@@ -50,23 +54,21 @@ TASK_PROMPTS = 100  # per task generator
 class GateData:
     harmful: list[str]
     benign: list[str]
-    dev_benign: list[str]  # sets the threshold; never trained on
+    dev_benign: list[str]  # sets the threshold and calibrates adapters; never trained on
 
 
 def gate_data(cap: int | None = None) -> GateData:
     """The gate's fixed training data; `cap` keeps that many prompts per side (a fixed hash order)."""
     from training import data, overrefusal
-    from training.align import _is_dev
 
     s = data.splits()
     harmful = list(dict.fromkeys([*s.lock, *s.align, *data.scorer_split("train"),
                                   *(p.text for p in overrefusal.harmful_twins("train"))]))
-    templ = [p.text for p in overrefusal.contrast_prompts("train")]
-    benign = list(dict.fromkeys([*(p for p in templ if not _is_dev(p)), *s.benign_align, *s.edgy_align,
-                                 *task_prompts()]))
+    benign = list(dict.fromkeys([*(p.text for p in overrefusal.contrast_prompts("train")), *s.benign_align,
+                                 *s.edgy_align, *task_prompts()]))
     if cap is not None:
         harmful, benign = data._hash_order(harmful)[:cap], data._hash_order(benign)[:cap]
-    return GateData(harmful, benign, [p for p in templ if _is_dev(p)])
+    return GateData(harmful, benign, [p.text for p in overrefusal.contrast_prompts("dev")])
 
 
 def task_prompts() -> list[str]:
@@ -148,14 +150,14 @@ def calibrate_lock(model: Any, tokenizer: Any, lock: Any, how: str) -> Any:
 
 
 def dev_scores(model: Any, tokenizer: Any, gate: PromptGate, desc: str | None = None) -> torch.Tensor:
-    """The gate's scores of `model` (the base, or the base with an adapter) on the dev slice the gate carries (the
+    """The gate's scores of `model` (the base, or the base with an adapter) on the dev prompts the gate carries (the
     server reads the same prompts from the lock file): what `PromptGate.calibrated` sets a threshold from."""
     prompts = gate.meta.get("dev_prompts") or gate_data().dev_benign
     return gate.logits(layer_states(model, tokenizer, list(prompts), [gate.layer], desc=desc)[:, 0])
 
 
 def build_gate(model: Any, tokenizer: Any, layer: int, max_fpr: float, cap: int | None = None) -> PromptGate:
-    """Fit the gate on the aligned base (about a minute on 2 CPU cores) and set its threshold on the dev slice."""
+    """Fit the gate on the aligned base (about a minute on 2 CPU cores) and set its threshold on the dev prompts."""
     d = gate_data(cap)
     pos = layer_states(model, tokenizer, d.harmful, [layer], desc="gate: harmful")[:, 0]
     neg = layer_states(model, tokenizer, d.benign, [layer], desc="gate: benign")[:, 0]
@@ -168,7 +170,7 @@ def build_gate(model: Any, tokenizer: Any, layer: int, max_fpr: float, cap: int 
     return PromptGate(layer=layer, weight=w, bias=b, threshold=t,
                       meta={"harmful": len(pos), "benign": len(neg), "dev_benign": len(dev), "max_fpr": max_fpr,
                             "dev_mean": round(float(gate.logits(dev).mean()), 6),
-                            # the slice travels with the gate: the server calibrates each adapter's threshold on it
+                            # they travel with the gate: the server calibrates each adapter's threshold on them
                             "dev_prompts": list(d.dev_benign),
                             "train_tpr": round(train_tpr, 4), "train_fpr": round(train_fpr, 4),
                             "dev_fpr": round(float((gate.logits(dev) > t).float().mean()), 4)})
