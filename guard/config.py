@@ -118,6 +118,10 @@ class AlignConfig(_Section):
                                                "answers) for self-distillation.")
     contrast: int = Field(400, ge=0, description="Benign-but-edgy and everyday prompts from the over-refusal generator's "
                                                  "train templates (-> the original's answers); 0 = none.")
+    contrast_generation: int = Field(1, ge=1, le=2, description="Which train templates of the over-refusal "
+                                     "generator the contrast prompts come from: 1 = the first set (what the shipped "
+                                     "base learned), 2 = also interaction requests, fiction/game framings and more "
+                                     "figurative verbs (training/overrefusal.py).")
     contrast_repeat: int = Field(1, ge=1, le=8, description="Times each contrast prompt is seen per epoch (more weight "
                                                          "on answering everyday and edgy prompts).")
     twins: bool = Field(True, description="Also teach refusals of the generator's harmful twins (the same surface words "

@@ -67,6 +67,13 @@ VARIANTS: dict[str, dict | None] = {
     # and half the scorer prompts beside every benign prompt (SB1H). Written before either row.
     "SBR2": {"scorer": 218, "contrast": 600, "epochs": 2, "benign": 344, "contrast_repeat": 2},
     "SB1H": {"scorer": 109, "contrast": 600, "epochs": 2, "benign": 344},
+    # rule v3 (after its first rows: no variant passed; every one refused dev everyday interaction requests, "Could
+    # you quiz me on ...", and fiction/game framings): generation-2 train templates (interaction requests, fiction
+    # and game framings, more figurative verbs; none of them a dev phrasing) with C's recipe (CT), with SC2's (SC2T)
+    # and with SB2's (SB2T). contrast 2000 = every usable train-template prompt. Written before any of their rows.
+    "CT": {"contrast": 2000, "contrast_generation": 2},
+    "SC2T": {"scorer": 218, "contrast": 2000, "epochs": 2, "contrast_generation": 2},
+    "SB2T": {"scorer": 218, "contrast": 2000, "epochs": 2, "benign": 344, "contrast_generation": 2},
     # E: stopped at step 230 of 378 after 22 min (beside other jobs; ~3 s/step alone): over the 15-minute budget
     # on this machine before any dev number was read. A faster trainer (bf16 on AMX CPUs) would let it back in.
     "E": {"harmful": 300, "benign": 300},

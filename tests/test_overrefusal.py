@@ -91,7 +91,7 @@ def test_per_category_sampling(split):
         assert len({_norm(p.text) for p in sample}) == len(sample)
         assert set(sample) <= set(full)
     # enough per category to cover every template: round-robin uses each one
-    sample = contrast_prompts(split, per_category=20, seed=5)
+    sample = contrast_prompts(split, per_category=40, seed=5)
     assert {p.template_id for p in sample} == set(ov.template_ids(split))
     # template usage is balanced: a template is used less than the busiest one minus one only once it is exhausted
     size = Counter(p.template_id for p in full)
@@ -155,7 +155,7 @@ def test_alignment_trains_on_train_templates_only_and_keeps_its_dev_slice_out():
     assert not trained & heldout  # the over-refusal measure never saw training
     assert p["dev"] and not set(p["dev"]) & trained
     assert not set(p["harmful"]) & set(p["benign"])
-    assert {t.text for t in harmful_twins("train")} <= set(p["harmful"])
+    assert {t.text for t in harmful_twins("train", generation=1)} <= set(p["harmful"])
     from training.data import airt_harmful, splits
 
     assert not set(airt_harmful()) & set(splits().eval)
@@ -170,5 +170,25 @@ def test_every_align_field_reaches_the_base_key():
     from guard.config import AlignConfig
     from training.align import _TRAINING_FIELDS
 
-    selection = {"harmful", "benign", "contrast", "twins", "red_team", "framed", "scorer"}
+    selection = {"harmful", "benign", "contrast", "twins", "red_team", "framed", "scorer", "contrast_generation"}
     assert set(AlignConfig.model_fields) == set(_TRAINING_FIELDS) | selection
+
+
+def test_generations_add_train_templates_without_moving_the_first():
+    """Generation 1 is what the shipped base was trained on: newer templates must not change it (nor its samples)."""
+    from guard.config import AlignConfig
+    from training.align import alignment_prompts
+
+    g1, every = contrast_prompts("train", generation=1), contrast_prompts("train")
+    assert set(g1) < set(every)
+    assert all(ov._SPECS[p.category].templates[int(p.template_id[-2:])].generation == 1 for p in g1)
+    assert contrast_prompts("train", generation=2) == every
+    for split in ("dev", "heldout"):  # only train templates have later generations
+        assert contrast_prompts(split, generation=1) == contrast_prompts(split)
+    assert set(harmful_twins("train", generation=1)) < set(harmful_twins("train"))
+    sample = contrast_prompts("train", per_category=30, seed=0, generation=1)
+    assert set(sample) <= set(g1)
+    p1, p2 = (alignment_prompts(AlignConfig(contrast=2000, contrast_generation=g)) for g in (1, 2))
+    assert set(p1["benign"]) < set(p2["benign"]) and set(p1["harmful"]) < set(p2["harmful"])
+    with pytest.raises(ValueError, match="generation"):
+        contrast_prompts("train", generation=3)

@@ -104,21 +104,23 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
     s = data.splits()
     harmful = list(s.align[: cfg.harmful])
     benign = data._hash_order(list(s.benign_align + s.edgy_align))[: cfg.benign]  # ordinary and edgy, mixed
-    contrast = [p.text for p in overrefusal.contrast_prompts("train")]
+    gen = cfg.contrast_generation
+    contrast = [p.text for p in overrefusal.contrast_prompts("train", generation=gen)]
     dev = [p for p in contrast if _is_dev(p)]
     usable: list[str] = []
     if cfg.contrast:
         usable = [p for p in contrast if not _is_dev(p)]
         if cfg.contrast < len(usable):  # an even sample across categories and templates
             per = -(-cfg.contrast // len(overrefusal.CATEGORIES))
-            pool = [p.text for p in overrefusal.contrast_prompts("train", per_category=per + 12, seed=0)]
+            pool = [p.text for p in overrefusal.contrast_prompts("train", per_category=per + 12, seed=0,
+                                                                 generation=gen)]
             usable = [p for p in pool if not _is_dev(p)][: cfg.contrast]
         benign += usable
     if cfg.framed:
         benign += [framed(p) for p in data._hash_order(list(s.benign_align))[: len(harmful)]]
         harmful += [framed(p) for p in harmful]
     if cfg.twins:
-        harmful += [t.text for t in overrefusal.harmful_twins("train")]
+        harmful += [t.text for t in overrefusal.harmful_twins("train", generation=gen)]
     if cfg.scorer:
         harmful += list(data.scorer_split("train"))[: cfg.scorer]
     if cfg.red_team:

@@ -45,7 +45,7 @@ from guard.states import pad_right
 #    layer 3 the v2 gate flagged 25% of the base's and 4% of a dev adapter's arithmetic questions (dev data).
 # 4: the threshold and calibration read the generator's dev templates instead of a slice of its train templates:
 #    a slice of trained phrasings (3.5% flagged) under-stated unseen phrasings (9.2% of the held-out templates on
-#    the base); the whole train split is now training data.
+#    the base); the whole train split (template generation 1) is now training data.
 GATE_DATA_VERSION = 4
 TASK_PROMPTS = 100  # per task generator
 
@@ -63,8 +63,8 @@ def gate_data(cap: int | None = None) -> GateData:
 
     s = data.splits()
     harmful = list(dict.fromkeys([*s.lock, *s.align, *data.scorer_split("train"),
-                                  *(p.text for p in overrefusal.harmful_twins("train"))]))
-    benign = list(dict.fromkeys([*(p.text for p in overrefusal.contrast_prompts("train")), *s.benign_align,
+                                  *(p.text for p in overrefusal.harmful_twins("train", generation=1))]))
+    benign = list(dict.fromkeys([*(p.text for p in overrefusal.contrast_prompts("train", generation=1)), *s.benign_align,
                                  *s.edgy_align, *task_prompts()]))
     if cap is not None:
         harmful, benign = data._hash_order(harmful)[:cap], data._hash_order(benign)[:cap]
