@@ -197,7 +197,7 @@ class LockConfig(_Section):
                     "refused while over-refusal rises <= 10 points (at 0.3 edgy-benign over-refusal already rises 18 points).")
     path: Path | None = Field(None, description="Lock file to use. Default: the one `guard prepare` builds for the base.")
     gate_layer: int | None = Field(None, ge=1, description="Residual-stream layer the conditional lock's prompt gate "
-                                   "reads (None: 10% of the model's depth, layer 3 of SmolLM2-135M's 30, chosen with gate_calibration on "
+                                   "reads (None: half the model's depth, layer 15 of SmolLM2-135M's 30, chosen with gate_calibration on "
                                    "development adapters by bench/lock_gate_dev.py). The server installs the gate at this layer at start-up "
                                    "(a change needs a restart).")
     gate_strength: float = Field(0.75, ge=0, le=10, description="Strength (scale on the built strength) for requests "
@@ -212,11 +212,11 @@ class LockConfig(_Section):
     refusal: str = Field("I can't help with that request.", min_length=1,
                          description="The answer a flagged request gets under gate_action `refuse`.")
     gate_calibration: Literal["none", "shift", "quantile"] = Field(
-        "shift", description="Per-adapter threshold of the prompt gate, from the adapter's own scores on the gate's "
-                            "benign dev slice (an adapter moves the state the gate reads): `shift` moves the base's "
-                            "threshold by the slice's mean change, `quantile` re-sets it at gate_max_fpr, `none` keeps "
-                            "the base's. `shift` at layer 3 is what bench/lock_gate_dev.py (rules v2, v3) chose on "
-                            "development adapters. See guard.lock.PromptGate.calibrated.")
+        "quantile", description="Per-adapter threshold of the prompt gate, from the adapter's own scores on the gate's "
+                               "benign dev prompts (an adapter moves the state the gate reads): `quantile` re-sets it so "
+                               "that at most gate_max_fpr of them are flagged, `shift` moves the base's threshold by their "
+                               "mean change, `none` keeps the base's. `quantile` at layer 15 is what bench/lock_gate_dev.py "
+                               "(rule v4, gate data v4) chose on development adapters. See guard.lock.PromptGate.calibrated.")
     gate_prompts: int = Field(1000, ge=4, description="Cap on the gate's training prompts per side (harmful, benign).")
     gate_max_fpr: float = Field(0.02, ge=0, lt=1, description="Share of the benign dev prompts the gate may flag; sets "
                                 "its threshold when the lock is built.")
