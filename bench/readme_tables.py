@@ -252,9 +252,12 @@ def gate_dev(d: dict) -> str:
     out.append(f"\nGate fitted on the aligned base ({d['train']['harmful']} harmful / {d['train']['benign']} benign "
                f"training prompts), threshold at ≤ {100 * d['max_fpr']:.0f}% of the base's dev benign prompts; per "
                f"model, calibrated as the server calibrates each adapter (benign rates cross-fitted on halves of the "
-               f"dev slice). Dev harmful n={d['dev_harmful']} (pyrit red-team objectives, AdvBench attack split, "
-               f"scorer dev third), dev benign n={d['dev_benign']}"
-               + (f", dev task questions n={d['dev_tasks']}" if tasks else "") + f". Rule {d['rule']} Chosen: **layer "
+               f"dev prompts). Dev harmful n={d['dev_harmful']} (pyrit red-team objectives, AdvBench attack split, "
+               f"scorer dev third), dev benign n={d['dev_benign']} ("
+               + ("the over-refusal generator's dev templates" if d.get("gate_data", 3) >= 4
+                  else "a dev slice of its train templates") + ")"
+               + (f", dev task questions n={d['dev_tasks']}" if tasks else "") + f". Rule {d['rule'].split(':')[0]} "
+               f"(the rules are in bench/lock_gate_dev.py, each written before its rows). Chosen: **layer "
                f"{chosen.get('layer')}, calibration {chosen.get('calibration')}**. Commit {d['commit']}.")
     return "\n".join(out)
 
