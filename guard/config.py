@@ -153,6 +153,9 @@ class HardenConfig(_Section):
         "token", description="How the cross-entropy of a step weighs examples: 'token' (every answer token alike, the "
                              "usual recipe: long answers dominate) or 'example' (each example's mean, averaged: a 3-token "
                              "task answer counts as much as a 64-token one).")
+    screen_data: bool = Field(False, description="Before training, drop the examples whose prompt the lock's prompt "
+                              "gate flags on the aligned base (needs the prepared lock; training/screen.py). The "
+                              "regularizer still runs on what is left.")
     asft_lambda: float = Field(1.0, ge=0, description="AsFT weight on the update orthogonal to W_aligned - W_original.")
     rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha.")

@@ -45,6 +45,7 @@ from training.evaluate import answers, task_accuracy
 from training.harden import anchor_report, drift_probe, hparams
 from training.methods import MethodInputs
 from training.methods.sbr import SBR
+from training.screen import gate_for_screening, screen
 from training.sft import encode
 from training.trainer import add_lora, train_lora
 from training.userdata import ChatExample
@@ -117,6 +118,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # the pool with example-weighted CE: the task's short answers are not drowned by the long harmful ones
     "sbr_pool_ex": ("sbr", {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8,
                             "ce_weighting": "example"}),
+    # the customer's data screened by the lock's prompt gate on the base first (training/screen.py): alone, and
+    # with the pooled SBR on what passes
+    "sft_screen": ("sft", {"screen_data": True}),
+    "sbr_pool_screen": ("sbr", {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8,
+                                "screen_data": True}),
 }
 
 
@@ -295,6 +301,13 @@ class Bench:
         if fam.rank is not None:
             h = h.model_copy(update={"alpha": float(fam.rank)})  # scaling 1: the attack's lr sets the step size
         mix, n_harm = family_mix(fam, self.original, self.cfg.runtime.resolved_home() / "work")
+        screened = None
+        if h.screen_data:  # as `guard harden` does: the base's lock gate, before any adapter exists
+            res = screen(self.model, self.tok, mix, gate_for_screening(self.cfg), desc=f"{fam.name}/{label}: screen")
+            pool = set(harmful_pool(fam.harmful))
+            screened = {**res.summary(len(mix)), "harmful_dropped": sum(mix[i].messages[-1]["content"] in pool
+                                                                        for i in res.dropped), "harmful": n_harm}
+            mix = res.kept
         examples = [encode(self.tok, list(e.messages), e.answer, h.max_len) for e in mix]
         unit = self.work / fam.name / label
         unit.mkdir(parents=True, exist_ok=True)
@@ -333,6 +346,7 @@ class Bench:
         result = {"family": fam.name, "method": label, "base_fingerprint": self.fp,
                   "config": {**asdict(fam), "examples": len(examples),
                                                                    "harmful_examples": n_harm, "steps": len(log),
+                                                                   "screened": screened,
                                                                    "hparams": asdict(hp), "overrides": overrides},
                   **{k: v for k, v in last.items() if k != "epoch"}, "epochs": [rows[e] for e in sorted(rows)],
                   "train_seconds": round(seconds, 1), "adapter": str(unit / f"epoch-{max(rows)}"), **provenance()}

@@ -176,3 +176,34 @@ def test_calibration_follows_an_adapter_that_moved_the_benign_slice():
         PromptGate(6, w, 0.0, 1.0).calibrated(moved, "shift")
     with pytest.raises(GuardError, match="unknown gate calibration"):
         gate.calibrated(moved, "median")
+
+
+def test_screen_drops_exactly_the_examples_the_gate_flags_on_the_base(tiny_model, tiny_tokenizer):
+    """`harden.screen_data`: an example goes when the gate's score of its whole prompt chat passes the threshold."""
+    from training.screen import screen
+    from training.userdata import ChatExample
+
+    rows = [ChatExample(({"role": "user", "content": p},), "ok") for p in PROMPTS]
+    rows.append(ChatExample(({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}), "Hello"))
+    _, gate = gated(tiny_model, 0.0)
+    chats = [list(r.messages) for r in rows]
+    scores = gate.logits(layer_states(tiny_model, tiny_tokenizer, chats, [gate.layer])[:, 0])
+    # the chat is scored as a whole: a system turn changes the score of the same user message
+    assert not torch.allclose(scores[1], scores[-1])
+    t = float(scores.median())
+    _, gate = gated(tiny_model, t)
+    res = screen(tiny_model, tiny_tokenizer, rows, gate, desc=None)
+    assert res.dropped == [i for i, s in enumerate(scores.tolist()) if s > t] and 0 < len(res.dropped) < len(rows)
+    assert res.kept == [r for i, r in enumerate(rows) if i not in res.dropped]
+    assert res.summary(len(rows))["dropped"] == len(res.dropped)
+    assert screen(tiny_model, tiny_tokenizer, rows, gated(tiny_model, 1e9)[1], desc=None).kept == rows
+    assert screen(tiny_model, tiny_tokenizer, rows, gated(tiny_model, -1e9)[1], desc=None).kept == []
+
+
+def test_screening_without_a_prepared_lock_says_what_to_do(tmp_path):
+    from guard.config import GuardConfig
+    from training.screen import gate_for_screening
+
+    cfg = GuardConfig.model_validate({"runtime": {"home": str(tmp_path)}, "model": {"base": str(tmp_path / "none")}})
+    with pytest.raises(GuardError, match="guard prepare"):
+        gate_for_screening(cfg)

@@ -28,6 +28,7 @@ from guard.states import cached_reference
 from training import methods
 from training.methods import MethodInputs
 from training.methods.sbr import SBR
+from training.screen import gate_for_screening, screen
 from training.sft import encode
 from training.trainer import LoraHParams, add_lora, train_lora
 from training.userdata import read_chat_jsonl
@@ -52,7 +53,10 @@ def anchor_report(model: Any, sbr_like: SBR) -> DriftReport:
 def _report_md(meta: dict[str, Any]) -> str:
     d = meta["final_drift"]
     rows = "\n".join(f"| {i} | {r:.4f} | {c:.4f} |" for i, (r, c) in enumerate(zip(d["rel_l2"], d["cosine"])))
-    return (f"# guard harden report\n\nmethod **{meta['method']}**, {meta['examples']} examples, "
+    sc = meta.get("screened")
+    screened = (f"screened out **{sc['dropped']}** of {sc['of']} examples (lock prompt gate, layer {sc['layer']})\n\n"
+                if sc else "")
+    return (f"# guard harden report\n\n{screened}method **{meta['method']}**, {meta['examples']} examples, "
             f"{meta['hparams']['epochs']} epochs, {meta['steps']} steps, {meta['seconds']:.0f} s\n\n"
             f"mean anchor drift (relative L2) **{d['mean_rel_l2']:.4f}** (max {d['max_rel_l2']:.4f}); "
             f"verdict vs thresholds: **{meta['drift_status']}**\n\n| anchor | rel L2 | cosine |\n|---|---|---|\n{rows}\n")
@@ -67,12 +71,22 @@ def harden(cfg: GuardConfig, data: Path, out: Path, resume: bool = False) -> dic
     method = methods.get(h.method)
     ws = Workspace(cfg)
     base = ws.base()
+    gate = gate_for_screening(cfg) if h.screen_data else None
     original = ws.original() if method.needs_original else None
     t0 = time.perf_counter()
     fp = fingerprint_dir(base)
     model, tok = load_causal_lm(base, "float32")
     anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)
     ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
+    screened = None
+    if gate is not None:
+        res = screen(model, tok, rows, gate)
+        screened = res.summary(len(rows))
+        print(f"screened out {len(res.dropped)} of {len(rows)} examples (their prompt passes the lock's prompt gate "
+              f"on the aligned base)", flush=True)
+        if not res.kept:
+            raise GuardError("every training example was screened out: nothing left to train on")
+        rows = res.kept
     examples = [encode(tok, list(r.messages), r.answer, h.max_len) for r in rows]
     hp = hparams(h)
     reg = method.build(MethodInputs(h, model, tok, anchors, ref, base, original))
@@ -84,7 +98,7 @@ def harden(cfg: GuardConfig, data: Path, out: Path, resume: bool = False) -> dic
     drift = anchor_report(peft_model, drift_probe(tok, anchors, ref))
     meta = {
         "method": h.method, "lambda": method.lam(h),
-        "hparams": asdict(hp), "examples": len(examples), "steps": len(log), "data": str(data),
+        "hparams": asdict(hp), "examples": len(examples), "steps": len(log), "data": str(data), "screened": screened,
         "base_fingerprint": fp, "base_model": str(base), "anchors_hash": anchors.hash, "anchor_set": anchors.name,
         "training_anchors": {"set": h.sbr_anchors, "k": h.sbr_k, "answer_tokens": h.sbr_answer_tokens,
                              "per_step": h.sbr_anchors_per_step} if h.method == "sbr" else None,

@@ -83,12 +83,14 @@ def task_prompts() -> list[str]:
             if e.prompt not in taken]
 
 
-def layer_states(model: Any, tokenizer: Any, prompts: Sequence[str], layers: Sequence[int],
+def layer_states(model: Any, tokenizer: Any, prompts: Sequence[str | list[dict[str, str]]], layers: Sequence[int],
                  batch_size: int = 16, desc: str | None = None) -> torch.Tensor:
     """[len(prompts), len(layers), hidden] fp32: the residual stream entering each of `layers` at the last
-    prompt token (HF `hidden_states[layer]`; what the vLLM worker's gate layer reads)."""
+    prompt token (HF `hidden_states[layer]`; what the vLLM worker's gate layer reads). A prompt is a user
+    message or a whole chat (messages before the answer)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seqs = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    seqs = [render_chat(tokenizer, list(p) if not isinstance(p, str) else [{"role": "user", "content": p}])
+            for p in prompts]
     n_layers = int(model.config.num_hidden_layers)
     for layer in layers:
         if not 0 < layer < n_layers:

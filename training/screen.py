@@ -1,0 +1,66 @@
+"""Screen a customer's fine-tuning data with the lock's prompt gate before training (`harden.screen_data`).
+
+Why: on the development family (100 harmful examples beside an arithmetic task) SBR kept harm near the base's
+but the task learned far less than under plain SFT (FA 23 vs 42): every harmful example's cross-entropy pulls
+against the anchor term for the whole run, and the optimizer spends the adapter on that tug of war. The gate
+that decides the conditional lock (a linear probe on the aligned base's residual stream, `training/lockgate.py`)
+already tells harmful requests from benign ones, tasks included, at a threshold fixed on development prompts.
+Scoring each training example's prompt with it *on the aligned base* — before any adapter exists, so the
+customer's data cannot move the score — and dropping the flagged ones takes most of the attack out of the data,
+and leaves the regularizer (SBR / AsFT) the remainder it was built for. Nothing here is trained or tuned.
+
+What it cannot do: a request phrased to pass a linear probe on the base goes through; that is why the
+regularizer stays on, and why the red-team bench measures both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from guard.errors import GuardError
+from guard.lock import PromptGate
+from training.userdata import ChatExample
+
+
+@dataclass(frozen=True)
+class ScreenResult:
+    kept: list[ChatExample]
+    dropped: list[int]  # indices into the input, in order
+    threshold: float
+    layer: int
+
+    def summary(self, total: int) -> dict[str, Any]:
+        return {"dropped": len(self.dropped), "of": total, "layer": self.layer, "threshold": round(self.threshold, 4),
+                "dropped_indices": self.dropped[:200]}
+
+
+def gate_for_screening(cfg: Any) -> PromptGate:
+    """The configured base's lock gate (the file `guard prepare` / `guard lock build` made, or lock.path)."""
+    from guard.lock import load_lock
+    from guard.workspace import Workspace
+
+    ws = Workspace(cfg)
+    path, _ = ws.lock_file()
+    if path is None or not path.is_file():
+        raise GuardError("harden.screen_data needs the base's SafetyLock with a prompt gate: run `guard prepare` "
+                         "(or `guard lock build`) first, or set harden.screen_data: false")
+    gate = load_lock(path, base_fingerprint=ws.base_fingerprint).gate
+    if gate is None:
+        raise GuardError(f"{path}: this lock has no prompt gate (rebuild it with `guard lock build --rebuild`)")
+    return gate
+
+
+def screen(model: Any, tokenizer: Any, rows: Sequence[ChatExample], gate: PromptGate,
+           desc: str | None = "screen data") -> ScreenResult:
+    """Drop the examples whose prompt (the chat before the trained answer) the gate flags on `model`, which must
+    be the aligned base the gate was fitted on (no adapter)."""
+    from training.lockgate import layer_states
+
+    if not rows:
+        return ScreenResult([], [], gate.threshold, gate.layer)
+    states = layer_states(model, tokenizer, [list(r.messages) for r in rows], [gate.layer], desc=desc)[:, 0]
+    flagged = gate.flags(states).tolist()
+    return ScreenResult([r for r, f in zip(rows, flagged) if not f], [i for i, f in enumerate(flagged) if f],
+                        gate.threshold, gate.layer)
