@@ -349,7 +349,8 @@ class Bench:
                                                                    "screened": screened,
                                                                    "hparams": asdict(hp), "overrides": overrides},
                   **{k: v for k, v in last.items() if k != "epoch"}, "epochs": [rows[e] for e in sorted(rows)],
-                  "train_seconds": round(seconds, 1), "adapter": str(unit / f"epoch-{max(rows)}"), **provenance()}
+                  "train_seconds": round(seconds, 1), "adapter": str(unit / f"epoch-{max(rows)}"),
+                  "sets": self.sets_id(), **provenance()}
         with self.out.open("a") as f:
             f.write(json.dumps(result) + "\n")
         (unit / "checkpoint.pt").unlink(missing_ok=True)
