@@ -20,7 +20,10 @@ def harden(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output adapter dir (written atomically).")] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="sbr | asft | sft (default: harden.method).")] = None,
     lam: Annotated[Optional[float], typer.Option("--lambda", help="Regularizer weight for the chosen method.")] = None,
-    k: Annotated[Optional[int], typer.Option("--anchors", "-k", help="Number of SBR anchors K.")] = None,
+    k: Annotated[Optional[int], typer.Option("--anchors", "-k", help="Number of SBR training anchors K (harden.sbr_k; "
+                                                                     "the probe anchors the gauge reads are not affected).")] = None,
+    screen: Annotated[Optional[bool], typer.Option("--screen/--no-screen", help="Drop the examples whose prompt the "
+                                                   "lock's prompt gate flags, before training (harden.screen_data).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank")] = None,
@@ -51,13 +54,11 @@ def harden(
             raise GuardError(f"--lambda: method '{m}' has no regularizer weight")
         upd[chosen.lam_field] = lam
     for key, val in (("epochs", epochs), ("lr", lr), ("rank", rank), ("batch_size", batch_size),
-                     ("grad_accum", grad_accum)):
+                     ("grad_accum", grad_accum), ("sbr_k", k), ("screen_data", screen)):
         if val is not None:
             upd[key] = val
     merged = cfg.model_dump(mode="json")
     merged["harden"].update(upd)
-    if k is not None:
-        merged["anchors"]["k"] = k
     cfg = parse_config(merged, "command line")  # flags are validated like config keys
     from training.harden import harden as run_harden, repair
 

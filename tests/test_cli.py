@@ -36,3 +36,14 @@ def test_config_show_and_one_line_errors(tmp_path):
     assert out.stderr.strip() == f"error: {bad}: drift.wran: unknown key"
     out = guard("config", "show", env={"SAFETY_GUARD_CONFIG": str(tmp_path / "missing.yaml")})
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "config file not found" in out.stderr
+
+
+def test_harden_flags_reach_the_harden_section(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "Hi", "response": "Hello"}\n')
+    out = guard("harden", "--data", str(data), "--out", str(tmp_path / "o"), "-k", "0")
+    assert out.returncode == 1 and "harden.sbr_k" in out.stderr and out.stderr.count("\n") == 1  # not anchors.k
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"runtime:\n  home: {tmp_path / 'home'}\nmodel:\n  base: {tmp_path / 'no-base'}\n")
+    out = guard("harden", "--data", str(data), "--out", str(tmp_path / "o"), "--screen", "--config", str(cfg))
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "no such option" not in out.stderr.lower()
