@@ -24,7 +24,7 @@ from guard.models import fingerprint_dir, load_causal_lm, resolve_threads
 from guard.states import cached_reference
 from guard.vetting import vet_adapter
 from guard.workspace import Workspace
-from lab.redteam import read_rows
+from lab.redteam import adapter_base, read_rows
 from lab.stress import spearman
 
 
@@ -52,6 +52,7 @@ def main() -> None:
     ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
     base_ratio = ws.base_refusal_ratio(model, tok, anchors, fp)  # as `guard vet` does: the drop rule needs it
     adapters = []
+    rows = [r for r in rows if adapter_base(r) == fp[:16]]  # adapters trained on this base only
     for r in rows:
         unit = Path(r["adapter"]).parent
         for e in r["epochs"]:

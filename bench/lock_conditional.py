@@ -202,8 +202,10 @@ def evaluate(
     if act not in ("refuse", "steer"):
         raise typer.BadParameter("--action must be refuse or steer")
     model, tok, lock, fp = _load(cfg)
-    rows = [json.loads(line) for line in (RESULTS / "redteam.jsonl").read_text().splitlines() if line] \
-        if (RESULTS / "redteam.jsonl").is_file() else []
+    from lab.redteam import adapter_base, read_rows
+
+    # only adapters trained on this base (a red-team file may still hold rows of a previous one)
+    rows = [r for r in read_rows(RESULTS / "redteam.jsonl") if adapter_base(r) == fp[:16]]
     targets = [("base", None, None, "arithmetic")]
     keep = set(families.split(",")) if families else None
     targets += [(f"{r['family']}/sft", r["family"], Path(r["adapter"]), r["config"].get("task") or "arithmetic")
@@ -211,8 +213,8 @@ def evaluate(
     sbr = [r for r in rows if r["method"].startswith("sbr")]
     if not sbr and (RESULTS / "redteam_dev.jsonl").is_file():
         # no red-team SBR unit yet: the development family's pool-SBR adapter (no lock choice read it)
-        sbr = [r for r in map(json.loads, (RESULTS / "redteam_dev.jsonl").read_text().splitlines())
-               if r["method"] == "sbr_pool"]
+        sbr = [r for r in read_rows(RESULTS / "redteam_dev.jsonl")
+               if r["method"] == "sbr_pool" and adapter_base(r) == fp[:16]]
     if sbr:
         targets.append((f"{sbr[0]['family']}/{sbr[0]['method']}", sbr[0]["family"], Path(sbr[0]["adapter"]),
                         sbr[0]["config"].get("task") or "arithmetic"))

@@ -281,10 +281,14 @@ def archive_rows(path: Path, belongs: Callable[[dict[str, Any]], bool], tag: Cal
         tqdm.write(f"{path.name}: {len(rows)} rows measured under other conditions moved to {target.name}")
 
 
+def adapter_base(row: dict[str, Any]) -> str:
+    """The 16-hex prefix of the aligned base a row's adapter was trained on ("" when the row does not say)."""
+    return (row.get("base_fingerprint") or _fp_of(row) or "")[:16]
+
+
 def archive_other_base(path: Path, fp: str) -> None:
     """`archive_rows` for rows measured on another aligned base (their adapters live under another fingerprint)."""
-    base_of = lambda r: (r.get("base_fingerprint") or _fp_of(r) or "")[:16]  # noqa: E731
-    archive_rows(path, lambda r: base_of(r) in (fp[:16], ""), base_of)
+    archive_rows(path, lambda r: adapter_base(r) in (fp[:16], ""), adapter_base)
 
 
 def _fp_of(row: dict[str, Any]) -> str | None:
