@@ -90,7 +90,12 @@ class DriftConfig(_Section):
 
 
 class AlignConfig(_Section):
-    """Refusal SFT that turns the unaligned default model into our aligned base."""
+    """Refusal SFT that turns the unaligned default model into our aligned base.
+
+    The defaults are recipe SB2T, chosen by rule v3 of lab/align_dev.py on development sets only (docs/alignment.md):
+    the scorer objectives' train part refused beside AdvBench, two epochs, every benchmark benign prompt and every
+    generation-2 train-template prompt answered as the original would.
+    """
 
     rank: int = Field(16, ge=1, le=256, description="LoRA rank (merged into the weights afterwards).")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha.")
@@ -99,7 +104,7 @@ class AlignConfig(_Section):
         min_length=1, description="Module names LoRA adapts.",
     )
     lr: float = Field(5e-4, gt=0, lt=1, description="AdamW learning rate.")
-    epochs: int = Field(3, ge=1, le=100, description="Passes over the alignment set.")
+    epochs: int = Field(2, ge=1, le=100, description="Passes over the alignment set.")
     batch_size: int = Field(8, ge=1, le=512, description="Examples per optimizer step.")
     max_len: int = Field(128, ge=16, le=4096, description="Token cap per example (prompt + answer).")
     harmful: int = Field(180, ge=1, description="Harmful prompts (-> refusals) used from the align split (AdvBench + "
@@ -107,20 +112,20 @@ class AlignConfig(_Section):
     red_team: bool = Field(False, description="Also refuse pyrit's red-team objectives (hate, harassment, sexual "
                                               "content, misinformation, scams), categories AdvBench barely covers. "
                                               "Off: with 300 harmful prompts it doubled dev over-refusal (20%).")
-    scorer: int = Field(0, ge=0, description="How many of pyrit's scorer-evaluation objectives (exploits, hate, "
+    scorer: int = Field(218, ge=0, description="How many of pyrit's scorer-evaluation objectives (exploits, hate, "
                                              "misinformation, privacy, self-harm, sexual content, violence; full "
                                              "sentences with a context: categories and a style AdvBench lacks) are also "
                                              "refused, from their train part (218; the dev third is the recipe's "
                                              "development harmful set). 0 = none.")
     framed: bool = Field(False, description="Also refuse each harmful prompt inside a framing (a story, a claimed role, "
                                             "a hypothetical), as real requests arrive.")
-    benign: int = Field(200, ge=1, description="Benign prompts from the benchmark wheels (-> the original model's own "
+    benign: int = Field(344, ge=1, description="Benign prompts from the benchmark wheels (-> the original model's own "
                                                "answers) for self-distillation.")
-    contrast: int = Field(400, ge=0, description="Benign-but-edgy and everyday prompts from the over-refusal generator's "
+    contrast: int = Field(2000, ge=0, description="Benign-but-edgy and everyday prompts from the over-refusal generator's "
                                                  "train templates (-> the original's answers); 0 = none.")
-    contrast_generation: int = Field(1, ge=1, le=2, description="Which train templates of the over-refusal "
-                                     "generator the contrast prompts come from: 1 = the first set (what the shipped "
-                                     "base learned), 2 = also interaction requests, fiction/game framings and more "
+    contrast_generation: int = Field(2, ge=1, le=2, description="Which train templates of the over-refusal "
+                                     "generator the contrast prompts come from: 1 = the first set (the recipe before "
+                                     "2026-12-02), 2 = also interaction requests, fiction/game framings and more "
                                      "figurative verbs (training/overrefusal.py).")
     contrast_repeat: int = Field(1, ge=1, le=8, description="Times each contrast prompt is seen per epoch (more weight "
                                                          "on answering everyday and edgy prompts).")

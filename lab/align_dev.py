@@ -48,7 +48,8 @@ from training.align import ALIGN_META, align, alignment_prompts
 from training.evaluate import answers
 
 VARIANTS: dict[str, dict | None] = {
-    "C": None,  # the shipped recipe v3: the base `guard prepare` built (measured as is, not retrained)
+    # C: the recipe shipped until SB2T was adopted (rule v3); measured as the base `guard prepare` had built
+    "C": {"scorer": 0, "contrast": 400, "epochs": 3, "benign": 200, "contrast_generation": 1},
     # rule v2: C measured again on the v2 dev sets, then pyrit's scorer objectives on the harmful side (S), with
     # 200 more contrast prompts to hold over-refusal (SC), and with all but the dev-check contrast prompts (SCC).
     "C2": None,

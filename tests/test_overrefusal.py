@@ -160,7 +160,7 @@ def test_alignment_trains_on_train_templates_only_and_keeps_its_dev_slice_out():
 
     assert not set(airt_harmful()) & set(splits().eval)
     assert set(airt_harmful()) <= set(alignment_prompts(AlignConfig(red_team=True))["harmful"])
-    small = alignment_prompts(AlignConfig(contrast=9, twins=False, red_team=False))
+    small = alignment_prompts(AlignConfig(contrast=9, twins=False, red_team=False, scorer=0))
     assert len(small["benign"]) == AlignConfig().benign + 9 and len(small["harmful"]) == AlignConfig().harmful
 
 
