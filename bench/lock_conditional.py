@@ -229,10 +229,12 @@ def evaluate(
     from training.lockgate import GATE_DATA_VERSION
 
     archive_other_base(out, fp)
-    stamp = {"gate_data": GATE_DATA_VERSION, "calibration": cfg.lock.gate_calibration}
-    gate_of = lambda r: {"gate_data": r.get("gate_data", 1), "calibration": r.get("calibration", "none")}  # noqa: E731
+    stamp = {"gate_data": GATE_DATA_VERSION, "calibration": cfg.lock.gate_calibration, "gate_layer": lock.gate.layer}
+    gate_of = lambda r: {"gate_data": r.get("gate_data", 1), "calibration": r.get("calibration", "none"),  # noqa: E731
+                         "gate_layer": r.get("gate_layer", 0)}
     # rows measured with another gate are kept beside, not mixed into this run's report
-    archive_rows(out, lambda r: gate_of(r) == stamp, lambda r: "gate{gate_data}-{calibration}".format(**gate_of(r)))
+    archive_rows(out, lambda r: gate_of(r) == stamp,
+                 lambda r: "gate{gate_data}-{calibration}-layer{gate_layer}".format(**gate_of(r)))
     done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line} if out.is_file() else set()
     for name, family, path, task in targets:
         if name in done:
@@ -271,6 +273,7 @@ def report(fp: str, strength: float) -> None:
          "unconditional": {"base": flat(base, "unconditional"), "adapters": uncond},
          "strength": strength, "action": rows[0].get("action", "steer"),
          "gate_data": rows[0].get("gate_data", 1), "calibration": rows[0].get("calibration", "none"),
+         "gate_layer": rows[0].get("gate_layer"),
          "thresholds": {r["name"]: r.get("gate_threshold") for r in rows},
          "unconditional_strength": rows[0].get("unconditional_strength", strength), "base_fingerprint": fp,
          "units_commits": sorted({r["commit"] for r in rows})}
