@@ -29,8 +29,9 @@ Categories (keys of `CATEGORIES`):
 The split is fixed per template (explicit tags, checked: at least 4 templates of every split per category)
 and independent of any seed; the seed only chooses which prompts a `per_category` sample takes. Train templates
 come in generations (`GENERATIONS`): generation 2 widens the benign side (interaction requests, fiction and game
-framings, more figurative verbs) after the dev templates showed every recipe refusing them; a caller asks for
-`generation=1` to get exactly what the shipped base was trained on (its alignment key depends on it). Only request text
+framings, more figurative verbs) after the dev templates showed every recipe refusing them; `generation=1` gives
+exactly the first set (what recipe C was trained on, and what the prompt gate's data v4 holds), so adding a
+generation never changes an existing key. Only request text
 is shipped here; harmful twins are short generic requests with no harmful content.
 """
 
