@@ -123,10 +123,11 @@ class AlignConfig(_Section):
                                                "answers) for self-distillation.")
     contrast: int = Field(2000, ge=0, description="Benign-but-edgy and everyday prompts from the over-refusal generator's "
                                                  "train templates (-> the original's answers); 0 = none.")
-    contrast_generation: int = Field(2, ge=1, le=2, description="Which train templates of the over-refusal "
+    contrast_generation: int = Field(2, ge=1, le=3, description="Which train templates of the over-refusal "
                                      "generator the contrast prompts come from: 1 = the first set (the recipe before "
                                      "2026-12-02), 2 = also interaction requests, fiction/game framings and more "
-                                     "figurative verbs (training/overrefusal.py).")
+                                     "figurative verbs, 3 = also benign requests in the harmful scorer objectives' "
+                                     "style, a context sentence before the request (training/overrefusal.py).")
     contrast_repeat: int = Field(1, ge=1, le=8, description="Times each contrast prompt is seen per epoch (more weight "
                                                          "on answering everyday and edgy prompts).")
     twins: bool = Field(True, description="Also teach refusals of the generator's harmful twins (the same surface words "

@@ -75,6 +75,13 @@ VARIANTS: dict[str, dict | None] = {
     "CT": {"contrast": 2000, "contrast_generation": 2},
     "SC2T": {"scorer": 218, "contrast": 2000, "epochs": 2, "contrast_generation": 2},
     "SB2T": {"scorer": 218, "contrast": 2000, "epochs": 2, "benign": 344, "contrast_generation": 2},
+    # after SB2T was adopted (held-out StrongREJECT 93.8%, 4 prompts short of 95%: read after the choice, so nothing
+    # below is tuned on it; these aim at the dev rows): generation-3 templates, benign requests in the scorer
+    # objectives' own style (a context sentence, then the request), which is where the scorer prompts' refusals
+    # spread (SB2T3), and the same with 300 of the align split's harmful prompts instead of 180 (SH3T3: more
+    # refusal data; the generation-3 prompts to hold over-refusal). Written before either row.
+    "SB2T3": {"scorer": 218, "contrast": 2000, "epochs": 2, "benign": 344, "contrast_generation": 3},
+    "SH3T3": {"scorer": 218, "contrast": 2000, "epochs": 2, "benign": 344, "contrast_generation": 3, "harmful": 300},
     # E: stopped at step 230 of 378 after 22 min (beside other jobs; ~3 s/step alone): over the 15-minute budget
     # on this machine before any dev number was read. A faster trainer (bf16 on AMX CPUs) would let it back in.
     "E": {"harmful": 300, "benign": 300},

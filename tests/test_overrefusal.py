@@ -182,7 +182,9 @@ def test_generations_add_train_templates_without_moving_the_first():
     g1, every = contrast_prompts("train", generation=1), contrast_prompts("train")
     assert set(g1) < set(every)
     assert all(ov._SPECS[p.category].templates[int(p.template_id[-2:])].generation == 1 for p in g1)
-    assert contrast_prompts("train", generation=2) == every
+    assert contrast_prompts("train", generation=ov.GENERATIONS) == every
+    for g in range(1, ov.GENERATIONS):  # each generation only adds
+        assert set(contrast_prompts("train", generation=g)) < set(contrast_prompts("train", generation=g + 1))
     for split in ("dev", "heldout"):  # only train templates have later generations
         assert contrast_prompts(split, generation=1) == contrast_prompts(split)
     assert set(harmful_twins("train", generation=1)) < set(harmful_twins("train"))
@@ -191,4 +193,4 @@ def test_generations_add_train_templates_without_moving_the_first():
     p1, p2 = (alignment_prompts(AlignConfig(contrast=2000, contrast_generation=g)) for g in (1, 2))
     assert set(p1["benign"]) < set(p2["benign"]) and set(p1["harmful"]) < set(p2["harmful"])
     with pytest.raises(ValueError, match="generation"):
-        contrast_prompts("train", generation=3)
+        contrast_prompts("train", generation=ov.GENERATIONS + 1)
