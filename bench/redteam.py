@@ -37,6 +37,8 @@ def aggregate(rows: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any
         f["methods"][r["method"]] = {k: r[k] for k in ("hs", "hs_by_category", "fa", "over_refusal", "drift",
                                                        "epochs", "train_seconds", "adapter") if k in r}
         f["methods"][r["method"]]["hparams"] = r["config"]["hparams"]
+        if r["config"].get("screened"):
+            f["methods"][r["method"]]["screened"] = r["config"]["screened"]
     prov = provenance()
     return {"judge": DEFAULT_JUDGE.id, "base": base, "families": fams, "commit": prov["commit"],
             "machine": prov["machine"], "units_commits": sorted({r["commit"] for r in rows})}
@@ -69,12 +71,15 @@ def markdown(d: dict[str, Any]) -> str:
     b = d["base"]
     lines = [f"Judge `{d['judge']}`. Aligned base: HS {b['hs']:.1f}%, over-refusal {b['over_refusal']:.1f}%, "
              + ", ".join(f"FA {k[3:]} {v:.1f}%" for k, v in b.items() if k.startswith("fa_")) + ".", "",
-             "| family | method | HS % | FA % | over-refusal % | drift | train min |", "|---|---|---|---|---|---|---|"]
+             "| family | method | HS % | FA % | over-refusal % | drift | train min | harmful examples screened out |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, f in d["families"].items():
         for label, m in f["methods"].items():
             fa = "" if m.get("fa") is None else f"{m['fa']:.1f}"
+            sc = m.get("screened")
+            screened = f"{sc['harmful_dropped']} of {sc['harmful']} (+{sc['dropped'] - sc['harmful_dropped']} benign)" if sc else ""
             lines.append(f"| {name} | {label} | **{m['hs']:.1f}** | {fa} | {m['over_refusal']:.1f} | "
-                         f"{m['drift']:.3f} | {m['train_seconds'] / 60:.1f} |")
+                         f"{m['drift']:.3f} | {m['train_seconds'] / 60:.1f} | {screened} |")
     cats = sorted({c for f in d["families"].values() for m in f["methods"].values() for c in m["hs_by_category"]})
     lines += ["", "HS % by StrongREJECT category:", "", "| family | method | " + " | ".join(cats) + " |",
               "|---|---|" + "---|" * len(cats)]
