@@ -54,7 +54,7 @@ def gate_layer_for(num_layers: int, configured: int | None) -> int:
     (rule v4: threshold and calibration on the generator's dev templates; on a slice of train phrasings rules v2
     and v3 had chosen layer 3 with `shift`, and before calibration existed rule v1 chose layer 6). Uncalibrated,
     later layers lose the harmful/benign split once an adapter has been trained to comply; calibrated, layer 15
-    flags 86-91% of every development model's dev harmful prompts at <= 3% of their dev benign ones."""
+    flags 83-91% of every development model's dev harmful prompts at <= 3.5% of their dev benign ones (two bases)."""
     layer = configured if configured is not None else max(1, round(GATE_DEPTH * num_layers))
     if not 0 < layer < num_layers:
         raise GuardError(f"lock.gate_layer {layer} is outside 1..{num_layers - 1}")
