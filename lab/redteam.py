@@ -158,6 +158,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# The SBR scheme the development rule chose (docs/hardening.md: the hardening rule's fourth amendment, on the SB2T
+# base): screening plus the 128-prompt pool, 8 per step, λ 30. The held-out families' SBR column is this label.
+CHOSEN_SBR = "sbr_pool_screen@30"
+
+
 def method_spec(label: str) -> tuple[str, dict[str, Any]]:
     base, _, lam = label.partition("@")
     if base not in METHODS:
