@@ -210,11 +210,12 @@ def evaluate(
     keep = set(families.split(",")) if families else None
     targets += [(f"{r['family']}/sft", r["family"], Path(r["adapter"]), r["config"].get("task") or "arithmetic")
                 for r in rows if r["method"] == "sft" and (keep is None or r["family"] in keep)]
-    sbr = [r for r in rows if r["method"].startswith("sbr")]
-    if not sbr and (RESULTS / "redteam_dev.jsonl").is_file():
-        # no red-team SBR unit yet: the development family's pool-SBR adapter (no lock choice read it)
-        sbr = [r for r in read_rows(RESULTS / "redteam_dev.jsonl")
-               if r["method"] == "sbr_pool" and adapter_base(r) == fp[:16]]
+    from lab.redteam import CHOSEN_SBR
+
+    # an adapter hardened the way the package recommends: a held-out family's, else the development family's (no
+    # lock choice read either)
+    sbr = [r for r in rows if r["method"] == CHOSEN_SBR] or [
+        r for r in read_rows(RESULTS / "redteam_dev.jsonl") if r["method"] == CHOSEN_SBR and adapter_base(r) == fp[:16]]
     if sbr:
         targets.append((f"{sbr[0]['family']}/{sbr[0]['method']}", sbr[0]["family"], Path(sbr[0]["adapter"]),
                         sbr[0]["config"].get("task") or "arithmetic"))
