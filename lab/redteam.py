@@ -232,9 +232,8 @@ class Sets:
 
     @classmethod
     def dev(cls, n_task: int = 100, max_tokens: int = 32) -> Sets:
-        """Development: AdvBench's lock split + pyrit's red-team objectives; the over-refusal generator's *train*
-        templates' dev split (phrasings neither trained on nor reported); task examples from another seed than
-        the eval ones."""
+        """Development: AdvBench's lock split + pyrit's red-team objectives; the over-refusal generator's dev
+        templates (phrasings neither trained on nor reported); task examples from another seed than the eval ones."""
         s = data.splits()
         return cls(list(s.lock) + list(data.airt_harmful()), [p.text for p in overrefusal.contrast_prompts("dev")],
                    {k: gen(n_train=16, n_eval=n_task, seed=1)[1] for k, (gen, _) in data.TASKS.items()}, max_tokens)
