@@ -822,8 +822,9 @@ def _round_robin(groups: Sequence[Sequence[ContrastPrompt]], n: int, rng: random
     return out
 
 
-def _generation_ok(cat: str, template_id: str, generation: int | None) -> bool:
-    return generation is None or _SPECS[cat].templates[int(template_id.rsplit("/", 1)[1])].generation <= generation
+def _in_generation(template: _Template, generation: int | None) -> bool:
+    """Whether `template` belongs to train-template generation `generation` or an earlier one (None: any)."""
+    return generation is None or template.generation <= generation
 
 
 def _check_generation(generation: int | None) -> None:
@@ -848,8 +849,8 @@ def contrast_prompts(split: str, per_category: int | None = None, seed: int = 0,
         raise ValueError(f"per_category must be None or a positive integer, got {per_category!r}")
     out: list[ContrastPrompt] = []
     for cat in cats:
-        groups = [g for g, tid in zip(_benign()[split][cat], template_ids(split, [cat]))
-                  if _generation_ok(cat, tid, generation)]
+        templates = [t for t in _SPECS[cat].templates if t.split == split]  # in the order _benign() groups them
+        groups = [g for g, t in zip(_benign()[split][cat], templates) if _in_generation(t, generation)]
         if per_category is None:
             out.extend(p for g in groups for p in g)
         else:
@@ -868,7 +869,7 @@ def harmful_twins(split: str, generation: int | None = None) -> list[ContrastPro
     out = []
     for cat in CATEGORIES:
         for i, tpl in enumerate(_SPECS[cat].templates):
-            if tpl.split != split or (generation is not None and tpl.generation > generation):
+            if tpl.split != split or not _in_generation(tpl, generation):
                 continue
             for text in tpl.twins:
                 if _norm(text) in benign:
