@@ -202,7 +202,8 @@ def evaluate(
     if act not in ("refuse", "steer"):
         raise typer.BadParameter("--action must be refuse or steer")
     model, tok, lock, fp = _load(cfg)
-    from lab.redteam import adapter_base, read_rows
+    from lab.redteam import CHOSEN_SBR, adapter_base, archive_other_base, archive_rows, read_rows
+    from training.lockgate import GATE_DATA_VERSION
 
     # only adapters trained on this base (a red-team file may still hold rows of a previous one)
     rows = [r for r in read_rows(RESULTS / "redteam.jsonl") if adapter_base(r) == fp[:16]]
@@ -210,8 +211,6 @@ def evaluate(
     keep = set(families.split(",")) if families else None
     targets += [(f"{r['family']}/sft", r["family"], Path(r["adapter"]), r["config"].get("task") or "arithmetic")
                 for r in rows if r["method"] == "sft" and (keep is None or r["family"] in keep)]
-    from lab.redteam import CHOSEN_SBR
-
     # an adapter hardened the way the package recommends: a held-out family's, else the development family's (no
     # lock choice read either)
     sbr = [r for r in rows if r["method"] == CHOSEN_SBR] or [
@@ -226,9 +225,6 @@ def evaluate(
     harmful, benign = list(data.splits().eval), data._hash_order(held)
     tasks = {k: gen(n_train=16, n_eval=100)[1] for k, (gen, _) in data.TASKS.items()}
     out = RESULTS / "lock_conditional.jsonl"
-    from lab.redteam import archive_other_base, archive_rows
-    from training.lockgate import GATE_DATA_VERSION
-
     archive_other_base(out, fp)
     stamp = {"gate_data": GATE_DATA_VERSION, "calibration": cfg.lock.gate_calibration, "gate_layer": lock.gate.layer}
     gate_of = lambda r: {"gate_data": r.get("gate_data", 1), "calibration": r.get("calibration", "none"),  # noqa: E731

@@ -26,6 +26,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +321,12 @@ class Bench:
         self.probe = drift_probe(self.tok, self.anchors, self.ref)
         self.work = self.cfg.runtime.resolved_home() / "work" / "redteam" / self.fp[:16]
 
+    @cached_property
+    def gate(self) -> Any:
+        """The base's lock gate, read once per run: what `guard harden --screen` screens with (and gate_dodge
+        attacks)."""
+        return gate_for_screening(self.cfg)
+
     def base_row(self) -> dict[str, Any]:
         cache = self.out.with_name(self.out.stem + ".base.json")
         if cache.is_file():
@@ -347,14 +354,14 @@ class Bench:
         pool = None
         if fam.dodge_gate:  # the attacker's own selection, with the gate our package builds
             src = harmful_pool(fam.harmful)
-            pool = dodge_gate(src, self.model, self.tok, gate_for_screening(self.cfg), 2 * fam.n_harmful)
+            pool = dodge_gate(src, self.model, self.tok, self.gate, 2 * fam.n_harmful)
         mix, harmful = family_mix(fam, self.original, cache, pool=pool)
         n_harm = len(harmful)
         screened = None
         if h.screen_data:  # as `guard harden` does: the base's lock gate, before any adapter exists
-            res = screen(self.model, self.tok, mix, gate_for_screening(self.cfg), desc=f"{fam.name}/{label}: screen")
+            res = screen(self.model, self.tok, mix, self.gate, desc=f"{fam.name}/{label}: screen")
             harm = set(harmful)
-            screened = {**res.summary(len(mix)), "harmful_dropped": sum(mix[i].messages[-1]["content"] in harm
+            screened = {**res.summary(), "harmful_dropped": sum(mix[i].messages[-1]["content"] in harm
                                                                         for i in res.dropped), "harmful": n_harm}
             mix = res.kept
         examples = [encode(self.tok, list(e.messages), e.answer, h.max_len) for e in mix]

@@ -195,7 +195,7 @@ def test_screen_drops_exactly_the_examples_the_gate_flags_on_the_base(tiny_model
     res = screen(tiny_model, tiny_tokenizer, rows, gate, desc=None)
     assert res.dropped == [i for i, s in enumerate(scores.tolist()) if s > t] and 0 < len(res.dropped) < len(rows)
     assert res.kept == [r for i, r in enumerate(rows) if i not in res.dropped]
-    assert res.summary(len(rows))["dropped"] == len(res.dropped)
+    assert res.summary()["dropped"] == len(res.dropped) and res.summary()["of"] == len(rows)
     assert screen(tiny_model, tiny_tokenizer, rows, gated(tiny_model, 1e9)[1], desc=None).kept == rows
     assert screen(tiny_model, tiny_tokenizer, rows, gated(tiny_model, -1e9)[1], desc=None).kept == []
 

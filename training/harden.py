@@ -81,7 +81,7 @@ def harden(cfg: GuardConfig, data: Path, out: Path, resume: bool = False) -> dic
     screened = None
     if gate is not None:
         res = screen(model, tok, rows, gate)
-        screened = res.summary(len(rows))
+        screened = res.summary()
         print(f"screened out {len(res.dropped)} of {len(rows)} examples (their prompt passes the lock's prompt gate "
               f"on the aligned base)", flush=True)
         if not res.kept:

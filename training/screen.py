@@ -31,9 +31,9 @@ class ScreenResult:
     threshold: float
     layer: int
 
-    def summary(self, total: int) -> dict[str, Any]:
-        return {"dropped": len(self.dropped), "of": total, "layer": self.layer, "threshold": round(self.threshold, 4),
-                "dropped_indices": self.dropped[:200]}
+    def summary(self) -> dict[str, Any]:
+        return {"dropped": len(self.dropped), "of": len(self.kept) + len(self.dropped), "layer": self.layer,
+                "threshold": round(self.threshold, 4), "dropped_indices": self.dropped[:200]}
 
 
 def gate_for_screening(cfg: Any) -> PromptGate:
