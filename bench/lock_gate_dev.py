@@ -85,7 +85,7 @@ def main(
     from guard.models import fingerprint_dir, load_causal_lm
     from guard.workspace import Workspace
     from training import data
-    from training.lockgate import fit_probe, gate_data, layer_states, threshold_for
+    from training.lockgate import GATE_DATA_VERSION, fit_probe, gate_data, layer_states, threshold_for
 
     cand = [int(x) for x in layers.split(",")]
     ws = Workspace(cfg)
@@ -144,8 +144,6 @@ def main(
                        + " | dev tasks " + " ".join(f"{m} {v:4.1f}" for m, v in task_fpr.items()))
     chosen = choose(rows, max_fpr)
     typer.echo(f"chosen (layer, calibration) by rule v4 in the docstring: {chosen}")
-    from training.lockgate import GATE_DATA_VERSION
-
     write_result("lock_gate_dev", {"rule": "v4 (v2 plus the task condition, on gate data v4): "
                                            + __doc__.split("Rule v2 ")[1].strip(), "gate_data": GATE_DATA_VERSION,
                                    "max_fpr": max_fpr, "dev_tasks": len(dev_task),
