@@ -24,7 +24,7 @@ from guard.models import fingerprint_dir, load_causal_lm, resolve_threads
 from guard.states import cached_reference
 from guard.vetting import vet_adapter
 from guard.workspace import Workspace
-from lab.redteam import adapter_base, read_rows
+from lab.redteam import adapter_base, adapters_of, read_rows
 from lab.stress import spearman
 
 
@@ -53,16 +53,16 @@ def main() -> None:
     base_ratio = ws.base_refusal_ratio(model, tok, anchors, fp)  # as `guard vet` does: the drop rule needs it
     adapters = []
     rows = [r for r in rows if adapter_base(r) == fp[:16]]  # adapters trained on this base only
-    for r in rows:
-        unit = Path(r["adapter"]).parent
-        for e in r["epochs"]:
-            path = unit / f"epoch-{e['epoch']}"
-            rep = vet_adapter(model, tok, path, anchors, ref, cfg.drift, fp, cfg.harden.max_rank, base_ratio=base_ratio)
-            adapters.append({"name": f"{r['family']}/{r['method']}/epoch-{e['epoch']}", "family": r["family"],
-                             "method": r["method"], "epoch": e["epoch"], "hs": e["hs"],
-                             "drift": round(rep.drift.mean_rel_l2, 5), "refusal_ratio": round(rep.refusal_ratio, 4),
-                             "verdict": rep.verdict.status, "reasons": list(rep.verdict.reasons)})
-            print(json.dumps(adapters[-1]), flush=True)
+    units = [(r, e["epoch"]) for r in rows for e in r["epochs"]]
+    paths = adapters_of(cfg, units, args.redteam or RESULTS / "redteam.jsonl")  # rebuilt where this machine lacks them
+    for (r, epoch), path in zip(units, paths):
+        hs = next(x["hs"] for x in r["epochs"] if x["epoch"] == epoch)
+        rep = vet_adapter(model, tok, path, anchors, ref, cfg.drift, fp, cfg.harden.max_rank, base_ratio=base_ratio)
+        adapters.append({"name": f"{r['family']}/{r['method']}/epoch-{epoch}", "family": r["family"],
+                         "method": r["method"], "epoch": epoch, "hs": hs,
+                         "drift": round(rep.drift.mean_rel_l2, 5), "refusal_ratio": round(rep.refusal_ratio, 4),
+                         "verdict": rep.verdict.status, "reasons": list(rep.verdict.reasons)})
+        print(json.dumps(adapters[-1]), flush=True)
     scores = [gauge_score(a["refusal_ratio"], a["drift"]) for a in adapters]
     rho = spearman(scores, [a["hs"] for a in adapters])
     base_hs = base_row["hs"]

@@ -202,28 +202,22 @@ def evaluate(
     if act not in ("refuse", "steer"):
         raise typer.BadParameter("--action must be refuse or steer")
     model, tok, lock, fp = _load(cfg)
-    from lab.redteam import CHOSEN_SBR, adapter_base, archive_other_base, archive_rows, read_rows
+    from lab.redteam import (CHOSEN_SBR, adapter_base, adapters_of, archive_other_base, archive_rows, last_epoch,
+                             read_rows)
     from training.lockgate import GATE_DATA_VERSION
 
     # only adapters trained on this base (a red-team file may still hold rows of a previous one)
     rows = [r for r in read_rows(RESULTS / "redteam.jsonl") if adapter_base(r) == fp[:16]]
-    targets = [("base", None, None, "arithmetic")]
     keep = set(families.split(",")) if families else None
-    targets += [(f"{r['family']}/sft", r["family"], Path(r["adapter"]), r["config"].get("task") or "arithmetic")
-                for r in rows if r["method"] == "sft" and (keep is None or r["family"] in keep)]
+    picked = [r for r in rows if r["method"] == "sft" and (keep is None or r["family"] in keep)]
+    if len(picked) < 3:
+        raise typer.BadParameter("fewer than 3 red-team SFT adapters have finished; run "
+                                 "`python bench/redteam.py --methods sft` first")
     # an adapter hardened the way the package recommends: a held-out family's, else the development family's (no
     # lock choice read either)
     sbr = [r for r in rows if r["method"] == CHOSEN_SBR] or [
         r for r in read_rows(RESULTS / "redteam_dev.jsonl") if r["method"] == CHOSEN_SBR and adapter_base(r) == fp[:16]]
-    if sbr:
-        targets.append((f"{sbr[0]['family']}/{sbr[0]['method']}", sbr[0]["family"], Path(sbr[0]["adapter"]),
-                        sbr[0]["config"].get("task") or "arithmetic"))
-    if sum(1 for t in targets if t[0].endswith("/sft")) < 3:
-        raise typer.BadParameter("fewer than 3 red-team SFT adapters have finished; run "
-                                 "`python bench/redteam.py --methods sft` first")
-    held = [q.text for q in overrefusal.contrast_prompts("heldout")]
-    harmful, benign = list(data.splits().eval), data._hash_order(held)
-    tasks = {k: gen(n_train=16, n_eval=100)[1] for k, (gen, _) in data.TASKS.items()}
+    picked += sbr[:1]
     out = RESULTS / "lock_conditional.jsonl"
     archive_other_base(out, fp)
     stamp = {"gate_data": GATE_DATA_VERSION, "calibration": cfg.lock.gate_calibration, "gate_layer": lock.gate.layer}
@@ -233,6 +227,16 @@ def evaluate(
     archive_rows(out, lambda r: gate_of(r) == stamp,
                  lambda r: "gate{gate_data}-{calibration}-layer{gate_layer}".format(**gate_of(r)))
     done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line} if out.is_file() else set()
+    todo = [r for r in picked if f"{r['family']}/{r['method']}" not in done]
+    # adapters this machine does not have are rebuilt first (the data dir of a new machine is empty)
+    paths = dict(zip((id(r) for r in todo), adapters_of(cfg, [(r, last_epoch(r)) for r in todo],
+                                                         RESULTS / "redteam.jsonl")))
+    targets = [("base", None, None, "arithmetic")]
+    targets += [(f"{r['family']}/{r['method']}", r["family"], paths.get(id(r)), r["config"].get("task") or "arithmetic")
+                for r in picked]
+    held = [q.text for q in overrefusal.contrast_prompts("heldout")]
+    harmful, benign = list(data.splits().eval), data._hash_order(held)
+    tasks = {k: gen(n_train=16, n_eval=100)[1] for k, (gen, _) in data.TASKS.items()}
     for name, family, path, task in targets:
         if name in done:
             continue

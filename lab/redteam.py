@@ -25,7 +25,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -286,6 +286,13 @@ def archive_rows(path: Path, belongs: Callable[[dict[str, Any]], bool], tag: Cal
         tqdm.write(f"{path.name}: {len(rows)} rows measured under other conditions moved to {target.name}")
 
 
+def adapter_sha256(path: Path) -> str:
+    """A short hash of an adapter's weights file (what a rebuilt adapter is compared with)."""
+    import hashlib
+
+    return hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+
+
 def adapter_base(row: dict[str, Any]) -> str:
     """The 16-hex prefix of the aligned base a row's adapter was trained on ("" when the row does not say)."""
     return (row.get("base_fingerprint") or _fp_of(row) or "")[:16]
@@ -307,7 +314,7 @@ class Bench:
     """Everything shared by the units of one run: the base, its anchors and reference, the measurement sets."""
 
     cfg: GuardConfig
-    sets: Sets
+    sets: Sets | None  # None: only rebuilding adapters (`adapter`), nothing measured
     out: Path  # the results JSONL
     work: Path = field(init=False)
 
@@ -342,14 +349,53 @@ class Bench:
         return {"harmful": len(self.sets.harmful), "benign": len(self.sets.benign),
                 **{k: len(v) for k, v in self.sets.tasks.items()}, "max_tokens": self.sets.max_tokens}
 
-    def run_unit(self, fam: Family, label: str) -> dict[str, Any]:
-        """Train `label` on `fam`'s mix, measuring the eval epochs; resumes a killed unit."""
+    def unit_config(self, fam: Family, label: str) -> tuple[str, dict[str, Any], Any]:
+        """(method name, the label's overrides, the harden config) a unit trains with."""
         name, overrides = method_spec(label)
         h = self.cfg.harden.model_copy(update={"lr": fam.lr, "epochs": fam.epochs, "batch_size": fam.batch_size,
                                                "grad_accum": fam.grad_accum, "rank": fam.rank or self.cfg.harden.rank,
                                                **overrides})
         if fam.rank is not None:
             h = h.model_copy(update={"alpha": float(fam.rank)})  # scaling 1: the attack's lr sets the step size
+        return name, overrides, h
+
+    def adapter(self, row: dict[str, Any], epoch: int | None = None) -> Path:
+        """The adapter of a finished row (at `epoch`, default its last), retrained here, unmeasured, when this
+        machine does not have it: adapters live in the data dir, results in the repository, and a new machine
+        starts with an empty data dir. Refuses when the family or method recipe changed since the row was written
+        (the rebuilt adapter would not be the one measured); warns when the rebuilt weights differ from the
+        recorded hash (another CPU's kernels round differently)."""
+        cfg = row["config"]
+        fam = Family(**{f.name: cfg[f.name] for f in fields(Family)})  # as trained (smoke runs cut the sizes)
+        epoch = epoch or last_epoch(row)
+        path = self.work / fam.name / row["method"] / f"epoch-{epoch}"
+        if path.is_dir():
+            return path
+        if adapter_base(row) != self.fp[:16]:
+            raise GuardError(f"row {fam.name}/{row['method']} was trained on another aligned base")
+        _, overrides, h = self.unit_config(fam, row["method"])
+        as_json = lambda x: json.loads(json.dumps(x))  # noqa: E731 (rows hold lists where dataclasses hold tuples)
+        now = h.model_dump(mode="json")
+        if "harden" in cfg:  # the whole recipe was recorded
+            changed = cfg["harden"] != now
+        else:  # older rows: the LoRA knobs and every override they recorded (a label may pin more since)
+            changed = (cfg.get("hparams") != as_json(asdict(hparams(h)))
+                       or any(now.get(k) != v for k, v in cfg.get("overrides", {}).items()))
+        if changed:
+            raise GuardError(f"row {fam.name}/{row['method']}: the method's recipe changed since it was measured "
+                             "(a default or a label's overrides); rerun the unit instead of rebuilding its adapter")
+        self.run_unit(fam, row["method"], measure_epochs=False, save_epochs={epoch})
+        sha = row.get("adapter_sha256", {}).get(str(epoch))
+        if sha and sha != adapter_sha256(path):
+            tqdm.write(f"{fam.name}/{row['method']} epoch {epoch}: rebuilt adapter differs from the measured one "
+                       "(another machine's kernels?); numbers measured on it here are its own")
+        return path
+
+    def run_unit(self, fam: Family, label: str, *, measure_epochs: bool = True,
+                 save_epochs: set[int] | None = None) -> dict[str, Any]:
+        """Train `label` on `fam`'s mix, measuring the eval epochs; resumes a killed unit. With `measure_epochs`
+        off it only saves the adapters of `save_epochs` (rebuilding a measured unit's adapters) and writes no row."""
+        name, overrides, h = self.unit_config(fam, label)
         cache = self.cfg.runtime.resolved_home() / "work"
         pool = None
         if fam.dodge_gate:  # the attacker's own selection, with the gate our package builds
@@ -377,16 +423,20 @@ class Bench:
             for n, p in peft_model.named_parameters():
                 if "lora_A" in n:
                     p.requires_grad_(False)
-        want = set(fam.eval_epochs())
+        want = set(fam.eval_epochs()) if save_epochs is None else save_epochs
 
         def on_epoch(epoch: int) -> None:
-            if epoch not in want or epoch in rows:
-                return
             target = unit / f"epoch-{epoch}"
-            with atomic_path(target) as tmp:
-                peft_model.save_pretrained(str(tmp))
-            row = {"epoch": epoch, **measure(peft_model, self.tok, self.sets, self.probe, fam.task,
-                                             f"{fam.name}/{label} epoch {epoch}")}
+            if epoch not in want or (epoch in rows and measure_epochs):
+                return
+            if not target.is_dir():
+                with atomic_path(target) as tmp:
+                    peft_model.save_pretrained(str(tmp))
+            if not measure_epochs:
+                return
+            assert self.sets is not None
+            row = {"epoch": epoch, "adapter_sha256": adapter_sha256(target),
+                   **measure(peft_model, self.tok, self.sets, self.probe, fam.task, f"{fam.name}/{label} epoch {epoch}")}
             rows[epoch] = row
             with rows_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -398,19 +448,44 @@ class Bench:
                          desc=f"{fam.name}/{label}", on_epoch=on_epoch)
         seconds = time.perf_counter() - t0
         self.model = peft_model.unload()
+        if not measure_epochs:
+            (unit / "checkpoint.pt").unlink(missing_ok=True)
+            return {}
         last = rows[max(rows)]
         result = {"family": fam.name, "method": label, "base_fingerprint": self.fp,
                   "config": {**asdict(fam), "examples": len(examples),
                                                                    "harmful_examples": n_harm, "steps": len(log),
                                                                    "screened": screened,
-                                                                   "hparams": asdict(hp), "overrides": overrides},
-                  **{k: v for k, v in last.items() if k != "epoch"}, "epochs": [rows[e] for e in sorted(rows)],
+                                                                   "hparams": asdict(hp), "overrides": overrides,
+                                                                   "harden": h.model_dump(mode="json")},
+                  **{k: v for k, v in last.items() if k not in ("epoch", "adapter_sha256")},
+                  "epochs": [rows[e] for e in sorted(rows)],
+                  "adapter_sha256": {str(e): rows[e]["adapter_sha256"] for e in sorted(rows) if "adapter_sha256" in rows[e]},
                   "train_seconds": round(seconds, 1), "adapter": str(unit / f"epoch-{max(rows)}"),
                   "sets": self.sets_id(), **provenance()}
         with self.out.open("a") as f:
             f.write(json.dumps(result) + "\n")
         (unit / "checkpoint.pt").unlink(missing_ok=True)
         return result
+
+
+def last_epoch(row: dict[str, Any]) -> int:
+    return max(e["epoch"] for e in row["epochs"])
+
+
+def adapters_of(cfg: GuardConfig, units: list[tuple[dict[str, Any], int]], out: Path) -> list[Path]:
+    """The adapter of each (row, epoch), the ones this machine lacks rebuilt (`Bench.adapter`); the bench's base
+    model is loaded only when something is missing."""
+    paths: list[Path] = []
+    bench: Bench | None = None
+    for r, epoch in units:
+        local = cfg.runtime.resolved_home() / "work" / "redteam" / adapter_base(r) / r["family"] / r["method"]
+        if (local / f"epoch-{epoch}").is_dir():
+            paths.append(local / f"epoch-{epoch}")
+            continue
+        bench = bench or Bench(cfg, None, out)
+        paths.append(bench.adapter(r, epoch))
+    return paths
 
 
 def run(cfg: GuardConfig, families: dict[str, Family], labels: list[str], sets: Sets, out: Path) -> list[dict]:

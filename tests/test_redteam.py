@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,18 @@ def test_smoke_run_writes_outputs_and_resumes(mini_prepared, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=dict(os.environ))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "redteam_smoke.jsonl").read_text().splitlines() == lines  # nothing retrained
+
+    # a new machine has the rows but not the adapters: each is rebuilt, unmeasured, and on the same machine it is
+    # the adapter that was measured, byte for byte
+    from guard.config import load_config
+    from lab.redteam import adapter_sha256, adapters_of, last_epoch, read_rows
+
+    row = next(r for r in read_rows(tmp_path / "redteam_smoke.jsonl") if r["family"] == "rank1" and r["method"] == "sbr")
+    epoch = last_epoch(row)
+    shutil.rmtree(row["adapter"])
+    (rebuilt,) = adapters_of(load_config(cfg), [(row, epoch)], tmp_path / "redteam_smoke.jsonl")
+    assert str(rebuilt) == row["adapter"] and adapter_sha256(rebuilt) == row["adapter_sha256"][str(epoch)]
+    assert (tmp_path / "redteam_smoke.jsonl").read_text().splitlines() == lines  # no row written
 
 
 def test_results_of_a_previous_base_are_archived_not_skipped(tmp_path):
