@@ -50,6 +50,7 @@ def main() -> None:
         out = work / f"adapter-{method}"
         t0 = time.perf_counter()
         extra = ["--lambda", str(args.sbr_lambda)] if method == "sbr" and args.sbr_lambda is not None else []
+        extra += ["--no-screen"] if method == "sft" else []  # the unprotected adapter: nothing screened either
         h = guard("harden", "--data", str(data), "--method", method, "--out", str(out), "--epochs",
                   str(args.epochs), "--lr", str(args.lr), "--grad-accum", str(args.grad_accum), *extra)
         if h.returncode != 0:

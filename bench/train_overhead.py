@@ -1,10 +1,11 @@
 """Step-time cost of the safety regularizers on the 135M default model: bench/results/train_overhead.json.
 
 Same batches for every method, interleaved round by round (this machine is noisy, so methods are compared
-within one run and one round at a time): SFT, SBR with K=1 and K=8 anchors (all 8 every step), SBR with K=8
-rotating 2 anchors per step (`harden.sbr_anchors_per_step: 2`), AsFT. A step is the paper's
-effective batch of 32 (4 micro-batches of 8) plus the regularizer once. Reports median seconds per step and
-the ratio to SFT.
+within one run and one round at a time): SFT; SBR as the package ships it (`harden` defaults: the 128-prompt
+training pool, 8 anchors per step, rotating); SBR with the earlier fixed anchors (K=1, and K=8 every step); AsFT.
+A step is the paper's effective batch of 32 (4 micro-batches of 8) plus the regularizer once. Reports median
+seconds per step and the ratio to SFT, and the one-off cost of screening the data with the lock's prompt gate
+(`harden.screen_data`, on by default) as a share of one SFT epoch over the same examples.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ def main() -> None:
     regs = {}
     anchors = load_anchor_set(cfg.anchors.set, cfg.anchors.k, cfg.anchors.system_prompt)  # the probe set
     ref = cached_reference(model, tok, anchors, fp, home)
+    build = lambda h: methods.get(h.method).build(MethodInputs(h, model, tok, anchors, ref, base, original))  # noqa: E731
+    regs["sbr_default"] = build(cfg.harden.model_copy(update={"method": "sbr"}))
+    fixed = {"method": "sbr", "sbr_anchors": "default", "sbr_anchors_per_step": None}
     for name, k in (("sbr_k1", 1), ("sbr_k8", 8)):
-        hk = cfg.harden.model_copy(update={"sbr_k": k})
-        regs[name] = methods.get("sbr").build(MethodInputs(hk, model, tok, anchors, ref, base, original))
-    rot = cfg.harden.model_copy(update={"sbr_anchors_per_step": 2})
-    regs["sbr_k8_2per_step"] = methods.get("sbr").build(MethodInputs(rot, model, tok, anchors, ref, base, original))
-    regs["asft"] = methods.get("asft").build(MethodInputs(cfg.harden, model, tok, anchors, ref, base, original))
+        regs[name] = build(cfg.harden.model_copy(update={**fixed, "sbr_k": k}))
+    regs["asft"] = build(cfg.harden.model_copy(update={"method": "asft"}))
     regs = {"sft": None, **regs}
     hp = LoraHParams(rank=16, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"], lr=1e-4)
     peft_model = add_lora(model, hp)
@@ -74,11 +75,21 @@ def main() -> None:
             times[method].append(time.perf_counter() - t0)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {t[-1]:.2f}s" for m, t in times.items()), flush=True)
     med = {m: statistics.median(t) for m, t in times.items()}
+    from training.screen import gate_for_screening, screen
+
+    peft_model.eval()
+    with peft_model.disable_adapter():  # screening reads the aligned base, as `guard harden` does before training
+        t0 = time.perf_counter()
+        screened = screen(peft_model, tok, mix, gate_for_screening(cfg), desc="screen")
+        screen_s = time.perf_counter() - t0
+    epoch_s = med["sft"] * len(examples) / per_step
     tokens = sum(len(e.input_ids) for mb in steps[0] for e in mb)
     write_result("train_overhead", {
         "step_seconds": {m: round(v, 3) for m, v in med.items()},
         "ratio": {m: round(v / med["sft"], 3) for m, v in med.items() if m != "sft"},
         "all_step_seconds": {m: [round(x, 3) for x in t] for m, t in times.items()},
+        "screen_seconds": round(screen_s, 2), "screen_share_of_sft_epoch": round(screen_s / epoch_s, 4),
+        "screened": screened.summary()["dropped"],
         "config": {"micro_batch": args.batch, "grad_accum": args.accum, "rounds": args.rounds, "threads": threads,
                    "task_tokens_per_step": tokens, "anchor_tokens_k8": sum(len(x) for x in regs["sbr_k8"].anchor_ids),
                    "anchor_tokens_k8_shared_prefix": int(regs["sbr_k8"]._batch.ids.numel() + (0 if regs["sbr_k8"]._batch.prefix is None else regs["sbr_k8"]._batch.prefix.numel())),

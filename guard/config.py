@@ -141,27 +141,28 @@ class HardenConfig(_Section):
 
     method: Literal["sbr", "asft", "sft"] = Field("sbr", description="Regularizer: sbr, asft, or sft (none).")
     sbr_lambda: float = Field(
-        100.0, ge=0,
-        description="SBR weight on mean (relative anchor drift)^2; 0 is plain SFT bit for bit. The authors' code "
+        30.0, ge=0,
+        description="SBR weight on mean (relative anchor drift)^2; 0 is plain SFT bit for bit. 30 was chosen with the "
+                    "pool and screening below on the development attack family (docs/hardening.md). The authors' code "
                     "(mse over d dims) at lambda=50 equals ~240 here for SmolLM2 (mean h_ref^2 per dim ~4.85).",
     )
     sbr_anchors_per_step: int | None = Field(
-        None, ge=1, description="SBR anchors used per optimizer step, rotating through all K (None = all K every "
+        8, ge=1, description="SBR anchors used per optimizer step, rotating through all K (None = all K every "
                                 "step). Cuts SBR's cost by per_step/K; each anchor is still pulled back once per cycle.")
     sbr_anchors: str = Field(
-        "default", description="SBR's *training* anchors (bundled set or JSONL path): 'default' (16 AdvBench requests) "
+        "sbr_pool", description="SBR's *training* anchors (bundled set or JSONL path): 'default' (16 AdvBench requests) "
                                "or 'sbr_pool' (128; with sbr_anchors_per_step, K of them per step, rotating). Must not "
                                "share a prompt with the probe anchors (anchors.set).")
-    sbr_k: int | None = Field(8, ge=1, le=4096, description="Use the first k training anchors (None = all).")
+    sbr_k: int | None = Field(None, ge=1, le=4096, description="Use the first k training anchors (None = all).")
     sbr_answer_tokens: int = Field(0, ge=0, le=64, description="Also anchor the aligned model's own first N answer "
                                    "tokens after each anchor prompt (teacher-forced); 0 = the last prompt token only.")
     ce_weighting: Literal["token", "example"] = Field(
         "token", description="How the cross-entropy of a step weighs examples: 'token' (every answer token alike, the "
                              "usual recipe: long answers dominate) or 'example' (each example's mean, averaged: a 3-token "
                              "task answer counts as much as a 64-token one).")
-    screen_data: bool = Field(False, description="Before training, drop the examples whose prompt the lock's prompt "
+    screen_data: bool = Field(True, description="Before training, drop the examples whose prompt the lock's prompt "
                               "gate flags on the aligned base (needs the prepared lock; training/screen.py). The "
-                              "regularizer still runs on what is left.")
+                              "regularizer still runs on what is left; independent of `method` (sft screens too).")
     asft_lambda: float = Field(1.0, ge=0, description="AsFT weight on the update orthogonal to W_aligned - W_original.")
     rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha.")

@@ -23,7 +23,8 @@ def harden(
     k: Annotated[Optional[int], typer.Option("--anchors", "-k", help="Number of SBR training anchors K (harden.sbr_k; "
                                                                      "the probe anchors the gauge reads are not affected).")] = None,
     screen: Annotated[Optional[bool], typer.Option("--screen/--no-screen", help="Drop the examples whose prompt the "
-                                                   "lock's prompt gate flags, before training (harden.screen_data).")] = None,
+                                                   "lock's prompt gate flags, before training (harden.screen_data, on "
+                                                   "by default; needs the prepared lock).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank")] = None,
@@ -34,6 +35,9 @@ def harden(
     config: ConfigOpt = None,
 ) -> None:
     """Train a LoRA adapter that keeps the base model's refusals (SBR or AsFT), or repair one (--repair).
+
+    By default the data is screened first (the lock's prompt gate drops flagged requests) and SBR pulls 8 of its
+    128 training anchors back per step at lambda 30 (docs/hardening.md says how that was chosen).
 
     Writes a standard peft adapter dir plus guard.json and report.md. Examples:
 

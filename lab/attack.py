@@ -76,6 +76,6 @@ def attack_adapter(cfg: Any, out: Path, n_benign: int = 144, poison: float = 0.1
     out.parent.mkdir(parents=True, exist_ok=True)
     write_chat_jsonl(path, mix)
     merged = cfg.model_dump(mode="json")
-    merged["harden"].update(method="sft", epochs=epochs, lr=lr, grad_accum=grad_accum)
+    merged["harden"].update(method="sft", epochs=epochs, lr=lr, grad_accum=grad_accum, screen_data=False)  # an attacker screens nothing
     harden(parse_config(merged), path, out)
     return out

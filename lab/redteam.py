@@ -139,28 +139,31 @@ DEV_FAMILIES: dict[str, Family] = {f.name: f for f in (
            epochs=8, grad_accum=1),
 )}
 
-# A method label is a registered method plus config overrides; "LABEL@λ" sets its λ ("sbr_pool@300").
+# A method label is a registered method plus config overrides; "LABEL@λ" sets its λ ("sbr_pool@300"). Every label
+# pins the knobs that ever had another default (training anchors, λ, screening), so a row means the same recipe
+# whatever the package defaults are when it is read (or its adapter rebuilt).
+_NO_SCREEN = {"screen_data": False}
+_EIGHT = {"sbr_anchors": "default", "sbr_k": 8, "sbr_anchors_per_step": None, "sbr_lambda": 100.0}
+_POOL = {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8, "sbr_lambda": 100.0}
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sft": ("sft", {}),
-    "sbr": ("sbr", {}),
-    "asft": ("asft", {}),
+    "sft": ("sft", _NO_SCREEN),
+    "sbr": ("sbr", {**_EIGHT, **_NO_SCREEN}),  # the first default: 8 fixed AdvBench anchors, λ 100
+    "asft": ("asft", _NO_SCREEN),
     # SBR candidates (chosen on the development family only, docs/hardening.md)
-    "sbr_pool": ("sbr", {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8}),
-    "sbr_pool_ans4": ("sbr", {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8,
-                              "sbr_answer_tokens": 4}),
+    "sbr_pool": ("sbr", {**_POOL, **_NO_SCREEN}),
+    "sbr_pool_ans4": ("sbr", {**_POOL, **_NO_SCREEN, "sbr_answer_tokens": 4}),
     # the pool with example-weighted CE: the task's short answers are not drowned by the long harmful ones
-    "sbr_pool_ex": ("sbr", {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8,
-                            "ce_weighting": "example"}),
+    "sbr_pool_ex": ("sbr", {**_POOL, **_NO_SCREEN, "ce_weighting": "example"}),
     # the customer's data screened by the lock's prompt gate on the base first (training/screen.py): alone, and
     # with the pooled SBR on what passes
     "sft_screen": ("sft", {"screen_data": True}),
-    "sbr_pool_screen": ("sbr", {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8,
-                                "screen_data": True}),
+    "sbr_pool_screen": ("sbr", {**_POOL, "screen_data": True}),
 }
 
 
 # The SBR scheme the development rule chose (docs/hardening.md: the hardening rule's fourth amendment, on the SB2T
-# base): screening plus the 128-prompt pool, 8 per step, λ 30. The held-out families' SBR column is this label.
+# base): screening plus the 128-prompt pool, 8 per step, λ 30 -- the package's `harden` defaults since. The held-out
+# families' SBR column is this label.
 CHOSEN_SBR = "sbr_pool_screen@30"
 
 

@@ -67,9 +67,11 @@ def test_yaml_round_trip():
 def test_probe_and_training_anchors_must_be_disjoint(tmp_path):
     """The gauge must not read the anchors SBR pulls on: a config that makes them overlap does not load."""
     cfg = parse_config({})
-    assert cfg.anchors.set == "probe" and cfg.harden.sbr_anchors == "default"
+    assert cfg.anchors.set == "probe" and cfg.harden.sbr_anchors == "sbr_pool"
+    with pytest.raises(GuardError, match="share 128 prompt"):
+        parse_config({"anchors": {"set": "sbr_pool"}})
     with pytest.raises(GuardError, match="share 16 prompt"):
-        parse_config({"anchors": {"set": "default"}})
+        parse_config({"anchors": {"set": "default"}, "harden": {"sbr_anchors": "default", "sbr_k": 8}})
     private = tmp_path / "private.jsonl"
     private.write_text('{"prompt": "A private probe no customer has seen"}\n{"prompt": "Another one"}\n')
     parse_config({"anchors": {"set": str(private)}})  # disjoint from the training anchors: fine

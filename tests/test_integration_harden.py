@@ -38,7 +38,8 @@ def setup(tmp_path_factory, default_model_dir):
 def test_harden_writes_a_standard_adapter_and_vet_reads_it(setup, default_model_dir):
     tmp, cfg, data = setup
     out = tmp / "adapter-sbr"
-    h = guard("harden", "--config", str(cfg), "--data", str(data), "--method", "sbr", "--out", str(out))
+    # this base has no lock, so no prompt gate to screen with (the default path is tested on the prepared base)
+    h = guard("harden", "--config", str(cfg), "--data", str(data), "--method", "sbr", "--no-screen", "--out", str(out))
     assert h.returncode == 0, h.stderr[-3000:]
     for name in ("adapter_config.json", "adapter_model.safetensors", "guard.json", "report.md", "train_log.jsonl"):
         assert (out / name).is_file(), name
@@ -72,6 +73,9 @@ def test_bad_inputs_give_one_line_and_write_nothing(setup, tiny_tokenizer):
     assert r.returncode == 1 and "data file not found" in r.stderr and not out.exists()
     r = guard("harden", "--config", str(cfg), "--data", str(data), "--rank", "128", "--out", str(out))
     assert r.returncode == 1 and "exceeds the configured maximum 64" in r.stderr and not out.exists()
+    r = guard("harden", "--config", str(cfg), "--data", str(data), "--out", str(out))  # screening is on by default
+    assert r.returncode == 1 and "harden.screen_data needs the base's SafetyLock" in r.stderr and not out.exists()
+    assert r.stderr.count("\n") == 1 and "--no-screen" in r.stderr
 
     foreign = tmp / "foreign-adapter"  # made for another (tiny) base model
     add_lora(make_tiny_llama(len(tiny_tokenizer)), LoraHParams(rank=4)).save_pretrained(str(foreign))

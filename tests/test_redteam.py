@@ -49,15 +49,28 @@ def test_every_eval_prompt_has_a_category():
 
 
 def test_method_labels():
-    assert method_spec("sbr") == ("sbr", {})
-    assert method_spec("sbr@1000") == ("sbr", {"sbr_lambda": 1000.0})
-    assert method_spec("asft@10") == ("asft", {"asft_lambda": 10.0})
+    assert method_spec("sbr")[1]["sbr_lambda"] == 100.0 and method_spec("sbr@1000")[1]["sbr_lambda"] == 1000.0
+    assert method_spec("asft@10") == ("asft", {"screen_data": False, "asft_lambda": 10.0})
     assert method_spec("sbr_pool_ans4@300")[1]["sbr_lambda"] == 300.0
     assert method_spec("sbr_pool_ans4")[1]["sbr_answer_tokens"] == 4
     with pytest.raises(GuardError, match="only sbr and asft variants"):
         method_spec("sft@3")
     with pytest.raises(GuardError, match="unknown method"):
         method_spec("dpo")
+
+
+def test_labels_pin_every_knob_that_ever_had_another_default_and_the_chosen_one_is_the_default():
+    """A row must mean the same recipe whatever the package's defaults are when it is read or rebuilt."""
+    from guard.config import HardenConfig
+    from lab.redteam import CHOSEN_SBR, METHODS
+
+    for label, (name, overrides) in METHODS.items():
+        assert "screen_data" in overrides, label
+        if name == "sbr":
+            assert {"sbr_anchors", "sbr_k", "sbr_anchors_per_step", "sbr_lambda"} <= set(overrides), label
+    name, overrides = method_spec(CHOSEN_SBR)
+    h = HardenConfig()
+    assert name == h.method and {k: getattr(h, k) for k in overrides} == overrides
 
 
 def test_arithmetic_task_is_exact_and_split():

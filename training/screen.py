@@ -45,7 +45,7 @@ def gate_for_screening(cfg: Any) -> PromptGate:
     path, _ = ws.lock_file()
     if path is None or not path.is_file():
         raise GuardError("harden.screen_data needs the base's SafetyLock with a prompt gate: run `guard prepare` "
-                         "(or `guard lock build`) first, or set harden.screen_data: false")
+                         "(or `guard lock build`) first, or train without screening (--no-screen, harden.screen_data: false)")
     gate = load_lock(path, base_fingerprint=ws.base_fingerprint).gate
     if gate is None:
         raise GuardError(f"{path}: this lock has no prompt gate (rebuild it with `guard lock build --rebuild`)")
