@@ -1,9 +1,11 @@
 """Does the gauge rank adapters by harm? `guard vet`'s numbers on every red-team adapter and checkpoint:
 bench/results/gauge.json.
 
-For each adapter the red-team bench saved (every family, method and measured epoch), `guard/vetting.py:
-vet_adapter` — the same function `guard vet` runs, reading the same probe anchors the gate and the live gauge
-read — gives drift, the probe refusal ratio and the verdict; HS is the red-team bench's held-out number for
+For each adapter the red-team bench saved (every family, method and measured epoch): drift and the probe refusal
+ratio on the probe anchors the gate and the live gauge read, taken by the bench while the adapter was in memory
+(`lab/redteam.py: GaugeProbe`), and the verdict `guard.drift.verdict` gives them — the rule `guard vet` applies.
+Rows measured before the bench took those numbers are rebuilt and run through `guard/vetting.py: vet_adapter`
+itself; HS is the red-team bench's held-out number for
 that adapter. `spearman_gauge_hs` is the rank correlation of the gauge's score (1 − refusal ratio, drift as the
 tie-break) with HS over all adapters.
 
@@ -22,6 +24,8 @@ from guard.anchors import from_config
 from guard.config import load_config
 from guard.models import fingerprint_dir, load_causal_lm, resolve_threads
 from guard.states import cached_reference
+from guard.drift import verdict
+from guard.judge import DEFAULT_JUDGE
 from guard.vetting import vet_adapter
 from guard.workspace import Workspace
 from lab.redteam import adapter_base, adapters_of, read_rows
@@ -53,15 +57,24 @@ def main() -> None:
     base_ratio = ws.base_refusal_ratio(model, tok, anchors, fp)  # as `guard vet` does: the drop rule needs it
     adapters = []
     rows = [r for r in rows if adapter_base(r) == fp[:16]]  # adapters trained on this base only
-    units = [(r, e["epoch"]) for r in rows for e in r["epochs"]]
-    paths = adapters_of(cfg, units, args.redteam or RESULTS / "redteam.jsonl")  # rebuilt where this machine lacks them
-    for (r, epoch), path in zip(units, paths):
-        hs = next(x["hs"] for x in r["epochs"] if x["epoch"] == epoch)
-        rep = vet_adapter(model, tok, path, anchors, ref, cfg.drift, fp, cfg.harden.max_rank, base_ratio=base_ratio)
-        adapters.append({"name": f"{r['family']}/{r['method']}/epoch-{epoch}", "family": r["family"],
-                         "method": r["method"], "epoch": epoch, "hs": hs,
-                         "drift": round(rep.drift.mean_rel_l2, 5), "refusal_ratio": round(rep.refusal_ratio, 4),
-                         "verdict": rep.verdict.status, "reasons": list(rep.verdict.reasons)})
+    units = [(r, e) for r in rows for e in r["epochs"]]
+    # the bench read each adapter's gauge numbers while it was in memory; only adapters measured before that (or
+    # with other probe anchors / token budget / judge) are rebuilt here and vetted
+    same = {"anchors": anchors.hash, "probe_tokens": cfg.drift.probe_tokens, "judge": DEFAULT_JUDGE.id}
+    stale = [(r, e["epoch"]) for r, e in units if e.get("probe") != same]
+    rebuilt = dict(zip(((id(r), ep) for r, ep in stale), adapters_of(cfg, stale, args.redteam or RESULTS / "redteam.jsonl")))
+    for r, e in units:
+        path = rebuilt.get((id(r), e["epoch"]))
+        if path is None:
+            drift, ratio = e["drift"], e["probe_refusal_ratio"]
+            v = verdict(drift, ratio, cfg.drift, base_ratio)  # the rule `guard vet` applies to the same numbers
+        else:
+            rep = vet_adapter(model, tok, path, anchors, ref, cfg.drift, fp, cfg.harden.max_rank, base_ratio=base_ratio)
+            drift, ratio, v = round(rep.drift.mean_rel_l2, 5), round(rep.refusal_ratio, 4), rep.verdict
+        adapters.append({"name": f"{r['family']}/{r['method']}/epoch-{e['epoch']}", "family": r["family"],
+                         "method": r["method"], "epoch": e["epoch"], "hs": e["hs"], "drift": drift,
+                         "refusal_ratio": ratio, "verdict": v.status, "reasons": list(v.reasons),
+                         "read": "vetted here" if path else "bench"})
         print(json.dumps(adapters[-1]), flush=True)
     scores = [gauge_score(a["refusal_ratio"], a["drift"]) for a in adapters]
     rho = spearman(scores, [a["hs"] for a in adapters])

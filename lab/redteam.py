@@ -243,7 +243,26 @@ class Sets:
                    {k: gen(n_train=16, n_eval=n_task, seed=1)[1] for k, (gen, _) in data.TASKS.items()}, max_tokens)
 
 
-def measure(model: Any, tok: Any, sets: Sets, probe: SBR, task: str | None, label: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class GaugeProbe:
+    """What `guard vet` reads on an adapter, taken while the adapter is in memory, so bench/gauge.py can give the
+    verdict of every adapter and checkpoint later without rebuilding it: drift on the probe anchors (`drift`, as
+    the SBR-term layout computes it) and the share of them refused in `probe_tokens` greedy tokens."""
+
+    drift: SBR
+    anchors: Any  # guard.anchors.AnchorSet
+    probe_tokens: int
+
+    def read(self, model: Any, tok: Any) -> dict[str, Any]:
+        from guard.generation import generate_greedy
+
+        outs = generate_greedy(model, tok, self.anchors.render(tok), max_new_tokens=self.probe_tokens)
+        return {"drift": round(anchor_report(model, self.drift).mean_rel_l2, 5),
+                "probe_refusal_ratio": round(sum(map(DEFAULT_JUDGE.is_refusal, outs)) / len(outs), 4),
+                "probe": {"anchors": self.anchors.hash, "probe_tokens": self.probe_tokens, "judge": DEFAULT_JUDGE.id}}
+
+
+def measure(model: Any, tok: Any, sets: Sets, probe: GaugeProbe, task: str | None, label: str) -> dict[str, Any]:
     outs = answers(model, tok, sets.harmful, sets.max_tokens, f"{label}: HS")
     answered = [not DEFAULT_JUDGE.is_refusal(o) for o in outs]
     cats = data.eval_category()
@@ -253,7 +272,7 @@ def measure(model: Any, tok: Any, sets: Sets, probe: SBR, task: str | None, labe
     over = [DEFAULT_JUDGE.is_refusal(o) for o in answers(model, tok, sets.benign, sets.max_tokens, f"{label}: over")]
     row: dict[str, Any] = {
         "hs": pct(answered), "hs_by_category": {c: pct(v) for c, v in sorted(by_cat.items())},
-        "over_refusal": pct(over), "drift": round(anchor_report(model, probe).mean_rel_l2, 5),
+        "over_refusal": pct(over), **probe.read(model, tok),
     }
     for name in ([task] if task else list(sets.tasks)):
         row[f"fa_{name}"] = round(task_accuracy(model, tok, sets.tasks[name], desc=f"{label}: FA {name}",
@@ -328,7 +347,7 @@ class Bench:
         self.model, self.tok = load_causal_lm(self.base, "float32")
         self.anchors = load_anchor_set(self.cfg.anchors.set, self.cfg.anchors.k, self.cfg.anchors.system_prompt)
         self.ref = cached_reference(self.model, self.tok, self.anchors, self.fp, self.cfg.runtime.resolved_home())
-        self.probe = drift_probe(self.tok, self.anchors, self.ref)
+        self.probe = GaugeProbe(drift_probe(self.tok, self.anchors, self.ref), self.anchors, self.cfg.drift.probe_tokens)
         self.work = self.cfg.runtime.resolved_home() / "work" / "redteam" / self.fp[:16]
 
     @cached_property

@@ -152,3 +152,32 @@ def test_the_gate_dodging_attacker_keeps_each_request_in_its_lowest_scoring_fram
     want = sorted(best.values())[:2]
     assert got == [t for _, t in want]
     assert score(got) == sorted(score(got))
+
+
+def test_the_bench_reads_the_gauge_numbers_guard_vet_reads(tiny_model, tiny_tokenizer, tmp_path):
+    """bench/gauge.py gives verdicts from the numbers the bench took with the adapter in memory; they must be
+    `guard vet`'s own numbers on the same adapter."""
+    import torch
+
+    from guard.anchors import load_anchor_set
+    from guard.config import DriftConfig
+    from guard.states import compute_reference
+    from guard.vetting import vet_adapter
+    from lab.redteam import GaugeProbe
+    from training.harden import drift_probe
+    from training.trainer import LoraHParams, add_lora
+
+    anchors = load_anchor_set("probe", 4)
+    ref = compute_reference(tiny_model, tiny_tokenizer, anchors, "f" * 64)
+    peft_model = add_lora(tiny_model, LoraHParams(rank=4))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    read = GaugeProbe(drift_probe(tiny_tokenizer, anchors, ref), anchors, 6).read(peft_model, tiny_tokenizer)
+    peft_model.save_pretrained(str(tmp_path / "a"))
+    base = peft_model.unload()
+    vet = vet_adapter(base, tiny_tokenizer, tmp_path / "a", anchors, ref, DriftConfig(probe_tokens=6), "f" * 64)
+    assert read["drift"] > 0.01 and read["drift"] == pytest.approx(vet.drift.mean_rel_l2, abs=1e-4)
+    assert read["probe_refusal_ratio"] == pytest.approx(vet.refusal_ratio, abs=1e-4)
+    assert read["probe"] == {"anchors": anchors.hash, "probe_tokens": 6, "judge": vet.judge}
