@@ -282,6 +282,12 @@ def _gate_label(d: dict, quote: str = "`") -> str:
     return f"gate data v{d.get('gate_data', 1)}, calibration {quote}{d.get('calibration', 'none')}{quote}{layer}"
 
 
+def _dev_note(d: dict) -> str:
+    dev = [a["name"] for a in d["adapters"] if str(a.get("family") or a["name"]).startswith("dev_")]
+    return (f"; {', '.join(dev)} is the development family's adapter (the hardening λ was chosen on it, no lock "
+            "choice read it)") if dev else ""
+
+
 def lock_conditional(d: dict) -> str:
     out = ["| model | HS % off → conditional → all | FA % off → conditional → all | over-refusal % off → conditional → all | gate flags (harmful / benign) |",
            "|---|---|---|---|---|"]
@@ -311,8 +317,8 @@ def lock_conditional(d: dict) -> str:
                f"Action `{d.get('action', 'steer')}`, chosen on the development adapter; the `all` column at strength "
                f"{d.get('unconditional_strength', d['strength'])}. HS: StrongREJECT eval split; "
                f"over-refusal: the generator's held-out templates; FA: each adapter's task (arithmetic for the base and "
-               f"harmful-only). Judge keyword-refusal, greedy 32 tokens (6 for FA). No adapter here played any part in "
-               f"a choice. Commits {', '.join(d['units_commits'])}.")
+               f"harmful-only). Judge keyword-refusal, greedy 32 tokens (6 for FA). No SFT adapter here played any part in "
+               f"any choice{_dev_note(d)}. Commits {', '.join(d['units_commits'])}.")
     return "\n".join(out)
 
 
