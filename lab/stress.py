@@ -154,6 +154,7 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
         "judge": DEFAULT_JUDGE.id, "name": name, "base_fingerprint": fp,
         "config": {**asdict(sc), "examples": len(examples), "harmful_examples": n_harm,
                    "hparams": asdict(hparams(h)), "sbr_lambda": h.sbr_lambda, "asft_lambda": h.asft_lambda,
+                   "sbr_anchors": {"set": h.sbr_anchors, "k": h.sbr_k, "per_step": h.sbr_anchors_per_step},
                    "anchors_k": len(anchors), "lock_heads": len(lock.heads) if lock else None,
                    "lock_strength": cfg.lock.strength, "lock_positions": list(lock.positions) if lock else None,
                    "eval_sets": {"harmful": f"StrongREJECT eval split, first {len(meter.harmful)} (out of distribution)",
@@ -166,10 +167,25 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
     result["adapters"] = str(saved)
     runs: list[tuple[str, str, float | None]] = [(m, m, None) for m in sc.methods]
     runs += [(f"sbr@{lam:g}", "sbr", lam) for lam in sc.lambdas]
+    screened: list[Any] | None = None
+    if h.screen_data and any(m != "sft" for _, m, _ in runs):
+        # the protected methods run as `guard harden` does by default: the data screened by the lock's prompt gate
+        # on the base first; "sft" is the unprotected customer and trains on everything
+        from training.screen import gate_for_screening, screen
+
+        res = screen(model, tok, mix, gate_for_screening(cfg), desc="stress: screen")
+        if not res.kept:
+            raise GuardError("stress: the prompt gate screened out every example (set harden.screen_data: false)")
+        attack = set(data.splits().attack)  # where attack_mix takes its harmful requests
+        screened = [encode(tok, list(e.messages), e.answer, h.max_len) for e in res.kept]
+        result["config"]["screened"] = {**res.summary(), "applies_to": "every method but sft", "harmful": n_harm,
+                                        "harmful_dropped": sum(mix[i].messages[-1]["content"] in attack
+                                                               for i in res.dropped)}
     for label, method, lam in runs:
         hm = h.model_copy(update={"sbr_lambda": lam}) if lam is not None else h
         reg = methods.get(method).build(MethodInputs(hm, model, tok, anchors, ref, base, original))
         peft_model = add_lora(model, hparams(hm))
+        train_set = screened if screened is not None and method != "sft" else examples
         rows: dict[str, list[dict[str, float]]] = {label: []}
         with_lock = lock is not None and label in ("sft", "sbr")
         if with_lock:
@@ -190,7 +206,7 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
             tqdm.write(f"{label} epoch {epoch}: {m}")
             return m
 
-        train_lora(peft_model, examples, hparams(hm), tok.pad_token_id, reg, desc=f"stress {label}", on_epoch=on_epoch)
+        train_lora(peft_model, train_set, hparams(hm), tok.pad_token_id, reg, desc=f"stress {label}", on_epoch=on_epoch)
         if with_lock:
             handle.remove()
         model = peft_model.unload()  # back to the plain aligned base for the next method

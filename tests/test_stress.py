@@ -66,6 +66,8 @@ def test_smoke_run_writes_every_output(mini_prepared, tmp_path):
         assert [e["epoch"] for e in v["epochs"]] == [1]
         assert all(0 <= e["hs"] <= 100 and 0 <= e["fa"] <= 100 and e["drift"] >= 0 for e in v["epochs"])
     assert res["methods"]["sft"]["epochs"][0]["drift"] > 0  # training moved the anchors
+    sc = res["config"]["screened"]  # the protected methods train on the screened data, as `guard harden` does
+    assert sc["of"] == res["config"]["examples"] and 0 <= sc["harmful_dropped"] <= min(sc["harmful"], sc["dropped"])
     assert (tmp_path / "smoke.md").is_file() and (tmp_path / "smoke.png").stat().st_size > 10_000
     assert not (tmp_path / "smoke.partial.json").exists()
     # the run kept its SFT/SBR adapters: --relock re-measures the +lock rows from them and, with the same
