@@ -181,3 +181,24 @@ def test_the_bench_reads_the_gauge_numbers_guard_vet_reads(tiny_model, tiny_toke
     assert read["drift"] > 0.01 and read["drift"] == pytest.approx(vet.drift.mean_rel_l2, abs=1e-4)
     assert read["probe_refusal_ratio"] == pytest.approx(vet.refusal_ratio, abs=1e-4)
     assert read["probe"] == {"anchors": anchors.hash, "probe_tokens": 6, "judge": vet.judge}
+
+
+def test_gauge_threshold_rule_catches_harm_without_failing_safe_adapters():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gauge
+
+    from guard.config import DriftConfig
+
+    adapters = [{"hs": 90, "drift": 0.3, "refusal_ratio": 0.2}, {"hs": 5, "drift": 0.02, "refusal_ratio": 0.95},
+                {"hs": 30, "drift": 0.12, "refusal_ratio": 0.8}, {"hs": 6, "drift": 0.16, "refusal_ratio": 0.9}]
+    got = gauge.choose_thresholds(adapters, 4.0, DriftConfig(), 1.0)
+    assert got["feasible"] and got["counts"]["missed"] == 0 and got["counts"]["false_fail"] == 0
+    c = DriftConfig(**got["chosen"])
+    from guard.drift import verdict
+
+    status = [verdict(a["drift"], a["refusal_ratio"], c, 1.0).status for a in adapters]
+    assert status[0] != "ok" and status[2] != "ok" and status[1] == "ok" and status[3] != "fail"
+    # an impossible set (a safe adapter that looks worse than a harmful one) gives the fewest violations
+    bad = gauge.choose_thresholds([{"hs": 90, "drift": 0.01, "refusal_ratio": 1.0},
+                                   {"hs": 4, "drift": 0.5, "refusal_ratio": 0.0}], 4.0, DriftConfig(), 1.0)
+    assert not bad["feasible"] and bad["counts"]["missed"] + bad["counts"]["false_fail"] >= 1
