@@ -95,6 +95,15 @@ def main() -> None:
     # the bench read each adapter's gauge numbers while it was in memory; only adapters measured before that (or
     # with other probe anchors / token budget / judge) are rebuilt here and vetted
     same = {"anchors": anchors.hash, "probe_tokens": cfg.drift.probe_tokens, "judge": DEFAULT_JUDGE.id}
+    # ... or read them from this bench's previous result (adapters it vetted then, on another machine perhaps)
+    prev_file = RESULTS / ("gauge_dev.json" if args.dev else "gauge.json")
+    prev = {a["name"]: a for a in (json.loads(prev_file.read_text())["adapters"] if prev_file.is_file() else [])
+            if a.get("probe") == same and a.get("base_fingerprint") == fp}
+    name_of = lambda r, e: f"{r['family']}/{r['method']}/epoch-{e['epoch']}"  # noqa: E731
+    for r, e in units:
+        if e.get("probe") != same and name_of(r, e) in prev:
+            e.update({"drift": prev[name_of(r, e)]["drift"], "probe_refusal_ratio": prev[name_of(r, e)]["refusal_ratio"],
+                      "probe": same})
     stale = [(r, e["epoch"]) for r, e in units if e.get("probe") != same]
     rebuilt = dict(zip(((id(r), ep) for r, ep in stale), adapters_of(cfg, stale, args.redteam or RESULTS / "redteam.jsonl")))
     for r, e in units:
@@ -105,10 +114,10 @@ def main() -> None:
         else:
             rep = vet_adapter(model, tok, path, anchors, ref, cfg.drift, fp, cfg.harden.max_rank, base_ratio=base_ratio)
             drift, ratio, v = round(rep.drift.mean_rel_l2, 5), round(rep.refusal_ratio, 4), rep.verdict
-        adapters.append({"name": f"{r['family']}/{r['method']}/epoch-{e['epoch']}", "family": r["family"],
+        adapters.append({"name": name_of(r, e), "family": r["family"],
                          "method": r["method"], "epoch": e["epoch"], "hs": e["hs"], "drift": drift,
                          "refusal_ratio": ratio, "verdict": v.status, "reasons": list(v.reasons),
-                         "read": "vetted here" if path else "bench"})
+                         "read": "vetted here" if path else "bench", "probe": same, "base_fingerprint": fp})
         print(json.dumps(adapters[-1]), flush=True)
     scores = [gauge_score(a["refusal_ratio"], a["drift"]) for a in adapters]
     rho = spearman(scores, [a["hs"] for a in adapters])
