@@ -103,7 +103,7 @@ def main() -> None:
     for r, e in units:
         if e.get("probe") != same and name_of(r, e) in prev:
             e.update({"drift": prev[name_of(r, e)]["drift"], "probe_refusal_ratio": prev[name_of(r, e)]["refusal_ratio"],
-                      "probe": same})
+                      "probe": same, "read_by": "an earlier bench/gauge.py run"})
     stale = [(r, e["epoch"]) for r, e in units if e.get("probe") != same]
     rebuilt = dict(zip(((id(r), ep) for r, ep in stale), adapters_of(cfg, stale, args.redteam or RESULTS / "redteam.jsonl")))
     for r, e in units:
@@ -117,7 +117,7 @@ def main() -> None:
         adapters.append({"name": name_of(r, e), "family": r["family"],
                          "method": r["method"], "epoch": e["epoch"], "hs": e["hs"], "drift": drift,
                          "refusal_ratio": ratio, "verdict": v.status, "reasons": list(v.reasons),
-                         "read": "vetted here" if path else "bench", "probe": same, "base_fingerprint": fp})
+                         "read": "vetted here" if path else e.get("read_by", "red-team bench"), "probe": same, "base_fingerprint": fp})
         print(json.dumps(adapters[-1]), flush=True)
     scores = [gauge_score(a["refusal_ratio"], a["drift"]) for a in adapters]
     rho = spearman(scores, [a["hs"] for a in adapters])
