@@ -348,7 +348,7 @@ class Bench:
         self.anchors = load_anchor_set(self.cfg.anchors.set, self.cfg.anchors.k, self.cfg.anchors.system_prompt)
         self.ref = cached_reference(self.model, self.tok, self.anchors, self.fp, self.cfg.runtime.resolved_home())
         self.probe = GaugeProbe(drift_probe(self.tok, self.anchors, self.ref), self.anchors, self.cfg.drift.probe_tokens)
-        self.work = self.cfg.runtime.resolved_home() / "work" / "redteam" / self.fp[:16]
+        self.work = work_dir(self.cfg, self.fp)
 
     @cached_property
     def gate(self) -> Any:
@@ -491,6 +491,11 @@ class Bench:
         return result
 
 
+def work_dir(cfg: GuardConfig, fp: str) -> Path:
+    """Where the units trained on the base `fp` keep their adapters and checkpoints (under the data dir)."""
+    return cfg.runtime.resolved_home() / "work" / "redteam" / fp[:16]
+
+
 def last_epoch(row: dict[str, Any]) -> int:
     return max(e["epoch"] for e in row["epochs"])
 
@@ -501,7 +506,7 @@ def adapters_of(cfg: GuardConfig, units: list[tuple[dict[str, Any], int]], out: 
     paths: list[Path] = []
     bench: Bench | None = None
     for r, epoch in units:
-        local = cfg.runtime.resolved_home() / "work" / "redteam" / adapter_base(r) / r["family"] / r["method"]
+        local = work_dir(cfg, adapter_base(r)) / r["family"] / r["method"]
         if (local / f"epoch-{epoch}").is_dir():
             paths.append(local / f"epoch-{epoch}")
             continue
