@@ -240,25 +240,36 @@ def gate_dev(d: dict) -> str:
     models = list(d["layers"][0]["tpr"])
     chosen = d["chosen"] if isinstance(d["chosen"], dict) else {"layer": d["chosen"], "calibration": "none"}
     tasks = "task_fpr" in d["layers"][0]
-    out = ["| layer | calibration | " + " | ".join(f"{m}: dev harmful flagged %" for m in models) + " | "
-           + " | ".join(f"{m}: dev benign flagged %" for m in models) + (" | dev task questions flagged % (worst model)" if tasks else "")
-           + " |", "|---|---|" + "---|" * (2 * len(models) + tasks)]
-    for r in d["layers"]:
-        cal = r.get("calibration", "none")
-        bold = "**" if (r["layer"], cal) == (chosen.get("layer"), chosen.get("calibration")) else ""
-        out.append(f"| {bold}{r['layer']}{bold} | {bold}{cal}{bold} | " + " | ".join(f"{r['tpr'][m]:.1f}" for m in models)
-                   + " | " + " | ".join(f"{r['fpr'][m]:.1f}" for m in models)
+    v5 = "generation" in d["layers"][0]  # rule v5: also the gate's data generation and max_fpr; one calibration shown
+    keys = ("generation", "max_fpr", "layer", "calibration") if v5 else ("layer", "calibration")
+    rows = [r for r in d["layers"] if not v5 or r["calibration"] == chosen["calibration"]]
+    out = ["| " + " | ".join(k.replace("_", " ") for k in keys) + " | "
+           + " | ".join(f"{m}: dev harmful flagged %" for m in models) + " | "
+           + " | ".join(f"{m}: dev benign flagged %" for m in models)
+           + (" | dev task questions flagged % (worst model)" if tasks else "") + " |",
+           "|" + "---|" * (len(keys) + 2 * len(models) + tasks)]
+    for r in rows:
+        r = {"calibration": "none", **r}
+        bold = "**" if all(r[k] == chosen.get(k) for k in keys) else ""
+        out.append("| " + " | ".join(f"{bold}{r[k]}{bold}" for k in keys) + " | "
+                   + " | ".join(f"{r['tpr'][m]:.1f}" for m in models) + " | " + " | ".join(f"{r['fpr'][m]:.1f}" for m in models)
                    + (f" | {max(r['task_fpr'].values()):.1f}" if tasks else "") + " |")
-    out.append(f"\nGate fitted on the aligned base ({d['train']['harmful']} harmful / {d['train']['benign']} benign "
-               f"training prompts), threshold at ≤ {100 * d['max_fpr']:.0f}% of the base's dev benign prompts; per "
-               f"model, calibrated as the server calibrates each adapter (benign rates cross-fitted on halves of the "
-               f"dev prompts). Dev harmful n={d['dev_harmful']} (pyrit red-team objectives, AdvBench attack split, "
-               f"scorer dev third), dev benign n={d['dev_benign']} ("
-               + ("the over-refusal generator's dev templates" if d.get("gate_data", 3) >= 4
+    train = d["train"]
+    sizes = (f"{train['harmful']} harmful / {train['benign']} benign" if "harmful" in train else
+             "; ".join(f"{g}: {t['harmful']} harmful / {t['benign']} benign" for g, t in train.items()))
+    threshold = (f"threshold at ≤ max fpr of the base's dev benign prompts; rows with calibration `{chosen['calibration']}` shown"
+                 if v5 else f"threshold at ≤ {100 * d['max_fpr']:.0f}% of the base's dev benign prompts")
+    halves = "halves of the dev *templates* (phrasings the threshold never saw)" if d.get("halves") == "by template" \
+        else "halves of the dev prompts"
+    out.append(f"\nGate fitted on the aligned base ({sizes} training prompts), {threshold}; per model, calibrated as "
+               f"the server calibrates each adapter (benign rates cross-fitted on {halves}). Dev harmful "
+               f"n={d['dev_harmful']} (pyrit red-team objectives, AdvBench attack split, scorer dev third), dev benign "
+               f"n={d['dev_benign']} ("
+               + ("the over-refusal generator's dev templates" if v5 or d.get("gate_data", 3) >= 4
                   else "a dev slice of its train templates") + ")"
                + (f", dev task questions n={d['dev_tasks']}" if tasks else "") + f". Rule {d['rule'].split(':')[0]} "
-               f"(the rules are in bench/lock_gate_dev.py, each written before its rows). Chosen: **layer "
-               f"{chosen.get('layer')}, calibration {chosen.get('calibration')}**. Commit {d['commit']}.")
+               f"(the rules are in bench/lock_gate_dev.py, each written before its rows). Chosen: **"
+               + ", ".join(f"{k.replace('_', ' ')} {chosen.get(k)}" for k in keys) + f"**. Commit {d['commit']}.")
     return "\n".join(out)
 
 

@@ -57,14 +57,19 @@ class GateData:
     dev_benign: list[str]  # sets the threshold and calibrates adapters; never trained on
 
 
-def gate_data(cap: int | None = None) -> GateData:
-    """The gate's fixed training data; `cap` keeps that many prompts per side (a fixed hash order)."""
+GATE_GENERATION = 1  # which train-template generations of the over-refusal generator the gate trains on
+
+
+def gate_data(cap: int | None = None, generation: int = GATE_GENERATION) -> GateData:
+    """The gate's fixed training data; `cap` keeps that many prompts per side (a fixed hash order); `generation`:
+    the over-refusal generator's train templates of that generation and earlier (benign side, and their harmful
+    twins on the harmful side)."""
     from training import data, overrefusal
 
     s = data.splits()
     harmful = list(dict.fromkeys([*s.lock, *s.align, *data.scorer_split("train"),
-                                  *(p.text for p in overrefusal.harmful_twins("train", generation=1))]))
-    benign = list(dict.fromkeys([*(p.text for p in overrefusal.contrast_prompts("train", generation=1)), *s.benign_align,
+                                  *(p.text for p in overrefusal.harmful_twins("train", generation=generation))]))
+    benign = list(dict.fromkeys([*(p.text for p in overrefusal.contrast_prompts("train", generation=generation)), *s.benign_align,
                                  *s.edgy_align, *task_prompts()]))
     if cap is not None:
         harmful, benign = data._hash_order(harmful)[:cap], data._hash_order(benign)[:cap]
