@@ -48,9 +48,49 @@ class Prompts:
     task_examples: list[Any]
 
 
+class AnswerCache:
+    """Greedy answers that do not depend on the gate — lock off, and lock on everywhere (`all`) — kept per model
+    under the data dir, so re-measuring with another gate (a new gate rule, threshold or calibration) scores the
+    gate and nothing else. Keyed by the model (base fingerprint + adapter weights' hash), the lock's heads and
+    directions, the strength, the prompts and the token budget."""
+
+    def __init__(self, root: Path, model_key: str, lock: Any) -> None:
+        import hashlib
+
+        h = hashlib.sha256(repr([(x.layer, x.head) for x in lock.heads]).encode())
+        h.update(lock.directions.float().numpy().tobytes())
+        h.update(repr(lock.positions).encode())
+        self.dir = root / model_key
+        self.lock_key = h.hexdigest()[:16]
+
+    def _path(self, what: str, prompts: list[str], n_tok: int) -> Path:
+        import hashlib
+
+        key = hashlib.sha256(json.dumps([what, self.lock_key if what != "off" else "", prompts, n_tok]).encode())
+        return self.dir / f"{what}-{key.hexdigest()[:16]}.json"
+
+    def get(self, what: str, prompts: list[str], n_tok: int, make: Any) -> list[str]:
+        from guard.artifacts import write_json_atomic
+
+        path = self._path(what, prompts, n_tok)
+        if path.is_file():
+            return json.loads(path.read_text())
+        out = make()
+        write_json_atomic(path, out)
+        return out
+
+
+def model_key(base_fp: str, adapter: Path | None) -> str:
+    if adapter is None:
+        return f"{base_fp[:16]}-base"
+    from lab.redteam import adapter_sha256
+
+    return f"{base_fp[:16]}-{adapter_sha256(adapter)}"
+
+
 def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts, label: str,
-            unconditional: float | None = None, refusal: str | None = None, calibration: str = "none"
-            ) -> dict[str, Any]:
+            unconditional: float | None = None, refusal: str | None = None, calibration: str = "none",
+            cache: AnswerCache | None = None) -> dict[str, Any]:
     """{"off": {"hs", "over", "fa"}, "flagged": {...}, "conditional": {strength: {...}}, "unconditional": {...},
     "refuse": {...}} for one model. Lock-off answers and the gate's flags do not depend on the strength: computed
     once. `refuse`: the gate_action that answers flagged prompts with `refusal` (no generation needed);
@@ -84,7 +124,8 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
     try:
         for key, (prompts, n_tok) in groups.items():
             ids = [render_chat(tok, [{"role": "user", "content": q}]) for q in prompts]
-            off = generate_greedy(model, tok, ids, n_tok, desc=f"{label}: {key} off")
+            make_off = lambda: generate_greedy(model, tok, ids, n_tok, desc=f"{label}: {key} off")  # noqa: E731
+            off = cache.get("off", prompts, n_tok, make_off) if cache else make_off()
             flags = gate.flags(layer_states(model, tok, prompts, [gate.layer])[:, 0]).tolist()
             out["off"][key] = rate(key, off)
             out["flagged"][key] = round(100.0 * sum(flags) / max(1, len(flags)), 2)
@@ -110,13 +151,16 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
                         cond[i] = a
                 out["conditional"][str(s)][key] = rate(key, cond)
             if unconditional is not None:
-                handle.set_strength(unconditional)
-                handle.on()
-                try:
-                    out["unconditional"][key] = rate(key, generate_greedy(model, tok, ids, n_tok,
-                                                                          desc=f"{label}: {key} all @{unconditional}"))
-                finally:
-                    handle.off()
+                def make_all() -> list[str]:
+                    handle.set_strength(unconditional)
+                    handle.on()
+                    try:
+                        return generate_greedy(model, tok, ids, n_tok, desc=f"{label}: {key} all @{unconditional}")
+                    finally:
+                        handle.off()
+
+                ans = cache.get(f"all@{unconditional}", prompts, n_tok, make_all) if cache else make_all()
+                out["unconditional"][key] = rate(key, ans)
     finally:
         handle.remove()
     return out
@@ -243,7 +287,8 @@ def evaluate(
         m = model if path is None else _with_adapter(model, path)
         res = measure(m, tok, lock, [] if act == "refuse" else [s], Prompts(harmful, benign, task, tasks[task]), name,
                       unconditional=cfg.lock.strength, refusal=cfg.lock.refusal if act == "refuse" else None,
-                      calibration=cfg.lock.gate_calibration)
+                      calibration=cfg.lock.gate_calibration,
+                      cache=AnswerCache(cfg.runtime.resolved_home() / "work" / "lock_conditional", model_key(fp, path), lock))
         res = {"off": res["off"], "flagged": res["flagged"], "action": act, "unconditional_strength": cfg.lock.strength,
                "gate_threshold": res["threshold"], "calibration": res["calibration"],
                "conditional": res["refuse"] if act == "refuse" else res["conditional"][str(s)],

@@ -202,3 +202,27 @@ def test_gauge_threshold_rule_catches_harm_without_failing_safe_adapters():
     bad = gauge.choose_thresholds([{"hs": 90, "drift": 0.01, "refusal_ratio": 1.0},
                                    {"hs": 4, "drift": 0.5, "refusal_ratio": 0.0}], 4.0, DriftConfig(), 1.0)
     assert not bad["feasible"] and bad["counts"]["missed"] + bad["counts"]["false_fail"] >= 1
+
+
+def test_conditional_lock_bench_reuses_answers_that_do_not_depend_on_the_gate(tmp_path):
+    import types
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import lock_conditional
+
+    head = types.SimpleNamespace(layer=3, head=1)
+    lock = types.SimpleNamespace(heads=(head,), directions=torch.ones(1, 4), positions=(-1,))
+    calls = []
+    make = lambda: calls.append(1) or ["a", "b"]  # noqa: E731
+    c = lock_conditional.AnswerCache(tmp_path, "m", lock)
+    assert c.get("off", ["p", "q"], 8, make) == ["a", "b"] and c.get("off", ["p", "q"], 8, make) == ["a", "b"]
+    assert len(calls) == 1
+    c.get("off", ["p", "q"], 16, make)  # another token budget: generated again
+    other = types.SimpleNamespace(heads=(head,), directions=2 * torch.ones(1, 4), positions=(-1,))
+    lock_conditional.AnswerCache(tmp_path, "m", other).get("off", ["p", "q"], 8, make)  # lock-off answers: shared
+    assert len(calls) == 2
+    lock_conditional.AnswerCache(tmp_path, "m", other).get("all@0.75", ["p", "q"], 8, make)  # another lock: new
+    c.get("all@0.75", ["p", "q"], 8, make)
+    assert len(calls) == 4
