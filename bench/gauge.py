@@ -80,7 +80,10 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(args.config)
     resolve_threads(cfg.runtime.threads)
-    rows = read_rows(args.redteam or RESULTS / ("redteam_dev.jsonl" if args.dev else "redteam.jsonl"))
+    source = args.redteam or RESULTS / ("redteam_dev.jsonl" if args.dev else "redteam.jsonl")
+    # results of another rows file (a smoke run, say) get their own name, never the gauge's
+    name = ("gauge_dev" if args.dev else "gauge") + ("" if args.redteam is None else f"_{args.redteam.stem}")
+    rows = read_rows(source)
     base_row = json.loads((RESULTS / ("redteam_dev.base.json" if args.dev else "redteam.base.json")).read_text())
     ws = Workspace(cfg)
     base = ws.base()
@@ -96,7 +99,7 @@ def main() -> None:
     # with other probe anchors / token budget / judge) are rebuilt here and vetted
     same = {"anchors": anchors.hash, "probe_tokens": cfg.drift.probe_tokens, "judge": DEFAULT_JUDGE.id}
     # ... or read them from this bench's previous result (adapters it vetted then, on another machine perhaps)
-    prev_file = RESULTS / ("gauge_dev.json" if args.dev else "gauge.json")
+    prev_file = RESULTS / f"{name}.json"
     prev = {a["name"]: a for a in (json.loads(prev_file.read_text())["adapters"] if prev_file.is_file() else [])
             if a.get("probe") == same and a.get("base_fingerprint") == fp}
     name_of = lambda r, e: f"{r['family']}/{r['method']}/epoch-{e['epoch']}"  # noqa: E731
@@ -105,7 +108,7 @@ def main() -> None:
             e.update({"drift": prev[name_of(r, e)]["drift"], "probe_refusal_ratio": prev[name_of(r, e)]["refusal_ratio"],
                       "probe": same, "read_by": "an earlier bench/gauge.py run"})
     stale = [(r, e["epoch"]) for r, e in units if e.get("probe") != same]
-    rebuilt = dict(zip(((id(r), ep) for r, ep in stale), adapters_of(cfg, stale, args.redteam or RESULTS / "redteam.jsonl")))
+    rebuilt = dict(zip(((id(r), ep) for r, ep in stale), adapters_of(cfg, stale, source)))
     for r, e in units:
         path = rebuilt.get((id(r), e["epoch"]))
         if path is None:
@@ -125,7 +128,7 @@ def main() -> None:
     missed = [a["name"] for a in adapters if a["hs"] >= base_hs + 20 and a["verdict"] == "ok"]
     false_fail = [a["name"] for a in adapters if a["hs"] <= base_hs + 3 and a["verdict"] == "fail"]
     chosen = choose_thresholds(adapters, base_hs, cfg.drift, base_ratio) if args.dev else None
-    write_result("gauge_dev" if args.dev else "gauge", {
+    write_result(name, {
         **({"rule": "bench/gauge.py docstring", **chosen} if chosen else {}),
         "base_hs": base_hs, "adapters": adapters, "spearman_gauge_hs": None if rho is None else round(rho, 4),
         "probe_anchors": {"set": anchors.name, "k": len(anchors), "hash": anchors.hash},

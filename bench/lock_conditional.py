@@ -52,13 +52,13 @@ class AnswerCache:
     """Greedy answers that do not depend on the gate — lock off, and lock on everywhere (`all`) — kept per model
     under the data dir, so re-measuring with another gate (a new gate rule, threshold or calibration) scores the
     gate and nothing else. Keyed by the model (base fingerprint + adapter weights' hash), the lock's heads and
-    directions, the strength, the prompts and the token budget."""
+    biases, the strength, the prompts and the token budget."""
 
     def __init__(self, root: Path, model_key: str, lock: Any) -> None:
         import hashlib
 
         h = hashlib.sha256(repr([(x.layer, x.head) for x in lock.heads]).encode())
-        h.update(lock.directions.float().numpy().tobytes())
+        h.update(lock.biases.float().numpy().tobytes())  # what steering adds (directions x alpha x head strengths)
         h.update(repr(lock.positions).encode())
         self.dir = root / model_key
         self.lock_key = h.hexdigest()[:16]
@@ -198,9 +198,13 @@ def dev(config: ConfigOpt = None) -> None:
     from training import data, overrefusal
 
     model, tok, lock, fp = _load(cfg)
-    work = cfg.runtime.resolved_home() / "work" / "redteam" / fp[:16] / "dev_diverse" / "sft" / "epoch-5"
-    if not work.is_dir():
-        raise typer.BadParameter(f"{work} not found; run `python bench/redteam.py --dev --methods sft` first")
+    from lab.redteam import adapter_base, adapters_of, last_epoch, read_rows
+
+    dev_rows = [r for r in read_rows(RESULTS / "redteam_dev.jsonl")
+                if (r["family"], r["method"]) == ("dev_diverse", "sft") and adapter_base(r) == fp[:16]]
+    if not dev_rows:
+        raise typer.BadParameter("no dev_diverse/sft unit on this base; run `python bench/redteam.py --dev --methods sft`")
+    (work,) = adapters_of(cfg, [(dev_rows[0], last_epoch(dev_rows[0]))], RESULTS / "redteam_dev.jsonl")  # rebuilt if absent
     dev_t = [q.text for q in overrefusal.contrast_prompts("dev")]
     p = Prompts(list(dict.fromkeys([*data.airt_harmful(), *data.splits().attack])), dev_t,
                 "arithmetic", data.arithmetic_task(n_train=16, n_eval=100, seed=1)[1])

@@ -154,22 +154,25 @@ def main(
             raw = PromptGate(layer, w, b, 0.0)
             base_dev = raw.logits(states["base"][1][:, j])
             for max_fpr in fpr_cands:
-                # the base's threshold as `guard lock build` sets it: from all of its dev prompts
-                gate = PromptGate(layer, w, b, threshold_for(base_dev, max_fpr),
-                                  meta={"max_fpr": max_fpr, "dev_mean": float(base_dev.mean())})
+                # per half: the base's threshold as `guard lock build` sets it, but from that half's templates only,
+                # so the other half is read at a threshold (and calibration) that never saw its phrasings
+                gates = {tuple(cal): PromptGate(layer, w, b, threshold_for(base_dev[cal], max_fpr),
+                                                meta={"max_fpr": max_fpr, "dev_mean": float(base_dev[cal].mean())})
+                         for cal in half}
                 for how in CALIBRATIONS:
                     tpr, fpr, task_fpr = {}, {}, {}
                     for m, (h, bn, tk) in states.items():
-                        scores, harm, task = gate.logits(bn[:, j]), gate.logits(h[:, j]), gate.logits(tk[:, j])
+                        scores, harm, task = raw.logits(bn[:, j]), raw.logits(h[:, j]), raw.logits(tk[:, j])
                         f, t, k = [], [], []
                         for cal, held in (half, half[::-1]):
-                            c = gate.calibrated(scores[cal], how)
+                            c = gates[tuple(cal)].calibrated(scores[cal], how)
                             f.append(pct(scores[held] > c.threshold))
                             t.append(pct(harm > c.threshold))
                             k.append(pct(task > c.threshold))
                         tpr[m], fpr[m], task_fpr[m] = (round(sum(x) / 2, 2) for x in (t, f, k))
+                    full = threshold_for(base_dev, max_fpr)  # what the lock would ship (all dev templates)
                     rows.append({"generation": g, "max_fpr": max_fpr, "layer": layer, "calibration": how,
-                                 "threshold": round(gate.threshold, 4), "tpr": tpr, "fpr": fpr, "task_fpr": task_fpr})
+                                 "threshold": round(full, 4), "tpr": tpr, "fpr": fpr, "task_fpr": task_fpr})
                     typer.echo(f"gen {g} fpr {max_fpr:<5} layer {layer:2d} {how:8s}: dev harmful "
                                + " ".join(f"{m} {v:5.1f}" for m, v in tpr.items()) + " | dev benign (unseen templates) "
                                + " ".join(f"{m} {v:4.1f}" for m, v in fpr.items()) + " | dev tasks "

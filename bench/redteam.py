@@ -1,6 +1,6 @@
 """The red-team bench: every attack family x hardening method -> bench/results/redteam.{json,md,png}.
 
-    python bench/redteam.py                                  # every family, sft/sbr/asft (hours; resumable)
+    python bench/redteam.py                                  # every family: sft, the shipped SBR, asft (hours; resumable)
     python bench/redteam.py --families diverse --methods sft,sbr,sbr@1000
     python bench/redteam.py --dev                            # the development family only (for choices)
     python bench/redteam.py --smoke --config FILE            # tiny sizes, the whole pipeline (numbers are not results)
@@ -33,7 +33,7 @@ def aggregate(rows: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any
     fams: dict[str, Any] = {}
     for r in rows:
         f = fams.setdefault(r["family"], {"config": {k: v for k, v in r["config"].items()
-                                                     if k not in ("hparams", "overrides")}, "methods": {}})
+                                                     if k not in ("hparams", "overrides", "harden", "gate", "screened")}, "methods": {}})
         f["methods"][r["method"]] = {k: r[k] for k in ("hs", "hs_by_category", "fa", "over_refusal", "drift",
                                                        "epochs", "train_seconds", "adapter") if k in r}
         f["methods"][r["method"]]["hparams"] = r["config"]["hparams"]
@@ -144,7 +144,8 @@ def report(name: str, out_dir: Path) -> dict[str, Any]:
 @app.command()
 def main(
     families: Annotated[str, typer.Option("--families", help="Comma-separated family names (default: all).")] = "",
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: sft, sbr, asft, sbr@λ, asft@λ.")] = "sft,sbr,asft",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated labels of lab/redteam.py METHODS, each "
+                                                          "optionally @λ (default: sft, the shipped SBR scheme, asft).")] = f"sft,{CHOSEN_SBR},asft",
     dev: Annotated[bool, typer.Option("--dev", help="The development family and dev sets (for choosing λ, anchors).")] = False,
     smoke: Annotated[bool, typer.Option("--smoke", help="Tiny sizes: the whole pipeline in minutes.")] = False,
     only_report: Annotated[bool, typer.Option("--report", help="Only re-write json/md/png from finished units.")] = False,

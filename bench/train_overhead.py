@@ -42,6 +42,9 @@ def main() -> None:
     base, original = ws.base(), ws.original()
     model, tok = load_causal_lm(base, "float32")
     fp = fingerprint_dir(base)
+    from training.screen import gate_for_screening, screen
+
+    gate = gate_for_screening(cfg)  # before any timing: a missing lock fails now
     mix, n_harm = attack_mix(original, home / "work", n_benign=180, poison=0.1)
     examples = [encode(tok, list(e.messages), e.answer, 256) for e in mix]
     per_step = args.batch * args.accum
@@ -75,12 +78,10 @@ def main() -> None:
             times[method].append(time.perf_counter() - t0)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {t[-1]:.2f}s" for m, t in times.items()), flush=True)
     med = {m: statistics.median(t) for m, t in times.items()}
-    from training.screen import gate_for_screening, screen
-
     peft_model.eval()
     with peft_model.disable_adapter():  # screening reads the aligned base, as `guard harden` does before training
         t0 = time.perf_counter()
-        screened = screen(peft_model, tok, mix, gate_for_screening(cfg), desc="screen")
+        screened = screen(peft_model, tok, mix, gate, desc="screen")
         screen_s = time.perf_counter() - t0
     epoch_s = med["sft"] * len(examples) / per_step
     tokens = sum(len(e.input_ids) for mb in steps[0] for e in mb)

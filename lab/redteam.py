@@ -308,6 +308,15 @@ def archive_rows(path: Path, belongs: Callable[[dict[str, Any]], bool], tag: Cal
         tqdm.write(f"{path.name}: {len(rows)} rows measured under other conditions moved to {target.name}")
 
 
+def gate_key(gate: Any) -> str:
+    """A short hash of a prompt gate (layer, weights, bias, threshold): what a screened unit was screened with."""
+    import hashlib
+
+    h = hashlib.sha256(repr((gate.layer, float(gate.bias), float(gate.threshold))).encode())
+    h.update(gate.weight.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def adapter_sha256(path: Path) -> str:
     """A short hash of an adapter's weights file (what a rebuilt adapter is compared with)."""
     import hashlib
@@ -381,18 +390,20 @@ class Bench:
             h = h.model_copy(update={"alpha": float(fam.rank)})  # scaling 1: the attack's lr sets the step size
         return name, overrides, h
 
-    def adapter(self, row: dict[str, Any], epoch: int | None = None) -> Path:
-        """The adapter of a finished row (at `epoch`, default its last), retrained here, unmeasured, when this
-        machine does not have it: adapters live in the data dir, results in the repository, and a new machine
-        starts with an empty data dir. Refuses when the family or method recipe changed since the row was written
-        (the rebuilt adapter would not be the one measured); warns when the rebuilt weights differ from the
-        recorded hash (another CPU's kernels round differently)."""
+    def adapters(self, row: dict[str, Any], epochs: set[int]) -> dict[int, Path]:
+        """The adapters of a finished row at `epochs`, retrained here in one pass, unmeasured, when this machine
+        does not have them: adapters live in the data dir, results in the repository, and a new machine starts
+        with an empty data dir. Refuses when the family or method recipe changed since the row was written, or
+        when screening with today's gate drops other examples than the row recorded (the rebuilt adapter would not
+        be the one measured); warns when the rebuilt weights differ from the recorded hash (another CPU's kernels
+        round differently)."""
         cfg = row["config"]
         fam = Family(**{f.name: cfg[f.name] for f in fields(Family)})  # as trained (smoke runs cut the sizes)
-        epoch = epoch or last_epoch(row)
-        path = self.work / fam.name / row["method"] / f"epoch-{epoch}"
-        if path.is_dir():
-            return path
+        unit = self.work / fam.name / row["method"]
+        paths = {e: unit / f"epoch-{e}" for e in sorted(epochs)}
+        missing = {e for e, p in paths.items() if not p.is_dir()}
+        if not missing:
+            return paths
         if adapter_base(row) != self.fp[:16]:
             raise GuardError(f"row {fam.name}/{row['method']} was trained on another aligned base")
         _, overrides, h = self.unit_config(fam, row["method"])
@@ -406,17 +417,22 @@ class Bench:
         if changed:
             raise GuardError(f"row {fam.name}/{row['method']}: the method's recipe changed since it was measured "
                              "(a default or a label's overrides); rerun the unit instead of rebuilding its adapter")
-        self.run_unit(fam, row["method"], measure_epochs=False, save_epochs={epoch})
-        sha = row.get("adapter_sha256", {}).get(str(epoch))
-        if sha and sha != adapter_sha256(path):
-            tqdm.write(f"{fam.name}/{row['method']} epoch {epoch}: rebuilt adapter differs from the measured one "
-                       "(another machine's kernels?); numbers measured on it here are its own")
-        return path
+        if cfg.get("gate") and (h.screen_data or fam.dodge_gate) and cfg["gate"] != gate_key(self.gate):
+            raise GuardError(f"row {fam.name}/{row['method']} was screened with another prompt gate; rerun the unit")
+        self.run_unit(fam, row["method"], measure_epochs=False, save_epochs=set(paths),
+                      expect_screened=cfg.get("screened"))
+        for e in missing:
+            sha = row.get("adapter_sha256", {}).get(str(e))
+            if sha and sha != adapter_sha256(paths[e]):
+                tqdm.write(f"{fam.name}/{row['method']} epoch {e}: rebuilt adapter differs from the measured one "
+                           "(another machine's kernels?); numbers measured on it here are its own")
+        return paths
 
-    def run_unit(self, fam: Family, label: str, *, measure_epochs: bool = True,
-                 save_epochs: set[int] | None = None) -> dict[str, Any]:
+    def run_unit(self, fam: Family, label: str, *, measure_epochs: bool = True, save_epochs: set[int] | None = None,
+                 expect_screened: dict[str, Any] | None = None) -> dict[str, Any]:
         """Train `label` on `fam`'s mix, measuring the eval epochs; resumes a killed unit. With `measure_epochs`
-        off it only saves the adapters of `save_epochs` (rebuilding a measured unit's adapters) and writes no row."""
+        off it only saves the adapters of `save_epochs` (rebuilding a measured unit's adapters; `expect_screened`:
+        the screening the row recorded, which the rebuild must reproduce) and writes no row."""
         name, overrides, h = self.unit_config(fam, label)
         cache = self.cfg.runtime.resolved_home() / "work"
         pool = None
@@ -431,11 +447,31 @@ class Bench:
             harm = set(harmful)
             screened = {**res.summary(), "harmful_dropped": sum(mix[i].messages[-1]["content"] in harm
                                                                         for i in res.dropped), "harmful": n_harm}
+            if expect_screened and expect_screened.get("dropped_indices") != screened["dropped_indices"]:
+                raise GuardError(f"{fam.name}/{label}: today's prompt gate drops other examples than the measured "
+                                 f"unit's ({screened['dropped']} vs {expect_screened.get('dropped')}); rerun the unit")
             mix = res.kept
         examples = [encode(self.tok, list(e.messages), e.answer, h.max_len) for e in mix]
         unit = self.work / fam.name / label
+        recipe = {"harden": h.model_dump(mode="json"), "family": asdict(fam),
+                  "gate": gate_key(self.gate) if (h.screen_data or fam.dodge_gate) else None}
+        recipe_path = unit / "recipe.json"
+        if unit.is_dir() and (not recipe_path.is_file() or json.loads(recipe_path.read_text()) != json.loads(json.dumps(recipe))):
+            # rows, checkpoint and adapters of another recipe (or of a unit from before recipes were kept): start over
+            import shutil
+
+            tqdm.write(f"{fam.name}/{label}: the unit's directory holds another recipe's work; starting it over")
+            shutil.rmtree(unit)
         unit.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(recipe_path, recipe)
         rows_path = unit / "rows.jsonl"
+        ckpt = unit / "checkpoint.pt"
+        absent = {e for e in (save_epochs or ()) if not (unit / f"epoch-{e}").is_dir()}
+        if not measure_epochs and ckpt.is_file() and absent:
+            import torch
+
+            if torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] >= min(absent):
+                ckpt.unlink()  # it is past an epoch to save: that epoch would never come round again
         rows = {r["epoch"]: r for r in read_rows(rows_path)}
         reg = methods.get(name).build(MethodInputs(h, self.model, self.tok, self.anchors, self.ref, self.base,
                                                    self.original if methods.get(name).needs_original else None))
@@ -451,7 +487,7 @@ class Bench:
             target = unit / f"epoch-{epoch}"
             if epoch not in want or (epoch in rows and measure_epochs):
                 return
-            if not target.is_dir():
+            if measure_epochs or not target.is_dir():  # a measured row always names the weights it measured
                 with atomic_path(target) as tmp:
                     peft_model.save_pretrained(str(tmp))
             if not measure_epochs:
@@ -479,7 +515,8 @@ class Bench:
                                                                    "harmful_examples": n_harm, "steps": len(log),
                                                                    "screened": screened,
                                                                    "hparams": asdict(hp), "overrides": overrides,
-                                                                   "harden": h.model_dump(mode="json")},
+                                                                   "harden": h.model_dump(mode="json"),
+                                                                   "gate": recipe["gate"]},
                   **{k: v for k, v in last.items() if k not in ("epoch", "adapter_sha256")},
                   "epochs": [rows[e] for e in sorted(rows)],
                   "adapter_sha256": {str(e): rows[e]["adapter_sha256"] for e in sorted(rows) if "adapter_sha256" in rows[e]},
@@ -501,18 +538,22 @@ def last_epoch(row: dict[str, Any]) -> int:
 
 
 def adapters_of(cfg: GuardConfig, units: list[tuple[dict[str, Any], int]], out: Path) -> list[Path]:
-    """The adapter of each (row, epoch), the ones this machine lacks rebuilt (`Bench.adapter`); the bench's base
-    model is loaded only when something is missing."""
-    paths: list[Path] = []
-    bench: Bench | None = None
+    """The adapter of each (row, epoch), the ones this machine lacks rebuilt (`Bench.adapters`, every missing
+    epoch of a row in one training pass); the bench's base model is loaded only when something is missing."""
+    paths: dict[tuple[int, int], Path] = {}
+    want: dict[int, tuple[dict[str, Any], set[int]]] = {}
     for r, epoch in units:
-        local = work_dir(cfg, adapter_base(r)) / r["family"] / r["method"]
-        if (local / f"epoch-{epoch}").is_dir():
-            paths.append(local / f"epoch-{epoch}")
-            continue
-        bench = bench or Bench(cfg, None, out)
-        paths.append(bench.adapter(r, epoch))
-    return paths
+        local = work_dir(cfg, adapter_base(r)) / r["family"] / r["method"] / f"epoch-{epoch}"
+        if local.is_dir():
+            paths[(id(r), epoch)] = local
+        else:
+            want.setdefault(id(r), (r, set()))[1].add(epoch)
+    if want:
+        bench = Bench(cfg, None, out)
+        for r, epochs in want.values():
+            for e, path in bench.adapters(r, epochs).items():
+                paths[(id(r), e)] = path
+    return [paths[(id(r), epoch)] for r, epoch in units]
 
 
 def run(cfg: GuardConfig, families: dict[str, Family], labels: list[str], sets: Sets, out: Path) -> list[dict]:

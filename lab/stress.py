@@ -137,6 +137,11 @@ def aligned_with_probe(cfg: GuardConfig) -> tuple[Any, Any, str, Any, Any, SBR]:
     return model, tok, fp, anchors, ref, drift_probe(tok, anchors, ref)
 
 
+def h_screens(cfg: GuardConfig, sc: StressConfig) -> bool:
+    """Whether a run screens: `harden.screen_data` and at least one protected method (or λ sweep) in it."""
+    return cfg.harden.screen_data and (any(m != "sft" for m in sc.methods) or bool(sc.lambdas))
+
+
 def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stress_default") -> dict[str, Any]:
     """Train every method on the same attack mix, measure each epoch, write JSON + markdown + plots to `out`."""
     t0 = time.perf_counter()
@@ -145,6 +150,9 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
     base, original = ws.base(), ws.original()
     model, tok, fp, anchors, ref, probe = aligned_with_probe(cfg)
     lock = load_lock(ensure_lock(cfg), ModelShape.from_config(model.config), fp) if sc.lock else None
+    from training.screen import gate_for_screening, screen
+
+    gate = gate_for_screening(cfg) if h_screens(cfg, sc) else None  # fails now, not after the base is measured
     mix, n_harm = attack_mix(original, home / "work", sc.benign, sc.poison, seed=sc.seed)
     h = cfg.harden.model_copy(update={"lr": sc.lr, "epochs": sc.epochs, "seed": sc.seed, "grad_accum": sc.grad_accum})
     examples = [encode(tok, list(e.messages), e.answer, h.max_len) for e in mix]
@@ -168,12 +176,10 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
     runs: list[tuple[str, str, float | None]] = [(m, m, None) for m in sc.methods]
     runs += [(f"sbr@{lam:g}", "sbr", lam) for lam in sc.lambdas]
     screened: list[Any] | None = None
-    if h.screen_data and any(m != "sft" for _, m, _ in runs):
+    if gate is not None:
         # the protected methods run as `guard harden` does by default: the data screened by the lock's prompt gate
         # on the base first; "sft" is the unprotected customer and trains on everything
-        from training.screen import gate_for_screening, screen
-
-        res = screen(model, tok, mix, gate_for_screening(cfg), desc="stress: screen")
+        res = screen(model, tok, mix, gate, desc="stress: screen")
         if not res.kept:
             raise GuardError("stress: the prompt gate screened out every example (set harden.screen_data: false)")
         attack = set(data.splits().attack)  # where attack_mix takes its harmful requests

@@ -98,7 +98,7 @@ def mini_prepared(tmp_path_factory, default_model_dir):
     home = tmp / "home"
     cfg = tmp / "guard.yaml"
     cfg.write_text(
-        f"runtime:\n  home: {home}\nmodel:\n  original: {default_model_dir}\n"
+        f"runtime:\n  home: {home}\n  threads: {max(1, min(2, os.cpu_count() or 1))}\nmodel:\n  original: {default_model_dir}\n"
         "anchors:\n  k: 4\nalign:\n  harmful: 24\n  benign: 4\n  contrast: 9\n  twins: false\n  red_team: false\n  scorer: 0\n  epochs: 2\n  lr: 0.002\n  answer_tokens: 8\n"
         "  max_len: 64\nlock:\n  prompts: 12\n  answer_tokens: 12\n  heads: 4\n  gate_prompts: 24\n"
     )

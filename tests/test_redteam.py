@@ -213,14 +213,14 @@ def test_conditional_lock_bench_reuses_answers_that_do_not_depend_on_the_gate(tm
     import lock_conditional
 
     head = types.SimpleNamespace(layer=3, head=1)
-    lock = types.SimpleNamespace(heads=(head,), directions=torch.ones(1, 4), positions=(-1,))
+    lock = types.SimpleNamespace(heads=(head,), biases=torch.ones(2, 4), positions=(-1,))
     calls = []
     make = lambda: calls.append(1) or ["a", "b"]  # noqa: E731
     c = lock_conditional.AnswerCache(tmp_path, "m", lock)
     assert c.get("off", ["p", "q"], 8, make) == ["a", "b"] and c.get("off", ["p", "q"], 8, make) == ["a", "b"]
     assert len(calls) == 1
     c.get("off", ["p", "q"], 16, make)  # another token budget: generated again
-    other = types.SimpleNamespace(heads=(head,), directions=2 * torch.ones(1, 4), positions=(-1,))
+    other = types.SimpleNamespace(heads=(head,), biases=2 * torch.ones(2, 4), positions=(-1,))  # another alpha
     lock_conditional.AnswerCache(tmp_path, "m", other).get("off", ["p", "q"], 8, make)  # lock-off answers: shared
     assert len(calls) == 2
     lock_conditional.AnswerCache(tmp_path, "m", other).get("all@0.75", ["p", "q"], 8, make)  # another lock: new

@@ -130,7 +130,10 @@ def repair(cfg: GuardConfig, adapter: Path, out: Path, data: Path | None = None)
     ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
     lam = h.sbr_lambda if h.sbr_lambda > 0 else 1.0
     # pulled back on the *training* anchors; measured (and the stop decided) on the probe anchors
-    sbr = methods.get("sbr").build(MethodInputs(h.model_copy(update={"sbr_lambda": lam}), model, tok, anchors, ref))
+    # every training anchor every step: repair runs a few short epochs (restarting the trainer's step count each
+    # time), so a rotation would keep pulling the same first group
+    sbr = methods.get("sbr").build(MethodInputs(h.model_copy(update={"sbr_lambda": lam, "sbr_anchors_per_step": None}),
+                                                model, tok, anchors, ref))
     probe = drift_probe(tok, anchors, ref)
     peft_model = PeftModel.from_pretrained(model, str(info.path), is_trainable=True)
     before = anchor_report(peft_model, probe)

@@ -57,7 +57,10 @@ class GateData:
     dev_benign: list[str]  # sets the threshold and calibrates adapters; never trained on
 
 
-GATE_GENERATION = 1  # which train-template generations of the over-refusal generator the gate trains on
+# Which train-template generations of the over-refusal generator each gate data version trains on (the version is
+# in the lock's build settings, so a new generation is a new version and prepared locks are rebuilt).
+GATE_GENERATIONS = {4: 1}
+GATE_GENERATION = GATE_GENERATIONS[GATE_DATA_VERSION]
 
 
 def gate_data(cap: int | None = None, generation: int = GATE_GENERATION) -> GateData:
