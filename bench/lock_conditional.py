@@ -268,12 +268,13 @@ def evaluate(
     picked += sbr[:1]
     out = RESULTS / "lock_conditional.jsonl"
     archive_other_base(out, fp)
-    stamp = {"gate_data": GATE_DATA_VERSION, "calibration": cfg.lock.gate_calibration, "gate_layer": lock.gate.layer}
+    stamp = {"gate_data": GATE_DATA_VERSION, "calibration": cfg.lock.gate_calibration, "gate_layer": lock.gate.layer,
+             "max_fpr": cfg.lock.gate_max_fpr}
     gate_of = lambda r: {"gate_data": r.get("gate_data", 1), "calibration": r.get("calibration", "none"),  # noqa: E731
-                         "gate_layer": r.get("gate_layer", 0)}
+                         "gate_layer": r.get("gate_layer", 0), "max_fpr": r.get("max_fpr", 0.02)}
     # rows measured with another gate are kept beside, not mixed into this run's report
     archive_rows(out, lambda r: gate_of(r) == stamp,
-                 lambda r: "gate{gate_data}-{calibration}-layer{gate_layer}".format(**gate_of(r)))
+                 lambda r: "gate{gate_data}-{calibration}-layer{gate_layer}-fpr{max_fpr}".format(**gate_of(r)))
     done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line} if out.is_file() else set()
     todo = [r for r in picked if f"{r['family']}/{r['method']}" not in done]
     # adapters this machine does not have are rebuilt first (the data dir of a new machine is empty)
@@ -323,7 +324,7 @@ def report(fp: str, strength: float) -> None:
          "unconditional": {"base": flat(base, "unconditional"), "adapters": uncond},
          "strength": strength, "action": rows[0].get("action", "steer"),
          "gate_data": rows[0].get("gate_data", 1), "calibration": rows[0].get("calibration", "none"),
-         "gate_layer": rows[0].get("gate_layer"),
+         "gate_layer": rows[0].get("gate_layer"), "max_fpr": rows[0].get("max_fpr", 0.02),
          "thresholds": {r["name"]: r.get("gate_threshold") for r in rows},
          "unconditional_strength": rows[0].get("unconditional_strength", strength), "base_fingerprint": fp,
          "units_commits": sorted({r["commit"] for r in rows})}

@@ -297,7 +297,8 @@ def cond_dev(d: dict) -> str:
 def _gate_label(d: dict, quote: str = "`") -> str:
     """Which prompt gate a conditional-lock result was measured with (rows before a field existed lack it)."""
     layer = f", layer {d['gate_layer']}" if d.get("gate_layer") else ""
-    return f"gate data v{d.get('gate_data', 1)}, calibration {quote}{d.get('calibration', 'none')}{quote}{layer}"
+    fpr = f", max fpr {d['max_fpr']}" if d.get("max_fpr") is not None else ""
+    return f"gate data v{d.get('gate_data', 1)}, calibration {quote}{d.get('calibration', 'none')}{quote}{layer}{fpr}"
 
 
 def _dev_note(d: dict) -> str:
