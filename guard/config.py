@@ -226,10 +226,12 @@ class LockConfig(_Section):
                                "benign dev prompts (an adapter moves the state the gate reads): `quantile` re-sets it so "
                                "that at most gate_max_fpr of them are flagged, `shift` moves the base's threshold by their "
                                "mean change, `none` keeps the base's. `quantile` at layer 15 is what bench/lock_gate_dev.py "
-                               "(rule v4, gate data v4) chose on development adapters. See guard.lock.PromptGate.calibrated.")
-    gate_prompts: int = Field(1000, ge=4, description="Cap on the gate's training prompts per side (harmful, benign).")
-    gate_max_fpr: float = Field(0.02, ge=0, lt=1, description="Share of the benign dev prompts the gate may flag; sets "
-                                "its threshold when the lock is built.")
+                               "(rules v4 and v5) chose on development adapters. See guard.lock.PromptGate.calibrated.")
+    gate_prompts: int = Field(2000, ge=4, description="Cap on the gate's training prompts per side (harmful, benign); "
+                              "the default takes all of gate data v5 (810 / 1146).")
+    gate_max_fpr: float = Field(0.01, ge=0, lt=1, description="Share of the benign dev prompts the gate may flag; sets "
+                                "its threshold when the lock is built (and each adapter's, with `quantile`). 0.01 is "
+                                "rule v5's choice: on dev templates the threshold never saw, it flagged <= 1.7%.")
 
 
 class ServeConfig(_Section):

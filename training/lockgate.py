@@ -46,7 +46,10 @@ from guard.states import pad_right
 # 4: the threshold and calibration read the generator's dev templates instead of a slice of its train templates:
 #    a slice of trained phrasings (3.5% flagged) under-stated unseen phrasings (9.2% of the held-out templates on
 #    the base); the whole train split (template generation 1) is now training data.
-GATE_DATA_VERSION = 4
+# 5: template generations 1-3 (interaction requests, fiction/game framings, figurative verbs, scorer-style benign
+#    requests, and their harmful twins): rule v5 of bench/lock_gate_dev.py chose it with max_fpr 0.01 at layer 15
+#    (template-disjoint dev estimate <= 1.7% on every development model; v4's was 2.1-5.5%).
+GATE_DATA_VERSION = 5
 TASK_PROMPTS = 100  # per task generator
 
 
@@ -59,7 +62,7 @@ class GateData:
 
 # Which train-template generations of the over-refusal generator each gate data version trains on (the version is
 # in the lock's build settings, so a new generation is a new version and prepared locks are rebuilt).
-GATE_GENERATIONS = {4: 1}
+GATE_GENERATIONS = {4: 1, 5: 3}
 GATE_GENERATION = GATE_GENERATIONS[GATE_DATA_VERSION]
 
 
