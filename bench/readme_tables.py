@@ -64,11 +64,13 @@ def overhead(d: dict) -> str:
     goals = {"sbr_default": "≤ 1.05", "sbr_k1": "", "sbr_k8": "" if shipped else "≤ 1.05", "sbr_k8_2per_step": "",
              "asft": "≤ 1.03"}
     sd = c.get("sbr_default", {})
-    names = {"sbr_default": f"SBR as shipped ({sd.get('anchors')}: {sd.get('per_step')} of {sd.get('pool')} per step)",
+    shipped_name = (f"SBR as shipped ({sd['anchors']}: {sd['per_step']} of {sd['pool']} per step)" if sd
+                    else "SBR as shipped (the `harden` defaults: 8 of the 128-prompt pool per step)")
+    names = {"sbr_default": shipped_name,
              "sbr_k1": "SBR K=1", "sbr_k8": "SBR K=8 (all 8 every step)", "sbr_k8_2per_step": "SBR K=8, 2 per step (rotating)",
              "asft": "AsFT"}
     out += [f"| {names[m]} | {s[m]:.2f} | {r[m]:.3f} | {goals[m]} |" for m in names if m in s]
-    screen = (f" Screening the {c.get('examples', 'same')} examples once with the prompt gate took {d['screen_seconds']:.1f} s, "
+    screen = (f" Screening the data ({c.get('examples', 'the same examples')}) once with the prompt gate took {d['screen_seconds']:.1f} s, "
               f"{100 * d['screen_share_of_sft_epoch']:.1f}% of one SFT epoch over them ({d['screened']} dropped)."
               if "screen_seconds" in d else "")
     out.append(f"\nStep = {c['micro_batch']}×{c['grad_accum']} examples ({c['task_tokens_per_step']} task tokens) + "

@@ -93,6 +93,8 @@ def main() -> None:
         "screened": screened.summary()["dropped"],
         "config": {"micro_batch": args.batch, "grad_accum": args.accum, "rounds": args.rounds, "threads": threads,
                    "task_tokens_per_step": tokens, "anchor_tokens_k8": sum(len(x) for x in regs["sbr_k8"].anchor_ids),
+                   "sbr_default": {"anchors": cfg.harden.sbr_anchors, "pool": len(regs["sbr_default"].anchor_ids),
+                                   "per_step": cfg.harden.sbr_anchors_per_step},
                    "anchor_tokens_k8_shared_prefix": int(regs["sbr_k8"]._batch.ids.numel() + (0 if regs["sbr_k8"]._batch.prefix is None else regs["sbr_k8"]._batch.prefix.numel())),
                    "lora": "r16 q,k,v,o", "examples": f"topic task + {n_harm} harmful (attack mix)"},
     })
