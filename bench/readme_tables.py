@@ -351,7 +351,7 @@ TABLES: dict[str, Callable[[dict], str]] = {"lock_gate_dev": gate_dev, "lock_con
 
 
 # Results measured on the aligned base before recipe v3 (they are keyed to no fingerprint; see docs/results.md).
-PREDATES_BASE = {"fa_task", "train_overhead", "harden_vet", "lock_search", "lock_eval", "stress_default",
+PREDATES_BASE = {"fa_task", "harden_vet", "lock_search", "lock_eval", "stress_default",
                  "stress_asft", "stress_short"}
 
 
@@ -406,10 +406,10 @@ def headline() -> str:
         c = d.get("compiled", {})
         if c:
             rows += [("serving throughput, compiled, guarded / plain (lock on)", f"{c['ratio_guarded_lock_on']:.3f}", "≥ 0.98",
-                      src("serve_overhead", d))]
+                      src("serve_overhead", {**d, "commit": c.get("commit", d["commit"])}))]
         if cc := d.get("compiled_conditional"):
             rows += [("serving throughput, compiled, conditional lock / plain", f"{cc['ratio_guarded_lock_on']:.3f}", "≥ 0.98",
-                      src("serve_overhead", d))]
+                      src("serve_overhead", {**d, "commit": cc.get("commit", d["commit"])}))]
     for name in ("serve_chaos", "serve_chaos-float32"):
         if d := _load(name):
             rows += [(f"chaos under load ({d.get('dtype', 'bfloat16')}): failed requests / engine restarts",

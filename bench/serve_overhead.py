@@ -139,6 +139,9 @@ def compiled_run(a: argparse.Namespace) -> None:
         out["policy"] = "conditional: lock_on = the gate scores every request (these prompts are benign: the cost "
         out["policy"] += "is the in-graph gate and the per-token mask, with nothing refused or steered)"
         out["gate"] = st["worker_state"][0].get("gate")
+    from guard.artifacts import provenance
+
+    out["commit"] = provenance()["commit"]  # sections are measured at different times: each keeps its own
     prev["compiled_conditional" if a.conditional else "compiled"] = out
     write_result("serve_overhead", prev)
 
