@@ -144,9 +144,9 @@ def main(
     half = template_halves([q.template_id for q in dev_prompts])
     pct = lambda x: round(100.0 * float(x.float().mean()), 2)  # noqa: E731
     rows = []
+    hi = {x: i for i, x in enumerate(harmful_all)}
+    bi = {x: i for i, x in enumerate(benign_all)}
     for g in gens:
-        hi = {x: i for i, x in enumerate(harmful_all)}
-        bi = {x: i for i, x in enumerate(benign_all)}
         pos_i = torch.tensor([hi[x] for x in by_gen[g].harmful])
         neg_i = torch.tensor([bi[x] for x in by_gen[g].benign])
         for j, layer in enumerate(cand):

@@ -308,6 +308,11 @@ def archive_rows(path: Path, belongs: Callable[[dict[str, Any]], bool], tag: Cal
         tqdm.write(f"{path.name}: {len(rows)} rows measured under other conditions moved to {target.name}")
 
 
+def _as_json(x: Any) -> Any:
+    """`x` as it reads back from a row or recipe file (lists where dataclasses hold tuples)."""
+    return json.loads(json.dumps(x))
+
+
 def gate_key(gate: Any) -> str:
     """A short hash of a prompt gate (layer, weights, bias, threshold): what a screened unit was screened with."""
     import hashlib
@@ -407,12 +412,11 @@ class Bench:
         if adapter_base(row) != self.fp[:16]:
             raise GuardError(f"row {fam.name}/{row['method']} was trained on another aligned base")
         _, overrides, h = self.unit_config(fam, row["method"])
-        as_json = lambda x: json.loads(json.dumps(x))  # noqa: E731 (rows hold lists where dataclasses hold tuples)
         now = h.model_dump(mode="json")
         if "harden" in cfg:  # the whole recipe was recorded
             changed = cfg["harden"] != now
         else:  # older rows: the LoRA knobs and every override they recorded (a label may pin more since)
-            changed = (cfg.get("hparams") != as_json(asdict(hparams(h)))
+            changed = (cfg.get("hparams") != _as_json(asdict(hparams(h)))
                        or any(now.get(k) != v for k, v in cfg.get("overrides", {}).items()))
         if changed:
             raise GuardError(f"row {fam.name}/{row['method']}: the method's recipe changed since it was measured "
@@ -444,9 +448,7 @@ class Bench:
         screened = None
         if h.screen_data:  # as `guard harden` does: the base's lock gate, before any adapter exists
             res = screen(self.model, self.tok, mix, self.gate, desc=f"{fam.name}/{label}: screen")
-            harm = set(harmful)
-            screened = {**res.summary(), "harmful_dropped": sum(mix[i].messages[-1]["content"] in harm
-                                                                        for i in res.dropped), "harmful": n_harm}
+            screened = {**res.summary(), "harmful_dropped": res.dropped_among(mix, set(harmful)), "harmful": n_harm}
             if expect_screened and expect_screened.get("dropped_indices") != screened["dropped_indices"]:
                 raise GuardError(f"{fam.name}/{label}: today's prompt gate drops other examples than the measured "
                                  f"unit's ({screened['dropped']} vs {expect_screened.get('dropped')}); rerun the unit")
@@ -456,7 +458,7 @@ class Bench:
         recipe = {"harden": h.model_dump(mode="json"), "family": asdict(fam),
                   "gate": gate_key(self.gate) if (h.screen_data or fam.dodge_gate) else None}
         recipe_path = unit / "recipe.json"
-        if unit.is_dir() and (not recipe_path.is_file() or json.loads(recipe_path.read_text()) != json.loads(json.dumps(recipe))):
+        if unit.is_dir() and (not recipe_path.is_file() or json.loads(recipe_path.read_text()) != _as_json(recipe)):
             # rows, checkpoint and adapters of another recipe (or of a unit from before recipes were kept): start over
             import shutil
 

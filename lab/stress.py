@@ -182,11 +182,10 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
         res = screen(model, tok, mix, gate, desc="stress: screen")
         if not res.kept:
             raise GuardError("stress: the prompt gate screened out every example (set harden.screen_data: false)")
-        attack = set(data.splits().attack)  # where attack_mix takes its harmful requests
         screened = [encode(tok, list(e.messages), e.answer, h.max_len) for e in res.kept]
         result["config"]["screened"] = {**res.summary(), "applies_to": "every method but sft", "harmful": n_harm,
-                                        "harmful_dropped": sum(mix[i].messages[-1]["content"] in attack
-                                                               for i in res.dropped)}
+                                        # attack_mix takes its harmful requests from the attack split
+                                        "harmful_dropped": res.dropped_among(mix, set(data.splits().attack))}
     for label, method, lam in runs:
         hm = h.model_copy(update={"sbr_lambda": lam}) if lam is not None else h
         reg = methods.get(method).build(MethodInputs(hm, model, tok, anchors, ref, base, original))

@@ -31,6 +31,10 @@ class ScreenResult:
     threshold: float
     layer: int
 
+    def dropped_among(self, rows: Sequence[ChatExample], prompts: set[str]) -> int:
+        """How many dropped examples of `rows` (the screened input) have their last user message in `prompts`."""
+        return sum(rows[i].messages[-1]["content"] in prompts for i in self.dropped)
+
     def summary(self) -> dict[str, Any]:
         return {"dropped": len(self.dropped), "of": len(self.kept) + len(self.dropped), "layer": self.layer,
                 "threshold": round(self.threshold, 4), "dropped_indices": self.dropped[:200]}
