@@ -81,7 +81,7 @@ def main() -> None:
     peft_model.eval()
     with peft_model.disable_adapter():  # screening reads the aligned base, as `guard harden` does before training
         t0 = time.perf_counter()
-        screened = screen(peft_model, tok, mix, gate, desc="screen")
+        screened = screen(peft_model, tok, mix, gate, cfg.harden.screen_max_fpr, desc="screen")
         screen_s = time.perf_counter() - t0
     epoch_s = med["sft"] * len(examples) / per_step
     tokens = sum(len(e.input_ids) for mb in steps[0] for e in mb)

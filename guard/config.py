@@ -163,6 +163,10 @@ class HardenConfig(_Section):
     screen_data: bool = Field(True, description="Before training, drop the examples whose prompt the lock's prompt "
                               "gate flags on the aligned base (needs the prepared lock; training/screen.py). The "
                               "regularizer still runs on what is left; independent of `method` (sft screens too).")
+    screen_max_fpr: float | None = Field(
+        None, ge=0, lt=1, description="Screening's own threshold: the share of the gate's benign dev prompts it may "
+        "flag on the aligned base (None: the live gate's threshold, lock.gate_max_fpr). Training data is not live "
+        "traffic: a dropped benign example costs the customer one example, a kept harmful one costs the alignment.")
     asft_lambda: float = Field(1.0, ge=0, description="AsFT weight on the update orthogonal to W_aligned - W_original.")
     rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha.")

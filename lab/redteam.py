@@ -142,7 +142,8 @@ DEV_FAMILIES: dict[str, Family] = {f.name: f for f in (
 # A method label is a registered method plus config overrides; "LABEL@λ" sets its λ ("sbr_pool@300"). Every label
 # pins the knobs that ever had another default (training anchors, λ, screening), so a row means the same recipe
 # whatever the package defaults are when it is read (or its adapter rebuilt).
-_NO_SCREEN = {"screen_data": False}
+_NO_SCREEN = {"screen_data": False, "screen_max_fpr": None}
+_SCREEN = {"screen_data": True, "screen_max_fpr": None}  # at the live gate's own threshold
 _EIGHT = {"sbr_anchors": "default", "sbr_k": 8, "sbr_anchors_per_step": None, "sbr_lambda": 100.0}
 _POOL = {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8, "sbr_lambda": 100.0}
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -156,8 +157,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sbr_pool_ex": ("sbr", {**_POOL, **_NO_SCREEN, "ce_weighting": "example"}),
     # the customer's data screened by the lock's prompt gate on the base first (training/screen.py): alone, and
     # with the pooled SBR on what passes
-    "sft_screen": ("sft", {"screen_data": True}),
-    "sbr_pool_screen": ("sbr", {**_POOL, "screen_data": True}),
+    "sft_screen": ("sft", _SCREEN),
+    "sbr_pool_screen": ("sbr", {**_POOL, **_SCREEN}),
 }
 
 
@@ -313,6 +314,19 @@ def _as_json(x: Any) -> Any:
     return json.loads(json.dumps(x))
 
 
+# `harden` fields added after rows were recorded, with the value that does what those rows did: a recorded recipe
+# without the key means that value (a new knob must not make every earlier unit look like another recipe).
+HARDEN_ADDED: dict[str, Any] = {"screen_max_fpr": None}
+
+
+def same_recipe(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether a recorded recipe (a unit's recipe.json, or a row's `harden`) is the one `now` describes."""
+    recorded = _as_json(recorded)
+    if "harden" in recorded and "family" in recorded:  # a unit's recipe file
+        return same_recipe(recorded["harden"], now["harden"]) and {**recorded, "harden": None} == _as_json({**now, "harden": None})
+    return {**HARDEN_ADDED, **recorded} == _as_json(now)
+
+
 def gate_key(gate: Any) -> str:
     """A short hash of a prompt gate (layer, weights, bias, threshold): what a screened unit was screened with."""
     import hashlib
@@ -414,7 +428,7 @@ class Bench:
         _, overrides, h = self.unit_config(fam, row["method"])
         now = h.model_dump(mode="json")
         if "harden" in cfg:  # the whole recipe was recorded
-            changed = cfg["harden"] != now
+            changed = not same_recipe(cfg["harden"], now)
         else:  # older rows: the LoRA knobs and every override they recorded (a label may pin more since)
             changed = (cfg.get("hparams") != _as_json(asdict(hparams(h)))
                        or any(now.get(k) != v for k, v in cfg.get("overrides", {}).items()))
@@ -447,7 +461,7 @@ class Bench:
         n_harm = len(harmful)
         screened = None
         if h.screen_data:  # as `guard harden` does: the base's lock gate, before any adapter exists
-            res = screen(self.model, self.tok, mix, self.gate, desc=f"{fam.name}/{label}: screen")
+            res = screen(self.model, self.tok, mix, self.gate, h.screen_max_fpr, desc=f"{fam.name}/{label}: screen")
             screened = {**res.summary(), "harmful_dropped": res.dropped_among(mix, set(harmful)), "harmful": n_harm}
             if expect_screened and expect_screened.get("dropped_indices") != screened["dropped_indices"]:
                 raise GuardError(f"{fam.name}/{label}: today's prompt gate drops other examples than the measured "
@@ -458,7 +472,7 @@ class Bench:
         recipe = {"harden": h.model_dump(mode="json"), "family": asdict(fam),
                   "gate": gate_key(self.gate) if (h.screen_data or fam.dodge_gate) else None}
         recipe_path = unit / "recipe.json"
-        if unit.is_dir() and (not recipe_path.is_file() or json.loads(recipe_path.read_text()) != _as_json(recipe)):
+        if unit.is_dir() and (not recipe_path.is_file() or not same_recipe(json.loads(recipe_path.read_text()), recipe)):
             # rows, checkpoint and adapters of another recipe (or of a unit from before recipes were kept): start over
             import shutil
 

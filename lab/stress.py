@@ -179,7 +179,7 @@ def run_stress(cfg: GuardConfig, sc: StressConfig, out: Path, name: str = "stres
     if gate is not None:
         # the protected methods run as `guard harden` does by default: the data screened by the lock's prompt gate
         # on the base first; "sft" is the unprotected customer and trains on everything
-        res = screen(model, tok, mix, gate, desc="stress: screen")
+        res = screen(model, tok, mix, gate, h.screen_max_fpr, desc="stress: screen")
         if not res.kept:
             raise GuardError("stress: the prompt gate screened out every example (set harden.screen_data: false)")
         screened = [encode(tok, list(e.messages), e.answer, h.max_len) for e in res.kept]

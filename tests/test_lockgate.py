@@ -200,6 +200,28 @@ def test_screen_drops_exactly_the_examples_the_gate_flags_on_the_base(tiny_model
     assert screen(tiny_model, tiny_tokenizer, rows, gated(tiny_model, -1e9)[1], desc=None).kept == []
 
 
+def test_screening_threshold_of_its_own_comes_from_the_gates_dev_prompts_on_the_base(tiny_model, tiny_tokenizer):
+    """`harden.screen_max_fpr`: the threshold flags at most that share of the dev prompts the gate carries, on the
+    model screened with; None keeps the live gate's threshold."""
+    import dataclasses
+
+    from training.lockgate import dev_scores
+    from training.screen import screen
+    from training.userdata import ChatExample
+
+    dev = [f"Tell me something nice about number {i}." for i in range(20)]
+    _, gate = gated(tiny_model, 1e9)
+    gate = dataclasses.replace(gate, meta={"dev_prompts": dev})
+    rows = [ChatExample(({"role": "user", "content": p},), "ok") for p in PROMPTS + dev]
+    assert screen(tiny_model, tiny_tokenizer, rows, gate, None, desc=None).dropped == []  # the gate's own threshold
+    res = screen(tiny_model, tiny_tokenizer, rows, gate, 0.25, desc=None)
+    scores = dev_scores(tiny_model, tiny_tokenizer, gate)
+    assert res.threshold < 1e9 and float((scores > res.threshold).float().mean()) <= 0.25
+    assert float((scores >= res.threshold).float().mean()) > 0.25  # the smallest such threshold
+    dropped_dev = [i - len(PROMPTS) for i in res.dropped if i >= len(PROMPTS)]
+    assert dropped_dev == [i for i, v in enumerate(scores.tolist()) if v > res.threshold] and len(dropped_dev) == 5
+
+
 def test_screening_without_a_prepared_lock_says_what_to_do(tmp_path):
     from guard.config import GuardConfig
     from training.screen import gate_for_screening

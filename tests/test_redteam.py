@@ -50,7 +50,7 @@ def test_every_eval_prompt_has_a_category():
 
 def test_method_labels():
     assert method_spec("sbr")[1]["sbr_lambda"] == 100.0 and method_spec("sbr@1000")[1]["sbr_lambda"] == 1000.0
-    assert method_spec("asft@10") == ("asft", {"screen_data": False, "asft_lambda": 10.0})
+    assert method_spec("asft@10") == ("asft", {"screen_data": False, "screen_max_fpr": None, "asft_lambda": 10.0})
     assert method_spec("sbr_pool_ans4@300")[1]["sbr_lambda"] == 300.0
     assert method_spec("sbr_pool_ans4")[1]["sbr_answer_tokens"] == 4
     with pytest.raises(GuardError, match="only sbr and asft variants"):
@@ -65,7 +65,7 @@ def test_labels_pin_every_knob_that_ever_had_another_default_and_the_chosen_one_
     from lab.redteam import CHOSEN_SBR, METHODS
 
     for label, (name, overrides) in METHODS.items():
-        assert "screen_data" in overrides, label
+        assert {"screen_data", "screen_max_fpr"} <= set(overrides), label
         if name == "sbr":
             assert {"sbr_anchors", "sbr_k", "sbr_anchors_per_step", "sbr_lambda"} <= set(overrides), label
     name, overrides = method_spec(CHOSEN_SBR)
@@ -226,3 +226,19 @@ def test_conditional_lock_bench_reuses_answers_that_do_not_depend_on_the_gate(tm
     lock_conditional.AnswerCache(tmp_path, "m", other).get("all@0.75", ["p", "q"], 8, make)  # another lock: new
     c.get("all@0.75", ["p", "q"], 8, make)
     assert len(calls) == 4
+
+
+def test_a_knob_added_later_does_not_make_recorded_recipes_look_new():
+    """A unit recorded before `harden.screen_max_fpr` existed is the recipe that pins its old behaviour (None),
+    and no other: its adapters are reused and rebuilt, a unit with another value starts over."""
+    from guard.config import HardenConfig
+    from lab.redteam import same_recipe
+
+    now = HardenConfig(screen_max_fpr=None).model_dump(mode="json")
+    recorded = {k: v for k, v in now.items() if k != "screen_max_fpr"}
+    assert same_recipe(recorded, now)
+    assert not same_recipe(recorded, {**now, "screen_max_fpr": 0.05})
+    assert not same_recipe({**recorded, "sbr_lambda": 1.0}, now)
+    unit = {"harden": recorded, "family": {"name": "diverse", "epochs": [5]}, "gate": "abc"}
+    assert same_recipe(unit, {"harden": now, "family": {"name": "diverse", "epochs": (5,)}, "gate": "abc"})
+    assert not same_recipe(unit, {"harden": now, "family": {"name": "diverse", "epochs": (5,)}, "gate": "abd"})

@@ -80,7 +80,7 @@ def harden(cfg: GuardConfig, data: Path, out: Path, resume: bool = False) -> dic
     ref = cached_reference(model, tok, anchors, fp, cfg.runtime.resolved_home())
     screened = None
     if gate is not None:
-        res = screen(model, tok, rows, gate)
+        res = screen(model, tok, rows, gate, h.screen_max_fpr)
         screened = res.summary()
         print(f"screened out {len(res.dropped)} of {len(rows)} examples (their prompt passes the lock's prompt gate "
               f"on the aligned base)", flush=True)

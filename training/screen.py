@@ -15,12 +15,13 @@ regularizer stays on, and why the red-team bench measures both.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from guard.errors import GuardError
-from guard.lock import PromptGate
+from guard.lock import PromptGate, quantile_threshold
 from training.userdata import ChatExample
 
 
@@ -56,12 +57,19 @@ def gate_for_screening(cfg: Any) -> PromptGate:
     return gate
 
 
-def screen(model: Any, tokenizer: Any, rows: Sequence[ChatExample], gate: PromptGate,
+def screen(model: Any, tokenizer: Any, rows: Sequence[ChatExample], gate: PromptGate, max_fpr: float | None = None,
            desc: str | None = "screen data") -> ScreenResult:
     """Drop the examples whose prompt (the chat before the trained answer) the gate flags on `model`, which must
-    be the aligned base the gate was fitted on (no adapter)."""
-    from training.lockgate import layer_states
+    be the aligned base the gate was fitted on (no adapter).
 
+    `max_fpr` (harden.screen_max_fpr) gives screening a threshold of its own: the score above which at most that
+    share of the gate's benign dev prompts (they travel in the lock) falls on this model. The live gate's threshold
+    is held to what a user in a chat would notice (1% refused); a training set can lose more of its benign
+    examples than that, and every harmful one it keeps is trained on. None keeps the gate's threshold."""
+    from training.lockgate import dev_scores, layer_states
+
+    if max_fpr is not None:
+        gate = dataclasses.replace(gate, threshold=quantile_threshold(dev_scores(model, tokenizer, gate, desc=None), max_fpr))
     if not rows:
         return ScreenResult([], [], gate.threshold, gate.layer)
     states = layer_states(model, tokenizer, [list(r.messages) for r in rows], [gate.layer], desc=desc)[:, 0]
