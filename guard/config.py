@@ -164,9 +164,10 @@ class HardenConfig(_Section):
                               "gate flags on the aligned base (needs the prepared lock; training/screen.py). The "
                               "regularizer still runs on what is left; independent of `method` (sft screens too).")
     screen_max_fpr: float | None = Field(
-        None, ge=0, lt=1, description="Screening's own threshold: the share of the gate's benign dev prompts it may "
+        0.10, ge=0, lt=1, description="Screening's own threshold: the share of the gate's benign dev prompts it may "
         "flag on the aligned base (None: the live gate's threshold, lock.gate_max_fpr). Training data is not live "
-        "traffic: a dropped benign example costs the customer one example, a kept harmful one costs the alignment.")
+        "traffic: a dropped benign example costs the customer one example, a kept harmful one costs the alignment. "
+        "0.10 was chosen on development data (bench/screen_dev.py: 97% of dev harmful requests, 0% of task examples).")
     asft_lambda: float = Field(1.0, ge=0, description="AsFT weight on the update orthogonal to W_aligned - W_original.")
     rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha.")

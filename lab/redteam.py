@@ -159,13 +159,17 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # with the pooled SBR on what passes
     "sft_screen": ("sft", _SCREEN),
     "sbr_pool_screen": ("sbr", {**_POOL, **_SCREEN}),
+    # screening at a threshold of its own (harden.screen_max_fpr 0.10, chosen by bench/screen_dev.py)
+    "sft_screen10": ("sft", {**_SCREEN, "screen_max_fpr": 0.10}),
+    "sbr_pool_screen10": ("sbr", {**_POOL, **_SCREEN, "screen_max_fpr": 0.10}),
 }
 
 
 # The SBR scheme the development rule chose (docs/hardening.md: the hardening rule's fourth amendment, on the SB2T
-# base): screening plus the 128-prompt pool, 8 per step, λ 30 -- the package's `harden` defaults since. The held-out
-# families' SBR column is this label.
-CHOSEN_SBR = "sbr_pool_screen@30"
+# base): screening plus the 128-prompt pool, 8 per step, λ 30, and since bench/screen_dev.py screening at a threshold
+# of its own (max fpr 0.10) -- the package's `harden` defaults. The held-out families' SBR column is this label
+# (rows of the previous one, sbr_pool_screen@30, screened at the live gate's threshold, stay in the table).
+CHOSEN_SBR = "sbr_pool_screen10@30"
 
 
 def method_spec(label: str) -> tuple[str, dict[str, Any]]:
