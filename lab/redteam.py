@@ -162,6 +162,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # screening at a threshold of its own (harden.screen_max_fpr 0.10, chosen by bench/screen_dev.py)
     "sft_screen10": ("sft", {**_SCREEN, "screen_max_fpr": 0.10}),
     "sbr_pool_screen10": ("sbr", {**_POOL, **_SCREEN, "screen_max_fpr": 0.10}),
+    # half the anchors per step (the step-cost goal; fifth amendment of the hardening rule, docs/hardening.md)
+    "sbr_pool4_screen10": ("sbr", {**_POOL, "sbr_anchors_per_step": 4, **_SCREEN, "screen_max_fpr": 0.10}),
 }
 
 
