@@ -25,6 +25,9 @@ def harden(
     screen: Annotated[Optional[bool], typer.Option("--screen/--no-screen", help="Drop the examples whose prompt the "
                                                    "lock's prompt gate flags, before training (harden.screen_data, on "
                                                    "by default; needs the prepared lock).")] = None,
+    screen_fpr: Annotated[Optional[float], typer.Option("--screen-fpr", help="Screening's threshold as the share of "
+                                                       "the gate's benign dev prompts it may drop (harden.screen_max_fpr, "
+                                                       "default 0.10; lower keeps more borderline examples).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank")] = None,
@@ -36,8 +39,9 @@ def harden(
 ) -> None:
     """Train a LoRA adapter that keeps the base model's refusals (SBR or AsFT), or repair one (--repair).
 
-    By default the data is screened first (the lock's prompt gate drops flagged requests) and SBR pulls 8 of its
-    128 training anchors back per step at lambda 30 (docs/hardening.md says how that was chosen).
+    By default the data is screened first (the lock's prompt gate drops the requests it flags, at a threshold that
+    would drop 10% of its benign dev prompts) and SBR pulls 8 of its 128 training anchors back per step at
+    lambda 30 (docs/hardening.md says how that was chosen).
 
     Writes a standard peft adapter dir plus guard.json and report.md. Examples:
 
@@ -58,7 +62,8 @@ def harden(
             raise GuardError(f"--lambda: method '{m}' has no regularizer weight")
         upd[chosen.lam_field] = lam
     for key, val in (("epochs", epochs), ("lr", lr), ("rank", rank), ("batch_size", batch_size),
-                     ("grad_accum", grad_accum), ("sbr_k", k), ("screen_data", screen)):
+                     ("grad_accum", grad_accum), ("sbr_k", k), ("screen_data", screen),
+                     ("screen_max_fpr", screen_fpr)):
         if val is not None:
             upd[key] = val
     merged = cfg.model_dump(mode="json")

@@ -54,8 +54,11 @@ def _report_md(meta: dict[str, Any]) -> str:
     d = meta["final_drift"]
     rows = "\n".join(f"| {i} | {r:.4f} | {c:.4f} |" for i, (r, c) in enumerate(zip(d["rel_l2"], d["cosine"])))
     sc = meta.get("screened")
-    screened = (f"screened out **{sc['dropped']}** of {sc['of']} examples (lock prompt gate, layer {sc['layer']})\n\n"
-                if sc else "")
+    screened = ""
+    if sc:
+        at = "the live gate's" if sc.get("max_fpr") is None else f"{sc['max_fpr']:.0%} of its benign dev prompts"
+        screened = (f"screened out **{sc['dropped']}** of {sc['of']} examples (lock prompt gate, layer {sc['layer']}, "
+                    f"threshold {sc['threshold']}: {at})\n\n")
     return (f"# guard harden report\n\n{screened}method **{meta['method']}**, {meta['examples']} examples, "
             f"{meta['hparams']['epochs']} epochs, {meta['steps']} steps, {meta['seconds']:.0f} s\n\n"
             f"mean anchor drift (relative L2) **{d['mean_rel_l2']:.4f}** (max {d['max_rel_l2']:.4f}); "

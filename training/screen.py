@@ -31,6 +31,7 @@ class ScreenResult:
     dropped: list[int]  # indices into the input, in order
     threshold: float
     layer: int
+    max_fpr: float | None = None  # screening's own threshold setting (None: the live gate's threshold)
 
     def dropped_among(self, rows: Sequence[ChatExample], prompts: set[str]) -> int:
         """How many dropped examples of `rows` (the screened input) have their last user message in `prompts`."""
@@ -38,7 +39,7 @@ class ScreenResult:
 
     def summary(self) -> dict[str, Any]:
         return {"dropped": len(self.dropped), "of": len(self.kept) + len(self.dropped), "layer": self.layer,
-                "threshold": round(self.threshold, 4), "dropped_indices": self.dropped[:200]}
+                "threshold": round(self.threshold, 4), "max_fpr": self.max_fpr, "dropped_indices": self.dropped[:200]}
 
 
 def gate_for_screening(cfg: Any) -> PromptGate:
@@ -71,8 +72,8 @@ def screen(model: Any, tokenizer: Any, rows: Sequence[ChatExample], gate: Prompt
     if max_fpr is not None:
         gate = dataclasses.replace(gate, threshold=quantile_threshold(dev_scores(model, tokenizer, gate, desc=None), max_fpr))
     if not rows:
-        return ScreenResult([], [], gate.threshold, gate.layer)
+        return ScreenResult([], [], gate.threshold, gate.layer, max_fpr)
     states = layer_states(model, tokenizer, [list(r.messages) for r in rows], [gate.layer], desc=desc)[:, 0]
     flagged = gate.flags(states).tolist()
     return ScreenResult([r for r, f in zip(rows, flagged) if not f], [i for i, f in enumerate(flagged) if f],
-                        gate.threshold, gate.layer)
+                        gate.threshold, gate.layer, max_fpr)
