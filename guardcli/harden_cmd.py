@@ -40,7 +40,7 @@ def harden(
     """Train a LoRA adapter that keeps the base model's refusals (SBR or AsFT), or repair one (--repair).
 
     By default the data is screened first (the lock's prompt gate drops the requests it flags, at a threshold that
-    would drop 10% of its benign dev prompts) and SBR pulls 8 of its 128 training anchors back per step at
+    would drop 10% of its benign dev prompts) and SBR pulls 4 of its 128 training anchors back per step at
     lambda 30 (docs/hardening.md says how that was chosen).
 
     Writes a standard peft adapter dir plus guard.json and report.md. Examples:

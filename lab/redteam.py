@@ -168,10 +168,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 # The SBR scheme the development rule chose (docs/hardening.md: the hardening rule's fourth amendment, on the SB2T
-# base): screening plus the 128-prompt pool, 8 per step, λ 30, and since bench/screen_dev.py screening at a threshold
-# of its own (max fpr 0.10) -- the package's `harden` defaults. The held-out families' SBR column is this label
-# (rows of the previous one, sbr_pool_screen@30, screened at the live gate's threshold, stay in the table).
-CHOSEN_SBR = "sbr_pool_screen10@30"
+# base): screening plus the 128-prompt pool, λ 30, and since the fifth amendment screening at a threshold of its own
+# (max fpr 0.10, bench/screen_dev.py) and 4 anchors per step -- the package's `harden` defaults. The held-out
+# families' SBR column is this label (rows of the earlier ones stay in the table).
+CHOSEN_SBR = "sbr_pool4_screen10@30"
 
 
 def method_spec(label: str) -> tuple[str, dict[str, Any]]:
