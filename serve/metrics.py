@@ -21,6 +21,9 @@ ERROR_SITES = ("lock_change", "lock_install", "worker_step")
 PROBE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+VERDICT_CODE = {"ok": 0, "warn": 1, "fail": 2}  # safety_guard_adapter_verdict's values
+
+
 class GuardMetrics:
     def __init__(self, registry: Any) -> None:
         from prometheus_client import Counter, Gauge, Histogram
@@ -36,6 +39,11 @@ class GuardMetrics:
         self.refusal_drop = Gauge(
             f"{PREFIX}_probe_refusal_drop", "Share of probe anchors the aligned base refuses minus the share this "
             "adapter refuses (0 = as safe as the base; the verdict fails above drift.refusal_drop_fail).",
+            ["adapter"], **gauge)
+        self.verdict = Gauge(
+            f"{PREFIX}_adapter_verdict", "The adapter's safety verdict from its latest probe: 0 ok, 1 warn, 2 fail -- "
+            "the rule `guard vet` and the vetting gate apply (guard.drift.verdict: drift and probe refusal drop vs "
+            "the drift.* thresholds), so alerts read the verdict instead of re-stating thresholds.",
             ["adapter"], **gauge)
         self.probe_duration = Histogram(
             f"{PREFIX}_probe_duration_seconds", "Wall time of one anchor probe of one adapter.",
@@ -85,7 +93,7 @@ class GuardMetrics:
 
     def forget_adapter(self, adapter: str) -> None:
         """Drop an unloaded adapter's series so stale values do not keep alerting."""
-        for metric in (self.anchor_drift, self.refusal_ratio, self.refusal_drop, self.probe_last_success,
+        for metric in (self.anchor_drift, self.refusal_ratio, self.refusal_drop, self.verdict, self.probe_last_success,
                        self.lock_enabled, self.lock_strength):
             try:
                 metric.remove(adapter)
@@ -93,8 +101,10 @@ class GuardMetrics:
                 pass
 
     def observe_probe(self, adapter: str, drift: float, refusal_ratio: float, seconds: float, when: float,
-                      refusal_drop: float | None = None) -> None:
+                      refusal_drop: float | None = None, verdict: str | None = None) -> None:
         self.anchor_drift.labels(adapter=adapter).set(drift)
+        if verdict is not None:
+            self.verdict.labels(adapter=adapter).set(VERDICT_CODE[verdict])
         self.refusal_ratio.labels(adapter=adapter).set(refusal_ratio)
         if refusal_drop is not None:
             self.refusal_drop.labels(adapter=adapter).set(refusal_drop)

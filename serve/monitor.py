@@ -242,7 +242,8 @@ class Monitor:
         result = ProbeResult(name, total, [readings.answers[i] or "" for i in seen], refusals,
                              verdict(total.mean_rel_l2, ratio, self.drift_cfg, base), seconds, time.time(), base,
                              probed=len(indices), coverage=len(seen) / k)
-        self.metrics.observe_probe(name, total.mean_rel_l2, ratio, seconds, result.when, result.refusal_drop)
+        self.metrics.observe_probe(name, total.mean_rel_l2, ratio, seconds, result.when, result.refusal_drop,
+                                   result.verdict.status)
         self.latest[name] = result
         self.failures.pop(name, None)
         log.info("safety-guard probe '%s' (%d of %d anchors): drift %.4f refusal ratio %.2f -> %s (%.2f s)", name,

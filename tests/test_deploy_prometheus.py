@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def test_alert_rules_check_and_unit_tests_pass():
     assert test.returncode == 0 and "SUCCESS" in test.stdout, test.stdout + test.stderr
     tested = set(re.findall(r"alertname: (\w+)", (rules / "alerts_test.yml").read_text()))
     shipped = {r["alert"] for g in yaml.safe_load((rules / "alerts.yml").read_text())["groups"] for r in g["rules"]}
-    assert shipped == tested == {"SafetyGuardAnchorDriftHigh", "SafetyGuardRefusalRatioLow", "SafetyGuardProbeStale",
+    assert shipped == tested == {"SafetyGuardAdapterUnsafe", "SafetyGuardAdapterSuspect", "SafetyGuardProbeStale",
                                  "SafetyGuardProbeFailing", "SafetyGuardFlaggedAnswered", "SafetyGuardProbeDutyCycleHigh"}
 
 
@@ -61,7 +62,8 @@ def test_dashboard_and_manifests_parse_and_use_the_guard_series():
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
     for series in ("safety_guard_anchor_drift", "safety_guard_anchor_refusal_ratio", "safety_guard_lock_enabled",
                    "safety_guard_probe_duration_seconds_bucket", "safety_guard_adapter_rejections_total", "vllm:",
-                   "safety_guard_requests_flagged_total", "safety_guard_flagged_answered_total"):
+                   "safety_guard_requests_flagged_total", "safety_guard_flagged_answered_total",
+                   "safety_guard_adapter_verdict"):
         assert series in exprs, series
     docs = [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
     kinds = {d["kind"] for d in docs}
@@ -83,9 +85,12 @@ def test_dashboard_and_manifests_parse_and_use_the_guard_series():
 
 @pytest.mark.integration
 def test_live_prometheus_fires_drift_alert_for_harmful_adapter_under_warn(default_model_dir, tmp_path):
+    """One adapter, three readers, one verdict: `guard vet`, the vetting gate at load, and /metrics (whose verdict
+    series the shipped alert fires on, in a real Prometheus)."""
     prometheus = tool("prometheus")
     m = default_model_dir
     (tmp_path / "guard.yaml").write_text(
+        f"model:\n  base: '{m}'\nruntime:\n  home: '{tmp_path / 'home'}'\n"
         "anchors:\n  k: 4\ndrift:\n  probe_tokens: 4\n  min_refusal_ratio: 0.0\n"
         "serve:\n  vet_policy: warn\n  probe_interval_seconds: 20\n")
     lock = random_lock(m, tmp_path / "lock.safetensors")
@@ -117,13 +122,16 @@ def test_live_prometheus_fires_drift_alert_for_harmful_adapter_under_warn(defaul
                 alerts = http("GET", api + "/alerts", timeout=5)[1]["data"]["alerts"]
             except (OSError, KeyError, TypeError):
                 alerts = []
-            firing = [a for a in alerts if a["labels"]["alertname"] == "SafetyGuardAnchorDriftHigh"
+            firing = [a for a in alerts if a["labels"]["alertname"] == "SafetyGuardAdapterUnsafe"
                       and a["state"] == "firing"]
             if firing:
                 break
             time.sleep(1)
-        assert firing, f"drift alert never fired; alerts: {alerts}"
-        assert firing[0]["labels"]["adapter"] == "harmful" and float(firing[0]["value"]) > 0.2
+        assert firing, f"verdict alert never fired; alerts: {alerts}"
+        assert firing[0]["labels"]["adapter"] == "harmful" and float(firing[0]["value"]) == 2.0
+        vet = subprocess.run([sys.executable, "-m", "guardcli.main", "vet", "--json", "--config",
+                              str(tmp_path / "guard.yaml"), str(harmful)], capture_output=True, text=True)
+        assert vet.returncode == 3 and json.loads(vet.stdout)["status"] == "fail", vet.stdout + vet.stderr
         up = http("GET", api + "/query?query=up", timeout=5)[1]["data"]["result"]
         assert up and up[0]["value"][1] == "1"
         assert not any(a["labels"].get("adapter") == srv_name(m) for a in firing)

@@ -107,7 +107,8 @@ def test_probe_request_ids_map_back_to_anchor_index():
 def test_metrics_names_and_text_format():
     reg = CollectorRegistry()
     m = GuardMetrics(reg)
-    m.observe_probe("acme", drift=0.31, refusal_ratio=0.25, seconds=0.4, when=1700000000.0)
+    m.observe_probe("acme", drift=0.31, refusal_ratio=0.25, seconds=0.4, when=1700000000.0, verdict="fail")
+    m.observe_probe("good", drift=0.01, refusal_ratio=0.9, seconds=0.4, when=1700000000.0, verdict="ok")
     m.set_lock({"base": 1.0, "acme": 0.0})
     m.rejections.labels(reason="drift").inc()
     from prometheus_client import generate_latest
@@ -118,11 +119,14 @@ def test_metrics_names_and_text_format():
                  "safety_guard_lock_enabled", "safety_guard_adapter_rejections"):
         assert name in fams, name
     drift = {s.labels["adapter"]: s.value for s in fams["safety_guard_anchor_drift"].samples}
-    assert drift == {"acme": pytest.approx(0.31)}
+    assert drift == {"acme": pytest.approx(0.31), "good": pytest.approx(0.01)}
+    verdicts = {s.labels["adapter"]: s.value for s in fams["safety_guard_adapter_verdict"].samples}
+    assert verdicts == {"acme": 2.0, "good": 0.0}
     assert fams["safety_guard_adapter_rejections"].type == "counter"
     m.forget_adapter("acme")
     fams = {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
-    assert not [s for s in fams["safety_guard_anchor_drift"].samples if s.labels.get("adapter") == "acme"]
+    for name in ("safety_guard_anchor_drift", "safety_guard_adapter_verdict"):
+        assert not [s for s in fams[name].samples if s.labels.get("adapter") == "acme"], name
 
 
 def test_general_plugin_is_idempotent_and_inert_without_config(monkeypatch):
