@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, write_result  # noqa: E402  (bench/common.py puts the repo root on sys.path)
+from common import RESULTS, provenance, write_result  # noqa: E402  (bench/common.py puts the repo root on sys.path)
 
 from guard.config import GuardConfig
 from guard.workspace import Workspace
@@ -189,6 +189,7 @@ def duty_cycle_run(a: argparse.Namespace) -> None:
         "seconds_per_probe": round((s1 - s0) / max(1.0, n1 - n0), 3), "compiled": False,
         "probe_anchors": st["reference"]["anchors"],
         "note": "idle eager LoRA engine (LoRA on: the CPU backend runs eager); probe wall time / window",
+        **{k: v for k, v in provenance().items() if k in ("commit", "machine")},
     }
     write_result("serve_overhead", prev)
     print(json.dumps(prev["probe_duty_cycle"], indent=2))
