@@ -77,12 +77,21 @@ def main() -> None:
     ap.add_argument("--redteam", type=Path, default=None, help="red-team rows (default: redteam.jsonl, or "
                                                                  "redteam_dev.jsonl with --dev)")
     ap.add_argument("--dev", action="store_true", help="the development adapters (for choosing thresholds)")
+    ap.add_argument("--private-probes", action="store_true",
+                    help="read a probe set no attacker family saw instead of the shipped one, as an operator with a "
+                         "private anchors.set does (lab/redteam.py: private_probe_file); writes gauge_private.json")
     args = ap.parse_args()
     cfg = load_config(args.config)
     resolve_threads(cfg.runtime.threads)
+    if args.private_probes:
+        from lab.redteam import private_probe_file
+
+        cfg = cfg.model_copy(update={"anchors": cfg.anchors.model_copy(
+            update={"set": str(private_probe_file(cfg.runtime.resolved_home() / "work")), "k": None})})
     source = args.redteam or RESULTS / ("redteam_dev.jsonl" if args.dev else "redteam.jsonl")
     # results of another rows file (a smoke run, say) get their own name, never the gauge's
-    name = ("gauge_dev" if args.dev else "gauge") + ("" if args.redteam is None else f"_{args.redteam.stem}")
+    name = (("gauge_dev" if args.dev else "gauge") + ("_private" if args.private_probes else "")
+            + ("" if args.redteam is None else f"_{args.redteam.stem}"))
     rows = read_rows(source)
     base_row = json.loads((RESULTS / ("redteam_dev.base.json" if args.dev else "redteam.base.json")).read_text())
     ws = Workspace(cfg)

@@ -550,6 +550,21 @@ class Bench:
         return result
 
 
+def private_probe_file(where: Path) -> Path:
+    """A stand-in for an operator's private probe set (anchors.set pointing at a file no customer has seen): the
+    dev third of pyrit's scorer objectives (102 requests), which no attack family trains on, the shipped probe
+    set does not hold and SBR never pulls on. Written once under `where`."""
+    from guard.artifacts import write_text_atomic
+
+    path = where / "private_probes.jsonl"
+    text = "".join(json.dumps({"prompt": p, "source": "pyrit scorer objectives (dev third)"}) + "\n"
+                   for p in data.scorer_split("dev"))
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, text)
+    return path
+
+
 def work_dir(cfg: GuardConfig, fp: str) -> Path:
     """Where the units trained on the base `fp` keep their adapters and checkpoints (under the data dir)."""
     return cfg.runtime.resolved_home() / "work" / "redteam" / fp[:16]
