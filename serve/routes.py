@@ -5,7 +5,7 @@ Routes (all behind the server's API key when one is set: vLLM's own middleware g
 - POST /guard/lock          {"adapter": name|null, "enabled": bool|null, "strength": float|null, "file": path|null}
 - POST /guard/probe         {"adapter": name|null}: probe now (the base model's name = the base; null = every
                             loaded adapter)
-- POST /guard/policy        {"vet_policy": "reject"|"lock"|"warn", "gate_action": "refuse"|"steer"} (either or
+- POST /guard/policy        {"vet_policy": "reject"|"lock"|"warn", "gate_action": "refuse"|"steer"|"fallback"} (either or
                             both): the vet policy for adapters loaded from now on (already-served adapters keep
                             their verdict and any forced lock); what the conditional lock does with flagged requests
 - POST /v1/load_lora_adapter, /v1/unload_lora_adapter: vLLM's, behind the vetting gate (serve/gate.py), when
@@ -56,7 +56,7 @@ class PolicyChange(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     vet_policy: Literal["reject", "lock", "warn"] | None = None
-    gate_action: Literal["refuse", "steer"] | None = None
+    gate_action: Literal["refuse", "steer", "fallback"] | None = None
 
 
 class ProbeAsk(BaseModel):

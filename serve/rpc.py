@@ -49,9 +49,9 @@ class WorkerClient:
     async def set_lock(self, default: float, overrides: dict[int, float], gated: bool = False,
                        ungated: list[int] | None = None, force_strength: float = 0.0,
                        refusal: list[list[float]] | None = None,
-                       thresholds: dict[int, float] | None = None) -> dict[str, Any]:
+                       thresholds: dict[int, float] | None = None, fallback: bool = False) -> dict[str, Any]:
         results = await self._call("guard_set_lock", default, overrides, gated, list(ungated or ()), force_strength,
-                                   refusal, dict(thresholds or {}))
+                                   refusal, dict(thresholds or {}), fallback)
         err = self.first_error(results)
         return {"ok": False, "error": err} if err else results[0]
 

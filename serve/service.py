@@ -229,9 +229,10 @@ class GuardService:
             args = self.table.worker_args(self.lora_ids())
             if self.lock_info is None:
                 args = {"default": 0.0, "overrides": {}}
-            elif args.get("gated") and self.cfg.lock.gate_action == "refuse":
-                try:
+            elif args.get("gated") and self.cfg.lock.gate_action in ("refuse", "fallback"):
+                try:  # fallback keeps the refusal rows too: they answer a flagged request the scheduler did not restart
                     args["refusal"] = await self._refusal_rows()
+                    args["fallback"] = self.cfg.lock.gate_action == "fallback"
                 except Exception as e:  # fall back to steering flagged requests; said once, counted
                     self._fail(f"gate_action refuse unavailable ({type(e).__name__}: {e}); steering flagged requests")
                     self.metrics.count_error("lock_change")

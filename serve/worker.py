@@ -157,6 +157,10 @@ class GuardRuntime:
     captured_gate: dict[str, float] = field(default_factory=dict)  # probe request id -> gate score, last prompt token
     deciding: dict[str, tuple[int, int]] = field(default_factory=dict)  # request id -> (lora id, its last row) now
     refusal: Any = None  # [n, hidden] final-norm rows that force the refusal's tokens (gate_action refuse), or None
+    fallback: bool = False  # gate_action fallback: a flagged adapter request restarts on the base model
+    fallback_pending: dict[str, int] = field(default_factory=dict)  # flagged id -> lora id, until the scheduler restarts it
+    fell_back: set[str] = field(default_factory=set)  # ids restarted without their adapter (served as the base)
+    fallbacks: dict[int, int] = field(default_factory=dict)  # lora id -> requests restarted on the base
     forced_pos: dict[str, int] = field(default_factory=dict)  # flagged request id -> refusal tokens forced so far
     flags: dict[str, bool] = field(default_factory=dict)  # request id -> the gate's decision
     scored: dict[int, int] = field(default_factory=dict)  # lora id -> requests the gate scored
@@ -272,8 +276,8 @@ class GuardRuntime:
         lora_ids = batch.request_lora_mapping[: len(req_ids)]
         self.deciding = {}
         for r, rid in enumerate(req_ids):
-            if rid is None or any(rid.startswith(p) for p in self.probe_prefixes):
-                continue  # probes measure the adapter itself, never the steered model
+            if rid is None or any(rid.startswith(p) for p in self.probe_prefixes) or rid in self.fell_back:
+                continue  # probes measure the adapter itself; a fallen-back request is now the base's, unsteered
             lid = int(lora_ids[r])
             a, b = loc[r], min(loc[r + 1], n)
             if FORCE_MARK in rid:
@@ -285,7 +289,7 @@ class GuardRuntime:
             if not self.gated(lid):
                 lo[a:b] = hi[a:b] = s
                 continue
-            hi[a:b] = s  # gated: layers below the gate stay unsteered
+            hi[a:b] = 0.0 if self.fallback else s  # gated: layers below the gate stay unsteered; fallback steers none
             thr[a:b] = self.thresholds.get(lid, base_t)
             if rid in self.flags:
                 keep[a:b] = 1.0 if self.flags[rid] else 0.0
@@ -341,6 +345,8 @@ class GuardRuntime:
         for r, rid in enumerate(req_ids):
             if rid is None or not self.flags.get(rid) or loc[r + 1] <= loc[r]:
                 continue
+            if self.fallback and rid not in self.fallback_pending:
+                continue  # fallback: a flagged base request is answered by the base itself
             if int(batch.num_computed_tokens_cpu[r]) + (loc[r + 1] - loc[r]) < int(batch.num_prompt_tokens[r]):
                 continue  # an earlier prefill chunk: nothing is sampled from it
             k = self.forced_pos.get(rid, 0)
@@ -348,6 +354,45 @@ class GuardRuntime:
             self.forced_pos[rid] = k + 1
         if len(self.forced_pos) > 4 * max(1, len(req_ids)) + 64:
             self.forced_pos = {k: v for k, v in self.forced_pos.items() if k in self.flags}
+
+    def fallback_output(self, output: Any) -> Any:
+        """gate_action `fallback`: name the requests flagged in this step on the step's ModelRunnerOutput
+        (`guard_fallback`), which the patched scheduler reads: it drops their sampled token and restarts them
+        without their adapter (serve/patches.py: patch_scheduler). Until it does, `force_refusals` answers them."""
+        if not self.fallback_pending or not hasattr(output, "req_ids"):
+            return output
+        ids = tuple(rid for rid in self.fallback_pending if rid in output.req_id_to_index)
+        if not ids:
+            return output
+        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
+        if output is EMPTY_MODEL_RUNNER_OUTPUT:  # a shared constant: never mark it
+            import copy
+
+            output = copy.copy(output)
+        output.guard_fallback = ids
+        return output
+
+    def restart_on_base(self, scheduler_output: Any) -> None:
+        """Before the runner updates its states: a pending request the scheduler preempted (or resumes) comes back
+        without its adapter, so the runner's persistent batch maps it to no LoRA; it is then served as the base."""
+        if not self.fallback_pending:
+            return
+        back = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+        back |= set(getattr(cached, "resumed_req_ids", None) or ())
+        for rid in [r for r in self.fallback_pending if r in back]:
+            lid = self.fallback_pending.pop(rid)
+            state = self.runner.requests.get(rid)
+            if state is not None:
+                state.lora_request = None
+            self.fell_back.add(rid)
+            self.flags.pop(rid, None)
+            self.forced_pos.pop(rid, None)
+            self.fallbacks[lid] = self.fallbacks.get(lid, 0) + 1
+        live = set(getattr(self.runner, "requests", {}) or ())
+        for rid in [r for r in self.fallback_pending if r not in live]:  # finished before a restart (no scheduler patch)
+            del self.fallback_pending[rid]
 
     def flag_unscored(self) -> None:
         """Fail closed after an error reading the gate: every live request not yet decided is steered from now on."""
@@ -363,13 +408,17 @@ class GuardRuntime:
             rows = [row for _, row in self.deciding.values()]
             import torch
 
-            fired = (self.gate_bufs["hi_eff"][torch.tensor(rows, device=self.strength.device), 0] > 0).tolist()
+            at = torch.tensor(rows, device=self.strength.device)
+            # the graph's own comparison (gate_strengths), re-read from the score it kept: fired whatever was steered
+            fired = (self.gate_bufs["score"][at] > self.gate_bufs["t"][at]).tolist()
             for (rid, (lid, _)), f in zip(self.deciding.items(), fired):
                 self.flags[rid] = bool(f)
                 self.scored[lid] = self.scored.get(lid, 0) + 1
                 if f:
                     self.flagged[lid] = self.flagged.get(lid, 0) + 1
                     self.to_judge[rid] = (lid, [])
+                    if self.fallback and lid > 0:
+                        self.fallback_pending[rid] = lid
             self.deciding = {}
         if self.to_judge:
             try:  # the harm estimate is a signal, not a guard: its failure must not flag anything
@@ -382,6 +431,7 @@ class GuardRuntime:
         if len(self.flags) > 4 * max(1, n_live) + 64:  # finished requests: keep only the live ones
             live = set(getattr(self.runner, "requests", {}) or ()) | set(self.runner.input_batch.req_ids[:n_live])
             self.flags = {k: v for k, v in self.flags.items() if k in live}
+            self.fell_back &= live
 
     def after_forward(self, output: Any) -> None:
         if not self.probe_prefixes:
@@ -481,7 +531,8 @@ class GuardRuntime:
                          "judged": {str(k): v for k, v in self.judged.items()},
                          "answered": {str(k): v for k, v in self.answered.items()}},
                 "force_strength": self.force_strength,
-                "action": "refuse" if self.refusal is not None else "steer"}
+                "fallbacks": {str(k): v for k, v in self.fallbacks.items()},
+                "action": "fallback" if self.fallback else "refuse" if self.refusal is not None else "steer"}
 
 
 def install(runner: Any) -> GuardRuntime:
@@ -701,12 +752,13 @@ class GuardWorkerExtension:
     def guard_set_lock(self, rt: GuardRuntime, default: float, overrides: dict[int, float] | None = None,
                        gated: bool = False, ungated: list[int] | None = None,
                        force_strength: float = 0.0, refusal: list[list[float]] | None = None,
-                       thresholds: dict[int, float] | None = None) -> dict[str, Any]:
+                       thresholds: dict[int, float] | None = None, fallback: bool = False) -> dict[str, Any]:
         """Steering strengths: `default` for every request, `overrides` per LoRA id (0 = base); 0 = off.
         `gated`: requests are steered only once the lock's prompt gate flags them, except those of the LoRA ids in
         `ungated`; `force_strength`: the strength of requests that asked for the lock themselves; `refusal`: the
         rows that force a flagged request's answer (guard.lock.forcing_states), None to steer it instead;
-        `thresholds`: the gate's calibrated threshold per LoRA id (others: the gate's own)."""
+        `thresholds`: the gate's calibrated threshold per LoRA id (others: the gate's own); `fallback`: a flagged
+        adapter request is restarted on the base instead (the refusal rows answer it if the restart never comes)."""
         t0 = time.perf_counter()
         from guard.errors import GuardError
         from guard.lock import check_strength
@@ -744,6 +796,7 @@ class GuardWorkerExtension:
             rt.apply()
             raise
         rt.thresholds = th
+        rt.fallback = bool(fallback) and rt.refusal is not None
         rt.last_change_ms = (time.perf_counter() - t0) * 1e3
         return {"ok": True, **rt.state()}
 

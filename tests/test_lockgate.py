@@ -158,6 +158,31 @@ def test_refuse_action_answers_flagged_prompts_with_the_refusal_and_leaves_the_r
     assert [t for t, s in zip(texts, steered) if not s] == [p for p, s in zip(plain, steered) if not s]
 
 
+def test_fallback_action_answers_flagged_prompts_with_the_adapter_set_aside(tiny_model, tiny_tokenizer):
+    """gate_action fallback, HF side: a flagged prompt gets the base's own answer (the adapter disabled for the
+    whole request, as the engine restarts it), the rest the adapter's; the gate reads the adapter's states."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from guard.generation import action_args
+
+    base = copy.deepcopy(tiny_model)
+    pm = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"],
+                                                              init_lora_weights=False)).eval()
+    lock, gate = gated(pm, 0.0)
+    gate.threshold = float(gate.logits(layer_states(pm, tiny_tokenizer, PROMPTS, [1])[:, 0]).median())
+    batch = [render_chat(tiny_tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    texts, flagged = generate_conditional(pm, tiny_tokenizer, batch, lock, 1.0, 8,
+                                          **action_args("fallback", tiny_tokenizer, "No."))
+    on_base, on_adapter = generate_greedy(base, tiny_tokenizer, batch, 8), generate_greedy(pm, tiny_tokenizer, batch, 8)
+    assert on_base != on_adapter and 0 < sum(flagged) < len(PROMPTS)
+    assert texts == [b if f else a for b, a, f in zip(on_base, on_adapter, flagged)]
+    plain, _ = generate_conditional(base, tiny_tokenizer, batch, lock, 1.0, 8, fallback=True)
+    assert plain == on_base  # on a model without an adapter, fallback is its own plain answer
+    assert action_args("steer", tiny_tokenizer, "No.") == {} and "refusal" in action_args("refuse", tiny_tokenizer, "No.")
+
+
 def test_calibration_follows_an_adapter_that_moved_the_benign_slice():
     w = torch.zeros(4)
     w[0] = 1.0

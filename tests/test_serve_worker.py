@@ -407,7 +407,7 @@ def test_the_gate_decides_inside_the_forward_and_steers_flagged_requests_above_i
     runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 1), ("b", 0, 4, 1)]))  # one decode step each
     assert rt.gate_bufs["hi_eff"][:2, 0].tolist() == [1.0, 0.0] and rt.scored == {0: 2}  # decided once
 
-    rt.gate_bufs = {**rt.gate_bufs, "hi_eff": None}  # the decision cannot be read back: fail closed
+    rt.gate_bufs = {**rt.gate_bufs, "score": None}  # the decision cannot be read back: fail closed
     runner._model_forward(input_ids=runner.schedule([("c", 0, 4, 4)]))
     assert rt.step_errors == 1 and "read_gate" in rt.last_error and rt.flags["c"] is True
 
@@ -465,3 +465,68 @@ def test_per_adapter_gate_thresholds_decide_each_request_and_probes_read_the_gat
     assert not w.guard_set_lock(1.0, {}, gated=True, thresholds={0: float("nan")})["ok"]
     rt.set_gate(gate)  # a new gate: thresholds calibrated for the old one are dropped
     assert rt.thresholds == {}
+
+
+def test_fallback_action_restarts_flagged_adapter_requests_on_the_base_and_never_steers():
+    """gate_action fallback, worker half: a flagged *adapter* request is named on the step's output for the
+    scheduler, refused until the restart comes back (fail closed), then served as a plain base request (no
+    LoRA, not gated again, counted once); a flagged base request is served as it is; nothing is steered."""
+    runner, rt, w, _, _ = _gated_runner(b_lora=0)
+    rows = [[float(k + 1)] * HIDDEN for k in range(3)]
+    res = w.guard_set_lock(1.0, {}, gated=True, refusal=rows, fallback=True)
+    assert res["ok"] and res["action"] == "fallback", res
+    runner.requests = {"a": SimpleNamespace(lora_request="acme"), "b": SimpleNamespace(lora_request=None)}
+    out = runner._model_forward(input_ids=runner.schedule([("a", 1, 4, 4), ("b", 0, 4, 4)]))
+    assert rt.flags == {"a": True, "b": False} and rt.fallback_pending == {"a": 1}
+    assert rt.gate_bufs["hi_eff"][:8].abs().sum() == 0 and rt.strength[:8].abs().sum() == 0  # never steered
+    assert out[3].tolist() == rows[0] and out[7].tolist() != rows[0]  # refused until restarted (fail closed)
+
+    step = SimpleNamespace(req_ids=["a", "b"], req_id_to_index={"a": 0, "b": 1})
+    assert rt.fallback_output(step).guard_fallback == ("a",)
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
+    assert rt.fallback_output(EMPTY_MODEL_RUNNER_OUTPUT) is EMPTY_MODEL_RUNNER_OUTPUT  # "a" not in it: untouched
+    rt.restart_on_base(SimpleNamespace(preempted_req_ids={"a"}, scheduled_cached_reqs=SimpleNamespace(resumed_req_ids=set())))
+    assert runner.requests["a"].lora_request is None and rt.fell_back == {"a"} and rt.fallbacks == {1: 1}
+    assert rt.fallback_pending == {} and "a" not in rt.flags and rt.state()["fallbacks"] == {"1": 1}
+
+    scored = dict(rt.scored)
+    # c (a base request with a's old tokens: flagged) beside a, recomputed as a base request
+    out = runner._model_forward(input_ids=runner.schedule([("c", 0, 4, 4), ("a", 0, 4, 4)]))
+    assert rt.scored == {**scored, 0: scored[0] + 1} and "a" not in rt.flags  # c scored, a not again
+    assert rt.flags["c"] is True and rt.fallback_pending == {}  # a flagged base request: served as it is
+    assert out[3].tolist() != rows[0] and out[7].tolist() != rows[0] and rt.step_errors == 0
+    assert rt.gate_bufs["hi_eff"][:8].abs().sum() == 0
+
+
+def test_scheduler_restart_preempts_drops_the_step_and_clears_the_adapter():
+    """gate_action fallback, scheduler half (serve/patches.py: restart_without_adapter) on a stand-in scheduler."""
+    from vllm.v1.request import RequestStatus
+
+    class Req:
+        def __init__(self, rid: str, lora: object) -> None:
+            self.request_id, self.lora_request, self.status = rid, lora, RequestStatus.RUNNING
+            self.block_hashes = ["adapter-keyed"]
+
+        def update_block_hashes(self) -> None:
+            self.block_hashes.append(f"base-keyed:{self.lora_request}")
+
+    class Sched:
+        def __init__(self) -> None:
+            self.requests = {"a": Req("a", "acme"), "b": Req("b", None)}
+            self.running = list(self.requests.values())
+            self.prev_step_scheduled_req_ids = {"a", "b"}
+            self.preempted: list[tuple[str, bool]] = []
+
+        def _preempt_request(self, req, ts, drop_stale_output=False) -> None:
+            req.status = RequestStatus.PREEMPTED
+            self.preempted.append((req.request_id, drop_stale_output))
+
+    s = Sched()
+    assert patches.restart_without_adapter(s, "a")
+    a = s.requests["a"]
+    assert s.preempted == [("a", True)] and a not in s.running and a.lora_request is None
+    assert a.block_hashes == ["base-keyed:None"] and s.prev_step_scheduled_req_ids == {"b"}
+    assert not patches.restart_without_adapter(s, "b")  # a base request: nothing to restart
+    assert not patches.restart_without_adapter(s, "a")  # no longer running
+    assert not patches.restart_without_adapter(s, "gone")

@@ -81,10 +81,11 @@ def lock_comparison(model: Any, tokenizer: Any, lock: Any, harmful: Sequence[str
 
 
 def conditional_comparison(model: Any, tokenizer: Any, lock: Any, harmful: Sequence[str], benign: Sequence[str],
-                           max_tokens: int = 32, strength: float = 1.0, calibration: str = "none"
-                           ) -> dict[str, dict[str, float]]:
+                           max_tokens: int = 32, strength: float = 1.0, calibration: str = "none",
+                           action: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
     """HS and over-refusal without the lock and under the conditional lock (guard.generation.generate_conditional),
-    plus the share of each set the prompt gate flags; the gate calibrated for `model` first (`calibration`)."""
+    plus the share of each set the prompt gate flags; the gate calibrated for `model` first (`calibration`);
+    `action`: guard.generation.action_args of lock.gate_action (None: steer)."""
     from guard.generation import generate_conditional
     from training.lockgate import calibrate_lock
 
@@ -98,7 +99,7 @@ def conditional_comparison(model: Any, tokenizer: Any, lock: Any, harmful: Seque
         ids = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
         plain = generate_greedy(model, tokenizer, ids, max_tokens, desc=f"{key} (unlocked)")
         cond, flags = generate_conditional(model, tokenizer, ids, lock, strength, max_tokens,
-                                           desc=f"{key} (conditional)")
+                                           desc=f"{key} (conditional)", **(action or {}))
         for name, ans in (("unlocked", plain), ("conditional", cond)):
             r = 100.0 * DEFAULT_JUDGE.refusal_ratio(ans)
             out[name][key] = round(100.0 - r if key == "hs" else r, 2)
