@@ -134,3 +134,65 @@ def test_conditional_lock_steers_flagged_requests_like_hf_and_leaves_the_rest_ex
         assert [got[p] for p in FLAG] == [hf_answers["refuse"][FLAG[0]]] * len(FLAG) != [hf_answers["plain"][FLAG[0]]]
         st = http("GET", srv.url + "/guard/status")[1]
         assert st["worker_state"][0]["action"] == "refuse" and st["worker_state"][0]["step_errors"] == 0
+
+
+FALLBACK_CONFIG = """\
+anchors:
+  k: 4
+lock:
+  gate_layer: 6
+  gate_action: fallback
+  gate_calibration: none
+drift:
+  probe_tokens: 4
+  min_refusal_ratio: 0.0
+serve:
+  probe_interval_seconds: 0
+  lock_policy: conditional
+  vet_policy: warn
+  max_loras: 2
+"""
+
+
+def test_fallback_answers_flagged_adapter_requests_with_the_base_in_a_mixed_batch(default_model_dir, gated_lock,
+                                                                                   tmp_path):
+    """gate_action fallback on a real engine (LoRA on, eager, fp32): a request to the adapter that the gate flags
+    is restarted without the adapter and gets exactly the base model's answer — nothing of the adapter's first
+    token reaches the client — alone and in a batch mixed with base and unflagged adapter requests; unflagged
+    adapter requests get the adapter's own answer; flagged base requests are served as they are."""
+    from lab.devtools import random_lora
+
+    m = default_model_dir
+    acme = random_lora(m, tmp_path / "acme", b_std=0.02, seed=5)
+    (tmp_path / "guard.yaml").write_text(FALLBACK_CONFIG)
+    srv = GuardServer.guarded(free_port(), "--config", str(tmp_path / "guard.yaml"), "--model", str(m),
+                              "--lock", str(gated_lock), "--lora-modules", f"acme={acme}", f"acme-own={acme}", "--",
+                              "--dtype", "float32", log_path=tmp_path / "guarded.log")
+    prompts = FLAG + KEEP
+    with srv:
+        st = http("GET", srv.url + "/guard/status")[1]
+        assert st["started"] and not st["errors"], st["errors"]
+        assert st["worker_state"][0]["action"] == "fallback", st["worker_state"][0]
+        base = {p: srv.chat(m.name, p, max_tokens=TOKENS) for p in prompts}  # flagged base requests: as they are
+        # the same weights under another name, its lock explicitly off (not gated): the adapter's own answers
+        status, body = http("POST", srv.url + "/guard/lock", {"adapter": "acme-own", "enabled": False})
+        assert status == 200, body
+        own = {p: srv.chat("acme-own", p, max_tokens=TOKENS) for p in prompts}
+        assert any(own[p] != base[p] for p in FLAG), "the stand-in adapter must change the flagged answers"
+
+        got = {p: srv.chat("acme", p, max_tokens=TOKENS) for p in prompts}
+        gate = http("GET", srv.url + "/guard/status")[1]["worker_state"][0]
+        restarted = gate["fallbacks"].get("1", 0)
+        assert restarted == gate["gate"]["flagged"].get("1", 0) >= 1, gate
+        assert all(got[p] in (base[p], own[p]) for p in prompts), (got, base, own)
+        assert sum(got[p] == base[p] != own[p] for p in prompts) >= 1
+        assert [got[p] for p in KEEP] == [own[p] for p in KEEP]  # unflagged: the adapter's own answer
+
+        jobs = [(name, p) for p in prompts for name in (m.name, "acme")]
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:  # one mixed batch: base and adapter, flagged and not
+            mixed = dict(zip(jobs, pool.map(lambda j: srv.chat(j[0], j[1], max_tokens=TOKENS), jobs)))
+        assert {p: mixed[(m.name, p)] for p in prompts} == base
+        assert {p: mixed[("acme", p)] for p in prompts} == got
+        st = http("GET", srv.url + "/guard/status")[1]
+        w = st["worker_state"][0]
+        assert w["fallbacks"]["1"] == 2 * restarted and w["step_errors"] == 0 and st["rpc_failures"] == 0, w
