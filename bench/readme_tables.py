@@ -283,16 +283,19 @@ def gate_dev(d: dict) -> str:
 
 
 def cond_dev(d: dict) -> str:
-    out = ["| strength (or action) | dev HS cut (dev SFT adapter) | over-refusal rise (worst of base, adapter) | FA loss |",
+    out = ["| strength (or action) | dev HS cut (worst dev adapter) | over-refusal rise (worst of base, adapters) | FA loss |",
            "|---|---|---|---|"]
     for r in d["grid"]:
         bold = "**" if r["strength"] == d["chosen"] else ""
         out.append(f"| {bold}{r['strength']}{bold} | {r['hs_cut']:.0f}% | {r['over_rise']:+.1f} | {r['fa_loss']:+.1f} |")
-    off = d["off"]["dev_sft"]
-    out.append(f"\nDev SFT adapter unlocked: dev HS {off['hs']:.1f}%, FA {off['fa']:.1f}%, over-refusal {off['over']:.1f}%; "
-               f"the gate flags {d['flagged']['dev_sft']['hs']:.0f}% of its dev harmful prompts and "
-               f"{d['flagged']['dev_sft']['over']:.0f}% of the dev benign ones. Rule: {d['rule']} Chosen: "
-               f"**{d['chosen']}**. Commit {d['commit']}.")
+    notes = []
+    for m, off in d["off"].items():
+        if m == "base":
+            continue
+        notes.append(f"{m} unlocked: dev HS {off['hs']:.1f}%, FA {off['fa']:.1f}%, over-refusal {off['over']:.1f}%; "
+                     f"the gate flags {d['flagged'][m]['hs']:.0f}% of its dev harmful prompts and "
+                     f"{d['flagged'][m]['over']:.1f}% of the dev benign ones")
+    out.append(f"\n{'. '.join(notes)}. Rule: {d['rule']} Chosen: **{d['chosen']}**. Commit {d['commit']}.")
     return "\n".join(out)
 
 

