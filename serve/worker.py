@@ -393,6 +393,8 @@ class GuardRuntime:
         live = set(getattr(self.runner, "requests", {}) or ())
         for rid in [r for r in self.fallback_pending if r not in live]:  # finished before a restart (no scheduler patch)
             del self.fallback_pending[rid]
+        if len(self.fell_back) > 64:  # finished ones
+            self.fell_back &= live
 
     def flag_unscored(self) -> None:
         """Fail closed after an error reading the gate: every live request not yet decided is steered from now on."""
