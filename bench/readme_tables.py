@@ -206,6 +206,11 @@ def serve(d: dict) -> str:
            f"| lock change over HTTP, idle server (median) | {d['lock_toggle_http_ms']:.2f} ms | |",
            f"| one probe of {d['probe_anchors']} anchors, one adapter ({d['probe_tokens']} greedy tokens) | {d['probe_seconds']:.1f} s | |",
            f"| in-engine base anchor states vs offline HF cache (max rel L2) | {d['reference_offline_max_deviation']:.4f} | |"]
+    if (dc := d.get("probe_duty_cycle")) and "default_probe_interval_seconds" in dc:
+        out.append(f"| live gauge's share of engine time, {dc['adapters']} adapters, probe every "
+                   f"{dc['default_probe_interval_seconds']:.0f} s ({dc['probe_batch']} anchors × {dc['probe_tokens']} "
+                   f"tokens per probe, {dc['seconds_per_probe']:.1f} s each; {dc['duty_cycle_measured']:.1%} measured at "
+                   f"{dc['probe_interval_seconds']:.0f} s, {dc['commit']}) | **{dc['duty_cycle']:.2%}** | ≤ 1% |")
     text = "\n".join(out)
     if c:
         raw = c["raw"]
@@ -452,6 +457,9 @@ def headline() -> str:
         if cc := d.get("compiled_conditional"):
             rows += [("serving throughput, compiled, conditional lock / plain", f"{cc['ratio_guarded_lock_on']:.3f}", "≥ 0.98",
                       src("serve_overhead", {**d, "commit": cc.get("commit", d["commit"])}))]
+    if (d := _load("serve_overhead")) and (dc := d.get("probe_duty_cycle")) and "default_probe_interval_seconds" in dc:
+        rows += [(f"live gauge's share of engine time ({dc['adapters']} adapters, default probe interval)",
+                  f"{dc['duty_cycle']:.2%}", "≤ 1%", src("serve_overhead", {**d, "commit": dc["commit"]}))]
     for name in ("serve_chaos", "serve_chaos-float32"):
         if d := _load(name):
             rows += [(f"chaos under load ({d.get('dtype', 'bfloat16')}): failed requests / engine restarts",

@@ -261,7 +261,12 @@ class ServeConfig(_Section):
     vet_policy: Literal["reject", "lock", "warn"] = Field(
         "reject", description="What happens to an adapter that fails the probe at load: reject it (4xx), serve it "
                               "with the lock forced on, or serve it and raise the gauge.")
-    probe_interval_seconds: float = Field(60.0, ge=0, description="Seconds between health probes of every adapter (0 = only on load).")
+    probe_interval_seconds: float = Field(
+        2400.0, ge=0, description="Seconds between health probes of every adapter (0 = only on load). An adapter's "
+        "weights do not change while it is served, so the periodic probe is a health check (engine, numerics, lock "
+        "state), not the vetting, which reads every anchor at load. 40 min keeps the probes at <= 1% of engine time "
+        "with 4 adapters on 2 CPU cores (one probe of 8 anchors x 24 tokens took 5.7 s there: "
+        "bench/serve_overhead.py --duty-cycle).")
     probe_batch: int | None = Field(8, ge=1, description="Probe anchors each periodic probe reads, rotating through the "
                                     "probe set (None: all of them every time). The gauge reports over the latest reading "
                                     "of every anchor; load-time vetting and POST /guard/probe read them all.")
