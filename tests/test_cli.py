@@ -28,7 +28,7 @@ def test_config_show_and_one_line_errors(tmp_path):
     good = tmp_path / "g.yaml"
     good.write_text("drift:\n  warn: 0.05\n")
     out = guard("config", "show", "--config", str(good))
-    assert out.returncode == 0 and "warn: 0.05" in out.stdout and "fail: 0.2" in out.stdout
+    assert out.returncode == 0 and "warn: 0.05" in out.stdout and "fail: 0.3" in out.stdout
     bad = tmp_path / "b.yaml"
     bad.write_text("drift:\n  wran: 0.05\n")
     out = guard("config", "check", "--config", str(bad))
