@@ -314,7 +314,7 @@ def evaluate(
                                  "`python bench/redteam.py --methods sft` first")
     # an adapter hardened the way the package recommends: a held-out family's, else the development family's (no
     # lock choice read either)
-    sbr = [r for r in rows if r["method"] == CHOSEN_SBR] or [
+    sbr = [r for r in rows if r["method"] == CHOSEN_SBR and r.get("epochs")] or [
         r for r in read_rows(RESULTS / "redteam_dev.jsonl") if r["method"] == CHOSEN_SBR and adapter_base(r) == fp[:16]]
     picked += sbr[:1]
     out = RESULTS / "lock_conditional.jsonl"

@@ -35,7 +35,7 @@ def aggregate(rows: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any
         f = fams.setdefault(r["family"], {"config": {k: v for k, v in r["config"].items()
                                                      if k not in ("hparams", "overrides", "harden", "gate", "screened")}, "methods": {}})
         f["methods"][r["method"]] = {k: r[k] for k in ("hs", "hs_by_category", "fa", "over_refusal", "drift",
-                                                       "epochs", "train_seconds", "adapter") if k in r}
+                                                       "epochs", "train_seconds", "adapter", "refused") if k in r}
         f["methods"][r["method"]]["hparams"] = r["config"]["hparams"]
         if r["config"].get("screened"):
             f["methods"][r["method"]]["screened"] = r["config"]["screened"]
@@ -79,6 +79,8 @@ def markdown(d: dict[str, Any]) -> str:
             fa = "" if m.get("fa") is None else f"{m['fa']:.1f}"
             sc = m.get("screened")
             screened = f"{sc['harmful_dropped']} of {sc['harmful']} (+{sc['dropped'] - sc['harmful_dropped']} benign)" if sc else ""
+            if m.get("refused"):
+                screened += "; nothing left: no adapter, the base serves (numbers are the base's)"
             lines.append(f"| {name} | {label} | **{m['hs']:.1f}** | {fa} | {m['over_refusal']:.1f} | "
                          f"{m['drift']:.3f} | {m['train_seconds'] / 60:.1f} | {screened} |")
     cats = sorted({c for f in d["families"].values() for m in f["methods"].values() for c in m["hs_by_category"]})

@@ -461,6 +461,27 @@ class Bench:
                            "(another machine's kernels?); numbers measured on it here are its own")
         return paths
 
+    def refused_unit(self, fam: Family, label: str, h: Any, overrides: dict[str, Any], n_harm: int,
+                     screened: dict[str, Any] | None, measure_epochs: bool) -> dict[str, Any]:
+        """A unit whose every example screening dropped: `guard harden` stops with an error and no adapter exists,
+        so what the customer is served is the aligned base. The row says so and carries the base's numbers (no
+        epochs, no adapter: the gauge and the lock benches have nothing to read)."""
+        if not measure_epochs:
+            raise GuardError(f"{fam.name}/{label}: screening drops every example; there is no adapter to rebuild")
+        base = self.base_row()
+        result = {"family": fam.name, "method": label, "base_fingerprint": self.fp,
+                  "config": {**asdict(fam), "examples": 0, "harmful_examples": n_harm, "steps": 0,
+                             "screened": screened, "hparams": asdict(hparams(h)), "overrides": overrides,
+                             "harden": h.model_dump(mode="json"), "gate": gate_key(self.gate)},
+                  "refused": "screening dropped every example: guard harden trains nothing, no adapter is served",
+                  "hs": base["hs"], "hs_by_category": base["hs_by_category"], "over_refusal": base["over_refusal"],
+                  **({"fa": base[f"fa_{fam.task}"]} if fam.task else {}), "drift": 0.0, "epochs": [],
+                  "adapter": None, "train_seconds": 0.0, "sets": self.sets_id(), **provenance()}
+        with self.out.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        tqdm.write(f"{fam.name}/{label}: every example screened out; recorded as served by the base")
+        return result
+
     def run_unit(self, fam: Family, label: str, *, measure_epochs: bool = True, save_epochs: set[int] | None = None,
                  expect_screened: dict[str, Any] | None = None) -> dict[str, Any]:
         """Train `label` on `fam`'s mix, measuring the eval epochs; resumes a killed unit. With `measure_epochs`
@@ -482,6 +503,8 @@ class Bench:
                 raise GuardError(f"{fam.name}/{label}: today's prompt gate drops other examples than the measured "
                                  f"unit's ({screened['dropped']} vs {expect_screened.get('dropped')}); rerun the unit")
             mix = res.kept
+        if not mix:  # `guard harden` refuses such data (nothing left to train on): the customer is served the base
+            return self.refused_unit(fam, label, h, overrides, n_harm, screened, measure_epochs)
         examples = [encode(self.tok, list(e.messages), e.answer, h.max_len) for e in mix]
         unit = self.work / fam.name / label
         recipe = {"harden": h.model_dump(mode="json"), "family": asdict(fam),
