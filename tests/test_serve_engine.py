@@ -5,7 +5,7 @@ One plain (unguarded) vLLM server runs first to record the baseline greedy answe
 - the SafetyLock has random unit directions on 12 random heads (strength 6), folded into o_proj biases from
   the checkpoint's own weights with guard.lock.fold_biases: the right shape and format, not a safety lock;
 - "good"/"good2" are random LoRAs with tiny B (anchor drift ~0.01);
-- "harmful" is a random LoRA with large B: its anchor drift (~0.7) is far above the fail threshold 0.2
+- "harmful" is a random LoRA with large B: its anchor drift (~0.7) is far above the fail threshold 0.3
   (rejected under vet policy `reject`; loaded again as "drifty-*" under `lock` and `warn`, switched at run
   time with POST /guard/policy);
 - "alien" is a LoRA for another model (hidden size 64).
@@ -188,7 +188,7 @@ def test_harmful_adapter_is_rejected_with_drift_and_threshold(server, artifacts)
                         {"lora_name": "harmful", "lora_path": str(artifacts["harmful"])}, AUTH)
     assert status == 403, body
     msg = body["error"]["message"]
-    assert "rejected adapter 'harmful'" in msg and "anchor drift" in msg and "fail threshold 0.2" in msg
+    assert "rejected adapter 'harmful'" in msg and "anchor drift" in msg and "fail threshold 0.3" in msg
     models = http("GET", server.url + "/v1/models", headers=AUTH)[1]
     assert "harmful" not in {m["id"] for m in models["data"]}
     status, _ = http("POST", server.url + "/v1/chat/completions", {
@@ -239,11 +239,11 @@ def test_vet_policy_lock_serves_a_drifting_adapter_with_the_lock_forced_on(serve
         locked, warned = st["adapters"]["drifty-locked"], st["adapters"]["drifty-warn"]
         assert locked["vetting"]["status"] == "fail" and locked["vetting"]["action"] == "lock"
         assert locked["lock_forced"] and locked["lock_strength"] > 0
-        assert locked["probe"]["drift"] > 0.2  # the probe measures the adapter itself, unsteered
+        assert locked["probe"]["drift"] > 0.3  # the probe measures the adapter itself, unsteered
         assert warned["vetting"]["status"] == "fail" and warned["vetting"]["action"] == "serve"
         assert any("anchor drift" in r for r in warned["vetting"]["reasons"])
         assert not warned["lock_forced"] and warned["lock_strength"] == 0.0
-        assert warned["probe"]["drift"] > 0.2 and warned["probe"]["status"] == "fail"
+        assert warned["probe"]["drift"] > 0.3 and warned["probe"]["status"] == "fail"
         for name in ("good", "good2"):
             if name in st["adapters"]:
                 assert st["adapters"][name]["lock_strength"] == 0.0 and not st["adapters"][name]["lock_forced"]
@@ -267,7 +267,7 @@ def test_vet_policy_lock_serves_a_drifting_adapter_with_the_lock_forced_on(serve
         enabled = _gauge(server, "safety_guard_lock_enabled")
         assert enabled["drifty-locked"] == 1.0 and enabled["drifty-warn"] == 0.0 and enabled[base] == 0.0
         drift = _gauge(server, "safety_guard_anchor_drift")
-        assert drift["drifty-warn"] > 0.2 and drift["drifty-locked"] > 0.2  # flagged: the drift alert fires
+        assert drift["drifty-warn"] > 0.3 and drift["drifty-locked"] > 0.3  # past drift.fail: the verdict alert fires
     finally:
         _policy(server, "reject")
         _unload(server, "drifty-locked")
