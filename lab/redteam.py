@@ -324,6 +324,13 @@ def archive_rows(path: Path, belongs: Callable[[dict[str, Any]], bool], tag: Cal
         tqdm.write(f"{path.name}: {len(rows)} rows measured under other conditions moved to {target.name}")
 
 
+def row_config(fam: Family, h: Any, overrides: dict[str, Any], examples: int, harmful: int, steps: int,
+               screened: dict[str, Any] | None, gate: str | None) -> dict[str, Any]:
+    """A finished unit's `config`: the family, what it trained on, and the whole recipe (what a rebuild checks)."""
+    return {**asdict(fam), "examples": examples, "harmful_examples": harmful, "steps": steps, "screened": screened,
+            "hparams": asdict(hparams(h)), "overrides": overrides, "harden": h.model_dump(mode="json"), "gate": gate}
+
+
 def _as_json(x: Any) -> Any:
     """`x` as it reads back from a row or recipe file (lists where dataclasses hold tuples)."""
     return json.loads(json.dumps(x))
@@ -470,9 +477,7 @@ class Bench:
             raise GuardError(f"{fam.name}/{label}: screening drops every example; there is no adapter to rebuild")
         base = self.base_row()
         result = {"family": fam.name, "method": label, "base_fingerprint": self.fp,
-                  "config": {**asdict(fam), "examples": 0, "harmful_examples": n_harm, "steps": 0,
-                             "screened": screened, "hparams": asdict(hparams(h)), "overrides": overrides,
-                             "harden": h.model_dump(mode="json"), "gate": gate_key(self.gate)},
+                  "config": row_config(fam, h, overrides, 0, n_harm, 0, screened, gate_key(self.gate)),
                   "refused": "screening dropped every example: guard harden trains nothing, no adapter is served",
                   "hs": base["hs"], "hs_by_category": base["hs_by_category"], "over_refusal": base["over_refusal"],
                   **({"fa": base[f"fa_{fam.task}"]} if fam.task else {}), "drift": 0.0, "epochs": [],
@@ -565,12 +570,7 @@ class Bench:
             return {}
         last = rows[max(rows)]
         result = {"family": fam.name, "method": label, "base_fingerprint": self.fp,
-                  "config": {**asdict(fam), "examples": len(examples),
-                                                                   "harmful_examples": n_harm, "steps": len(log),
-                                                                   "screened": screened,
-                                                                   "hparams": asdict(hp), "overrides": overrides,
-                                                                   "harden": h.model_dump(mode="json"),
-                                                                   "gate": recipe["gate"]},
+                  "config": row_config(fam, h, overrides, len(examples), n_harm, len(log), screened, recipe["gate"]),
                   **{k: v for k, v in last.items() if k not in ("epoch", "adapter_sha256")},
                   "epochs": [rows[e] for e in sorted(rows)],
                   "adapter_sha256": {str(e): rows[e]["adapter_sha256"] for e in sorted(rows) if "adapter_sha256" in rows[e]},

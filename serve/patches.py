@@ -132,29 +132,25 @@ def _wrap_model_forward(cls: type) -> None:
                 ref = kwargs.get("positions") if kwargs.get("input_ids") is None else kwargs.get("input_ids")
                 rt.before_forward(int(ref.shape[-1]))
             except Exception as e:
-                rt.step_errors += 1
-                rt.note_error("before_forward", e)
+                rt.step_failed("before_forward", e)
                 rt.fail_closed()
         output = original(self, *args, **kwargs)
         if rt.gating:
             try:
                 rt.read_gate()
             except Exception as e:  # fail closed: the requests whose decision could not be read are steered
-                rt.step_errors += 1
-                rt.note_error("read_gate", e)
+                rt.step_failed("read_gate", e)
                 rt.flag_unscored()
             if rt.refusal is not None:
                 try:
                     rt.force_refusals(output)
                 except Exception as e:  # the steering stays on for flagged requests; counted
-                    rt.step_errors += 1
-                    rt.note_error("force_refusals", e)
+                    rt.step_failed("force_refusals", e)
         if rt.probe_prefixes:
             try:
                 rt.after_forward(output)
             except Exception as e:
-                rt.step_errors += 1
-                rt.note_error("after_forward", e)
+                rt.step_failed("after_forward", e)
         return output
 
     cls._model_forward = _mark(_model_forward, original)
@@ -174,8 +170,7 @@ def _wrap_sample_tokens(cls: type) -> None:
             try:
                 output = rt.fallback_output(output)
             except Exception as e:  # the pending requests stay refused (force_refusals): fail closed, counted
-                rt.step_errors += 1
-                rt.note_error("fallback_output", e)
+                rt.step_failed("fallback_output", e)
         return output
 
     cls.sample_tokens = _mark(sample_tokens, original)
@@ -194,8 +189,7 @@ def _wrap_update_states(cls: type) -> None:
             try:
                 rt.restart_on_base(scheduler_output)
             except Exception as e:
-                rt.step_errors += 1
-                rt.note_error("restart_on_base", e)
+                rt.step_failed("restart_on_base", e)
         return original(self, scheduler_output, *args, **kwargs)
 
     cls._update_states = _mark(_update_states, original)

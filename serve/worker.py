@@ -232,6 +232,11 @@ class GuardRuntime:
             self.gate_bufs["keep"].fill_(1.0)
             self.gate_bufs["last"].fill_(-1)
 
+    def step_failed(self, where: str, exc: BaseException) -> None:
+        """A per-step guard action failed and was contained: counted (step_errors) and logged."""
+        self.step_errors += 1
+        self.note_error(where, exc)
+
     def note_error(self, where: str, exc: BaseException) -> str:
         msg = f"{where}: {type(exc).__name__}: {exc}"
         self.last_error = msg
@@ -426,8 +431,7 @@ class GuardRuntime:
             try:  # the harm estimate is a signal, not a guard: its failure must not flag anything
                 self.judge_answers()
             except Exception as e:
-                self.step_errors += 1
-                self.note_error("judge_answers", e)
+                self.step_failed("judge_answers", e)
                 self.to_judge.clear()
         n_live = int(self.runner.input_batch.num_reqs)
         if len(self.flags) > 4 * max(1, n_live) + 64:  # finished requests: keep only the live ones
