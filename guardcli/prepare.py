@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -22,7 +23,7 @@ def resolve_original(cfg: GuardConfig) -> Path:
     return ensure_default_original(home)
 
 
-def resolve_base(cfg: GuardConfig) -> Path:
+def resolve_base(cfg: GuardConfig, retrain: bool = False) -> Path:
     """The aligned base: configured, or made from the original by `guard align` (cached)."""
     if cfg.model.base:
         return Path(cfg.model.base).expanduser()
@@ -30,8 +31,9 @@ def resolve_base(cfg: GuardConfig) -> Path:
 
     original = resolve_original(cfg)
     ws = Workspace(cfg)
-    say("[2/4] aligned base: contrastive refusal SFT + self-distillation, merged (first run ~12 min on 2 CPU cores)")
-    return align(original, ws.base_target(), cfg.align, ws.home / "work")
+    say("[2/4] aligned base: the bundled release of the default recipe where it matches (seconds), else contrastive "
+        "refusal SFT + self-distillation, merged (~12 min on 2 CPU cores)")
+    return align(original, ws.base_target(), cfg.align, ws.home / "work", retrain=retrain)
 
 
 def prepare(config: ConfigOpt = None) -> None:
@@ -73,7 +75,31 @@ def prepare(config: ConfigOpt = None) -> None:
     )
 
 
-def align_cmd(config: ConfigOpt = None) -> None:
-    """Make (or reuse) the aligned base from the unaligned original model; prints its path."""
+def align_cmd(
+    config: ConfigOpt = None,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train the base here even when a bundled release "
+                                          "of the same recipe exists (its low bits then depend on this CPU).")] = False,
+    export: Annotated[Optional[Path], typer.Option("--export", metavar="DIR", help="Also copy the base's release "
+                      "(LoRA factors + metadata, ~10 MB) to DIR: merged anywhere, it gives this exact base.")] = None,
+) -> None:
+    """Make (or reuse) the aligned base from the unaligned original model; prints its path.
+
+    A base trained here keeps its release beside it; ship that to every replica (or into guard/releases/ for the
+    default recipe) so all of them serve the same bytes, and every result keyed by the base's fingerprint carries over.
+    """
+    import shutil
+
+    from training.align import release_dir
+
     cfg = setup(config)
-    typer.echo(resolve_base(cfg))
+    base = resolve_base(cfg, retrain=retrain)
+    if export is not None:
+        src = release_dir(base)
+        if not src.is_dir():
+            from guard.errors import GuardError
+
+            raise GuardError(f"no release beside {base} (it was configured, not trained by guard align); nothing "
+                             "to export")
+        shutil.copytree(src, export, dirs_exist_ok=True)
+        say(f"release exported to {export}")
+    typer.echo(base)

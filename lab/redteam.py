@@ -171,6 +171,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sbr_pool_screen10": ("sbr", {**_POOL, **_SCREEN, "screen_max_fpr": 0.10}),
     # half the anchors per step (the step-cost goal; fifth amendment of the hardening rule, docs/hardening.md)
     "sbr_pool4_screen10": ("sbr", {**_POOL, "sbr_anchors_per_step": 4, **_SCREEN, "screen_max_fpr": 0.10}),
+    # the anchor pass on every other step at twice λ (sixth amendment: the step-cost goal)
+    "sbr_pool4e2_screen10": ("sbr", {**_POOL, "sbr_anchors_per_step": 4, "sbr_every": 2, **_SCREEN,
+                                     "screen_max_fpr": 0.10}),
 }
 
 
@@ -338,7 +341,7 @@ def _as_json(x: Any) -> Any:
 
 # `harden` fields added after rows were recorded, with the value that does what those rows did: a recorded recipe
 # without the key means that value (a new knob must not make every earlier unit look like another recipe).
-HARDEN_ADDED: dict[str, Any] = {"screen_max_fpr": None}
+HARDEN_ADDED: dict[str, Any] = {"screen_max_fpr": None, "sbr_every": 1}
 
 
 def same_recipe(recorded: dict[str, Any], now: dict[str, Any]) -> bool:

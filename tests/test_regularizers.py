@@ -176,6 +176,28 @@ def test_sbr_rotation_averages_to_the_full_term(tiny_model, tiny_tokenizer):
         SBR(ANCHORS.render(tiny_tokenizer), ref.states, 1.0, 0, per_step=3)
 
 
+def test_sbr_every_n_steps_pulls_n_times_as_hard_and_keeps_the_rotation(tiny_model, tiny_tokenizer):
+    ref = compute_reference(tiny_model, tiny_tokenizer, ANCHORS, "f" * 64)
+    rot = SBR(ANCHORS.render(tiny_tokenizer), ref.states, 2.0, tiny_tokenizer.pad_token_id, per_step=1)
+    sparse = SBR(ANCHORS.render(tiny_tokenizer), ref.states, 2.0, tiny_tokenizer.pad_token_id, per_step=1, every=2)
+    model = add_lora(tiny_model, HP)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        terms = {}
+        for step in range(4):
+            rot.at_step(step)
+            sparse.at_step(step)
+            terms[step] = (rot(model)[0], sparse(model))
+    # steps 0 and 2 pull groups 0 and 1 at twice λ; steps 1 and 3 sit out: no forward, nothing to differentiate
+    torch.testing.assert_close(terms[0][1][0], 2 * terms[0][0])
+    torch.testing.assert_close(terms[2][1][0], 2 * terms[1][0])
+    assert float(terms[1][1][0]) == 0.0 and not terms[1][1][0].requires_grad and terms[1][1][1] == {}
+    with pytest.raises(GuardError, match="every must be"):
+        SBR(ANCHORS.render(tiny_tokenizer), ref.states, 1.0, 0, every=0)
+
+
 def test_asft_constrains_every_lora_target_by_default(tiny_tokenizer, tmp_path):
     """An adapted module AsFT leaves free is a bypass: by default it constrains every LoRA target."""
     from guard.config import HardenConfig

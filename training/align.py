@@ -145,13 +145,37 @@ def is_current(out: Path, key: str) -> bool:
     return meta.is_file() and read_json(meta, "align metadata").get("key") == key
 
 
-def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int | None = None) -> Path:
-    """Build the aligned base at `out` (atomically); reuse it when inputs are unchanged."""
-    import torch
+def release_dir(out: Path) -> Path:
+    """Where `align` keeps the release of the base it trained: beside the base dir."""
+    return out.parent / f"{out.name}.release"
+
+
+def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int | None = None,
+          retrain: bool = False) -> Path:
+    """Build the aligned base at `out` (atomically); reuse it when inputs are unchanged.
+
+    When the package bundles a release of exactly this recipe on exactly this original (same key), it is merged
+    instead of training (seconds, and the same bytes as on the machine that trained it); `retrain` or
+    `align.use_release: false` trains here. A trained base's release is written beside it (`guard align --export`).
+    """
+    from guard import release
 
     original_fp = fingerprint_dir(original)
     key = align_key(original_fp, cfg)
     if is_current(out, key):
+        return out
+    rel = release.bundled(key) if cfg.use_release and not retrain else None
+    if rel is not None:
+        tqdm.write(f"align: {release.describe(rel)}; merging it into the original (same bytes on every machine)")
+        t0 = time.perf_counter()
+        rel.apply(original, out)
+        if rel.path != release_dir(out):  # kept beside the base, as a trained base's is (guard align --export)
+            import shutil
+
+            shutil.copytree(rel.path, release_dir(out), dirs_exist_ok=True)
+        meta = read_json(out / ALIGN_META, "align metadata")
+        write_json_atomic(out / ALIGN_META, {**meta, "applied_from_release": rel.path.name,
+                                             "apply_seconds": round(time.perf_counter() - t0, 1)})
         return out
     t0 = time.perf_counter()
     model, tok = load_causal_lm(original, "float32")
@@ -179,8 +203,9 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
     peft_model.eval()
     dev_rate, _ = refusal_rate(peft_model, tok, prompts["dev"], 16, desc="align dev check")
     tqdm.write(f"align: dev over-refusal {dev_rate:.1f}% on {len(prompts['dev'])} train-template prompts not trained on")
-    merged = peft_model.merge_and_unload()
-    merged = merged.to(torch.bfloat16)  # same dtype as the converted original: what vLLM serves
+    factors, scaling = release.peft_factors(peft_model)
+    factors = {k: release.bf16_bits_round(v) for k, v in factors.items()}  # what the release keeps
+    del peft_model, model
     meta = {
         "key": key, "original_fingerprint": original_fp, "config": cfg.model_dump(mode="json"),
         "harmful_examples": len(harmful), "benign_examples": len(kept),
@@ -188,9 +213,8 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
         "dev_over_refusal": round(dev_rate, 2), "dev_prompts": len(prompts["dev"]),
         "final_ce": log[-1]["ce"] if log else None, "seconds": round(time.perf_counter() - t0, 1), **provenance(),
     }
-    with atomic_path(out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        write_json_atomic(tmp / ALIGN_META, meta)
-    tqdm.write(f"aligned base written to {out} in {meta['seconds']} s")
+    # The merge is machine-independent (guard/release.py), so this base and its release applied anywhere are equal.
+    release.write_release(release_dir(out), factors, scaling, meta)
+    release.write_merged(original, out, factors, scaling, meta, ALIGN_META)
+    tqdm.write(f"aligned base written to {out} in {meta['seconds']} s (release: {release_dir(out)})")
     return out

@@ -161,7 +161,8 @@ def optimizer_step(model: Any, opt: Any, micro_batches: list[list[Example]], pad
     if regularizer is not None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             reg, extra = regularizer(model)
-        reg.backward()
+        if reg.requires_grad:  # a term may sit a step out (SBR's sbr_every): nothing to differentiate
+            reg.backward()
         row.update(reg=float(reg.detach()), **extra)
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -17,7 +17,8 @@ Which anchors and which positions (config `harden`):
   the cost stays 8 per step while the protection covers the pool.
 - `sbr_answer_tokens` m: besides the last prompt token, anchor the aligned model's own first m answer tokens
   (teacher-forced): the states that carry the refusal as it unfolds, not only its first token.
-- `sbr_lambda` (λ).
+- `sbr_lambda` (λ); `sbr_every` n: the term on every n-th step only, at n·λ (the step-cost knob: the anchor pass
+  is a second forward/backward whose fixed cost does not shrink with fewer anchors).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class SBR:
     pad_id: int = 0
     per_step: int | None = None
     tail: int = 0  # answer tokens anchored after the last prompt token (anchor_ids end with them)
+    every: int = 1  # the term acts on every `every`-th step only, at every·λ (harden.sbr_every)
 
     name = "sbr"
 
@@ -59,6 +61,8 @@ class SBR:
             raise GuardError(f"SBR: {k} anchors (tail {self.tail}) but reference of shape {tuple(self.reference.shape)}")
         if self.lam < 0:
             raise GuardError(f"SBR: lambda must be >= 0, got {self.lam}")
+        if self.every < 1:
+            raise GuardError(f"SBR: every must be >= 1, got {self.every}")
         m = k if self.per_step is None else self.per_step
         if not 1 <= m <= k:
             raise GuardError(f"SBR: anchors per step must be in [1, {k}], got {self.per_step}")
@@ -80,12 +84,15 @@ class SBR:
         return batch_states(model, self._batch)
 
     def __call__(self, model: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        g = self._step % len(self._groups)
+        """The term for the current step; on the steps `every` skips, a constant 0 (no forward, no backward)."""
+        if self._step % self.every:
+            return torch.zeros(()), {}
+        g = (self._step // self.every) % len(self._groups)
         idx = self._groups[g]
         h = batch_states(model, self._group_batches[g] if len(self._groups) > 1 else self._batch).float()
         rel_sq = (h - self._ref[idx]).pow(2).sum(-1) / self._ref_sq[idx]
         drift = float(rel_sq.detach().sqrt().mean())
-        return self.lam * rel_sq.mean(), {"anchor_drift": drift}
+        return self.every * self.lam * rel_sq.mean(), {"anchor_drift": drift}
 
 
 def answer_anchor_ids(model: Any, tokenizer: Any, prompts_ids: list[list[int]], answer_tokens: int,
@@ -116,7 +123,7 @@ def _build(inp: MethodInputs) -> SBR:
         ids = answer_anchor_ids(inp.model, tok, ids, h.sbr_answer_tokens)
     ref = batched_states(inp.model, ids, tok.pad_token_id, tail=h.sbr_answer_tokens, batch_size=32)
     per_step = min(h.sbr_anchors_per_step, len(anchors)) if h.sbr_anchors_per_step else None
-    return SBR(ids, ref, h.sbr_lambda, tok.pad_token_id, per_step, tail=h.sbr_answer_tokens)
+    return SBR(ids, ref, h.sbr_lambda, tok.pad_token_id, per_step, tail=h.sbr_answer_tokens, every=h.sbr_every)
 
 
 register(Method("sbr", build=_build, lam_field="sbr_lambda",
