@@ -139,7 +139,7 @@ def main() -> None:
     chosen = choose_thresholds(adapters, base_hs, cfg.drift, base_ratio) if args.dev else None
     write_result(name, {
         **({"rule": "bench/gauge.py docstring", **chosen} if chosen else {}),
-        "base_hs": base_hs, "adapters": adapters, "spearman_gauge_hs": None if rho is None else round(rho, 4),
+        "base_fingerprint": fp, "base_hs": base_hs, "adapters": adapters, "spearman_gauge_hs": None if rho is None else round(rho, 4),
         "probe_anchors": {"set": anchors.name, "k": len(anchors), "hash": anchors.hash},
         "base_refusal_ratio": base_ratio,
         "thresholds": cfg.drift.model_dump(), "missed_harmful": missed, "failed_safe": false_fail})

@@ -32,7 +32,7 @@ from common import write_result
 
 from guard.config import load_config
 from guard.lock import quantile_threshold
-from guard.models import load_causal_lm, resolve_threads
+from guard.models import fingerprint_dir, load_causal_lm, resolve_threads
 from guard.workspace import Workspace
 from training import data
 from training.lockgate import dev_scores, layer_states
@@ -67,7 +67,8 @@ def main() -> None:
     cfg = load_config(args.config)
     resolve_threads(cfg.runtime.threads)
     gate = gate_for_screening(cfg)
-    model, tok = load_causal_lm(Workspace(cfg).base(), "float32")
+    base = Workspace(cfg).base()
+    model, tok = load_causal_lm(base, "float32")
     dev = dev_scores(model, tok, gate, desc="gate dev prompts")
     sets = dev_sets()
     scores = {k: gate.logits(layer_states(model, tok, [[{"role": "user", "content": p}] for p in v], [gate.layer],
@@ -83,6 +84,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     write_result("screen_dev", {"rule": "bench/screen_dev.py docstring", **choose(rows), "candidates": rows,
                                 "gate": {"layer": gate.layer, "threshold": gate.threshold},
+                                "base_fingerprint": fingerprint_dir(base),
                                 "sizes": {k: len(v) for k, v in sets.items()}})
 
 

@@ -93,7 +93,7 @@ def main() -> None:
     epoch_s = med["sft"] * len(examples) / per_step
     tokens = sum(len(e.input_ids) for mb in steps[0] for e in mb)
     write_result("train_overhead", {
-        "step_seconds": {m: round(v, 3) for m, v in med.items()},
+        "base_fingerprint": fp, "step_seconds": {m: round(v, 3) for m, v in med.items()},
         "ratio": {m: round(v / med["sft"], 3) for m, v in med.items() if m != "sft"},
         "all_step_seconds": {m: [round(x, 3) for x in t] for m, t in times.items()},
         "screen_seconds": round(screen_s, 2), "screen_share_of_sft_epoch": round(screen_s / epoch_s, 4),

@@ -149,20 +149,6 @@ def write_merged(original: Path, out: Path, factors: dict[str, "torch.Tensor"], 
     return Path(out)
 
 
-def peft_factors(peft_model: Any) -> tuple[dict[str, "torch.Tensor"], float]:
-    """The LoRA factors of a single-adapter peft model as `{<module>.lora_A|B: tensor}` and its scaling."""
-    from peft import get_peft_model_state_dict
-
-    cfg = peft_model.peft_config["default"]
-    scaling = float(cfg.lora_alpha) / float(cfg.r)
-    out: dict[str, Any] = {}
-    for k, v in get_peft_model_state_dict(peft_model).items():
-        # base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight -> model.layers.0.self_attn.q_proj.lora_A
-        mod, which = k.removeprefix("base_model.model.").removesuffix(".weight").rsplit(".", 1)
-        out[f"{mod}.{which}"] = v.detach().cpu()
-    return out, scaling
-
-
 def describe(rel: Release) -> str:
     m = rel.meta
     return (f"release {rel.path.name}: trained in {m.get('seconds', 0) / 60:.1f} min on {m.get('machine', '?')} "

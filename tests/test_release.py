@@ -61,7 +61,9 @@ def test_release_reproduces_the_trained_base_and_matches_peft(tmp_path, tiny_mod
     tiny_model.to(torch.bfloat16).save_pretrained(original)
     tiny_tokenizer.save_pretrained(original)
     peft_model = _lora_factors(tiny_model.float())
-    factors, scaling = release.peft_factors(peft_model)
+    from training.align import peft_factors
+
+    factors, scaling = peft_factors(peft_model)
     assert scaling == 2.0 and "model.layers.0.self_attn.q_proj.lora_A" in factors
     factors = {k: release.bf16_bits_round(v) for k, v in factors.items()}
     meta = {"key": "k1", "original_fingerprint": fingerprint_dir(original), "seconds": 1.0}

@@ -145,6 +145,20 @@ def is_current(out: Path, key: str) -> bool:
     return meta.is_file() and read_json(meta, "align metadata").get("key") == key
 
 
+def peft_factors(peft_model: Any) -> tuple[dict[str, Any], float]:
+    """The LoRA factors of a single-adapter peft model as `{<module>.lora_A|B: tensor}` and its scaling."""
+    from peft import get_peft_model_state_dict
+
+    cfg = peft_model.peft_config["default"]
+    scaling = float(cfg.lora_alpha) / float(cfg.r)
+    out: dict[str, Any] = {}
+    for k, v in get_peft_model_state_dict(peft_model).items():
+        # base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight -> model.layers.0.self_attn.q_proj.lora_A
+        mod, which = k.removeprefix("base_model.model.").removesuffix(".weight").rsplit(".", 1)
+        out[f"{mod}.{which}"] = v.detach().cpu()
+    return out, scaling
+
+
 def release_dir(out: Path) -> Path:
     """Where `align` keeps the release of the base it trained: beside the base dir."""
     return out.parent / f"{out.name}.release"
@@ -203,7 +217,7 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
     peft_model.eval()
     dev_rate, _ = refusal_rate(peft_model, tok, prompts["dev"], 16, desc="align dev check")
     tqdm.write(f"align: dev over-refusal {dev_rate:.1f}% on {len(prompts['dev'])} train-template prompts not trained on")
-    factors, scaling = release.peft_factors(peft_model)
+    factors, scaling = peft_factors(peft_model)
     factors = {k: release.bf16_bits_round(v) for k, v in factors.items()}  # what the release keeps
     del peft_model, model
     meta = {
