@@ -79,6 +79,8 @@ def main() -> None:
         result[name] = row
     meta = read_json(f"{aligned}/{ALIGN_META}", "align metadata")
     result["align_minutes"] = round(meta.get("seconds", 0) / 60, 2)
+    result["align_machine"] = meta.get("machine")  # where the release was trained (align_minutes is that run's)
+    result["align_from_release"] = meta.get("applied_from_release")  # set when this base was merged, not trained
     result["align_dev_over_refusal"] = meta.get("dev_over_refusal")
     result["align_config"] = meta.get("config")
     from guard.models import fingerprint_dir

@@ -34,8 +34,9 @@ def align(d: dict) -> str:
         out.append(f"| {who} | " + " | ".join(f"{d[who]['edgy_by_category'][c]:.0f}" for c in cats) + " |")
     worst = max(cats.values())
     out.append(f"\nGoal ≤ 20 in every category (worst: {worst:.0f}). Judge `{d['judge']}`, greedy {d['tokens']} tokens, "
-               f"{d['dtype']}. Alignment wall time **{d['align_minutes']:.1f} min** on {d['machine']} (goal ≤ 15; "
-               f"plus ~0.5 min GGUF conversion); in-loop dev check (train-template prompts held out of training): "
+               f"{d['dtype']}, on {d['machine']}. Training the alignment took **{d['align_minutes']:.1f} min** on "
+               f"{d.get('align_machine') or d['machine']} (goal ≤ 15; plus ~0.5 min GGUF conversion); `guard prepare` "
+               f"merges the bundled release of it in seconds instead; in-loop dev check (train-template prompts held out of training): "
                f"{d['align_dev_over_refusal']}% refused. Commit {d['commit']}.")
     return "\n".join(out)
 
