@@ -95,3 +95,17 @@ def test_bundled_lookup_and_errors(tmp_path, monkeypatch, tiny_model, tiny_token
     assert not (tmp_path / "out").exists()  # atomic: nothing half-written
     with pytest.raises(GuardError, match="not an aligned-base release"):
         release.Release.read(tmp_path)
+
+
+def test_the_bundled_release_is_the_default_recipe():
+    """`guard prepare` merges the bundled release only when its key is the default recipe's on the original it
+    records; a change to AlignConfig's defaults or to the alignment data without a new release would silently turn
+    a 6-second merge into 10-20 minutes of training on every fresh machine. This fails first."""
+    from guard.config import AlignConfig
+    from training.align import align_key
+
+    bundled = [d for d in sorted(release.BUNDLED_DIR.iterdir()) if d.is_dir()]
+    assert bundled, "no release bundled in guard/releases"
+    rel = release.Release.read(bundled[0])
+    assert align_key(rel.meta["original_fingerprint"], AlignConfig()) == rel.key
+    assert release.bundled(rel.key) is not None
