@@ -84,7 +84,7 @@ def markdown(d: dict[str, Any]) -> str:
             lines.append(f"| {name} | {label} | **{m['hs']:.1f}** | {fa} | {m['over_refusal']:.1f} | "
                          f"{m['drift']:.3f} | {m['train_seconds'] / 60:.1f} | {screened} |")
     cats = sorted({c for f in d["families"].values() for m in f["methods"].values() for c in m["hs_by_category"]})
-    lines += ["", "HS % by StrongREJECT category:", "", "| family | method | " + " | ".join(cats) + " |",
+    lines += ["", "HS % by harm category (StrongREJECT's; `dev`: the development HS set, one column):", "", "| family | method | " + " | ".join(cats) + " |",
               "|---|---|" + "---|" * len(cats)]
     lines.append("| aligned base | | " + " | ".join(f"{b['hs_by_category'].get(c, 0):.0f}" for c in cats) + " |")
     for name, f in d["families"].items():
