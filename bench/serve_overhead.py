@@ -138,7 +138,11 @@ def compiled_run(a: argparse.Namespace) -> None:
     if a.conditional:
         out["policy"] = "conditional: lock_on = the gate scores every request (these prompts are benign: the cost "
         out["policy"] += "is the in-graph gate and the per-token mask, with nothing refused or steered)"
-        out["gate"] = st["worker_state"][0].get("gate")
+        out["gate"] = gate = st["worker_state"][0].get("gate") or {}
+        if gate.get("ungated") or not sum((gate.get("scored") or {}).values()):
+            # a failed calibration steers the base unconditionally: that run measured `all`, not `conditional`
+            raise SystemExit(f"the prompt gate did not score the requests (gate state {gate}); nothing written — "
+                             f"see the guarded server's log ({tmp / 'guarded.log'})")
     from guard.artifacts import provenance
 
     out["commit"] = provenance()["commit"]  # sections are measured at different times: each keeps its own

@@ -18,8 +18,11 @@ whatever the size of the probe pool; the gauge always reports over the latest re
 adapter, a reading per anchor is kept and refreshed), so a probe of 8 anchors never makes the verdict rest on
 8 prompts.
 
-Probes are serialised (one at a time) and bounded by a timeout; a failing probe is counted and logged and
-never touches user requests (they are separate requests; the probe's are aborted on timeout).
+Probes are serialised (one at a time) and bounded by a stall timeout: a probe fails when none of its requests
+finishes for `timeout` seconds, not when the whole set takes longer than that, so a large calibration set on a
+slow CPU (hundreds of prefills at ~15 tokens/s in bf16 without native bf16) completes while a hung engine is
+still caught. A failing probe is counted and logged and never touches user requests (they are separate
+requests; the probe's are aborted on timeout).
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class Monitor:
 
     def __init__(self, engine_client: Any, workers: Any, anchor_ids: list[list[int]], drift_cfg: Any, metrics: Any,
                  judge: RefusalJudge = DEFAULT_JUDGE, timeout: float = 120.0) -> None:
+        """`timeout`: seconds a probe may go without any of its requests finishing (see the module docstring)."""
         self.engine = engine_client
         self.workers = workers  # serve.rpc.WorkerClient
         self.anchor_ids = anchor_ids
@@ -152,7 +156,14 @@ class Monitor:
         await self.workers.probe_arm(prefix)
         tasks = [asyncio.create_task(one(j, ids)) for j, ids in enumerate(prompts)]
         try:
-            await asyncio.wait_for(asyncio.gather(*tasks), self.timeout)
+            pending: set[asyncio.Task[None]] = set(tasks)
+            while pending:  # the stall timeout of the module docstring
+                done, pending = await asyncio.wait(pending, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise TimeoutError(f"no probe request finished in {self.timeout:g} s ({len(pending)} of "
+                                       f"{len(tasks)} still running)")
+                for t in done:
+                    t.result()  # a request's own error fails the probe now
         except BaseException:
             for t in tasks:
                 t.cancel()  # cancelling the generator aborts the engine request

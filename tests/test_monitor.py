@@ -120,3 +120,37 @@ def test_gate_scores_come_back_in_prompt_order_per_adapter_and_a_missing_gate_is
     workers.gate = False
     with pytest.raises(Exception, match="no score for 6 of 6"):
         asyncio.run(mon.gate_scores(None, prompts))
+
+
+class SlowEngine(Engine):
+    """Serves one request at a time, `delay` seconds each; `hang_after` requests, then never answers again."""
+
+    def __init__(self, delay: float, hang_after: int | None = None) -> None:
+        super().__init__()
+        self.delay, self.hang_after, self.served = delay, hang_after, 0
+        self.busy = asyncio.Lock()
+
+    async def generate(self, inputs, params, request_id, lora_request=None):
+        async with self.busy:
+            if self.hang_after is not None and self.served >= self.hang_after:
+                await asyncio.Event().wait()  # a hung engine
+            await asyncio.sleep(self.delay)
+            self.served += 1
+        async for out in super().generate(inputs, params, request_id, lora_request):
+            yield out
+
+
+def test_a_slow_engine_finishes_a_large_probe_and_a_hung_one_fails_it_with_a_reason():
+    """The timeout is a stall timeout: 40 prompts served one by one take far longer in all than the timeout
+    allows (a calibration set on a slow CPU), and still complete; an engine that stops answering fails the
+    probe with a message that says so, and its requests are aborted."""
+    prompts = [[5, 6, j] for j in range(40)]
+    engine = SlowEngine(delay=0.02)
+    mon = Monitor(engine, Workers(engine), [[1, 2, i] for i in range(K)], DriftConfig(), Metrics(), timeout=0.4)
+    scores = asyncio.run(mon.gate_scores(None, prompts))
+    assert scores.tolist() == [0.5 * j for j in range(40)] and engine.served == 40
+
+    hung = SlowEngine(delay=0.0, hang_after=3)
+    mon = Monitor(hung, Workers(hung), [[1, 2, i] for i in range(K)], DriftConfig(), Metrics(), timeout=0.4)
+    with pytest.raises(TimeoutError, match=r"no probe request finished in 0.4 s \(37 of 40 still running\)"):
+        asyncio.run(mon.gate_scores(None, prompts))
