@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The measurement queue on the released base (055ce44a), one torch job at a time, in the order the selection
+# rules need them (development choices first, then the held-out families, then what reads their adapters).
+# Every unit is resumable (bench/redteam.py appends a row per finished unit and skips it next time; adapters and
+# checkpoints stay in the data dir), and a unit that finished is marked in $DONE, so re-running this script after
+# an interruption continues where it stopped.
+#
+#   bash lab/bench_queue.sh [CONFIG]      # run from the repository root; log to a file of your choice
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+CONFIG=${1:-}
+DONE=${DONE:-${SAFETY_GUARD_HOME:-$HOME/.cache/safety-guard}/work/bench-queue}
+mkdir -p "$DONE"
+C=(); [ -n "$CONFIG" ] && C=(--config "$CONFIG")
+run() {
+  local name=$1; shift
+  if [ -f "$DONE/$name" ]; then echo "skip $name (done)"; return; fi
+  echo "=== $(date +%T) $name: $*"
+  if "$@"; then touch "$DONE/$name"; echo "=== $(date +%T) $name done"; else echo "=== $(date +%T) $name FAILED ($?)"; fi
+}
+# development (choices)
+run align_eval      $PY bench/align_eval.py "${C[@]}"
+run dev_e2          $PY bench/redteam.py --dev --families dev_diverse --methods sft,sbr_pool4_screen10@30,sbr_pool4e2_screen10@30 "${C[@]}"
+run train_overhead  $PY bench/train_overhead.py "${C[@]}"
+run dev_scorer      $PY bench/redteam.py --dev --families dev_scorer --methods sft "${C[@]}"
+run dev_more1       $PY bench/redteam.py --dev --families dev_diverse --methods sbr,sft_screen "${C[@]}"
+run dev_more2       $PY bench/redteam.py --dev --families dev_harmful_only --methods sft "${C[@]}"
+run probe_positions $PY bench/probe_positions.py "${C[@]}"
+run gauge_dev       $PY bench/gauge.py --dev "${C[@]}"
+run cond_dev        $PY bench/lock_conditional.py dev "${C[@]}"
+run serve_cond      $PY bench/serve_overhead.py --compiled --conditional --requests 48 --reps 6
+run dev_asft        $PY bench/redteam.py --dev --families dev_diverse --methods asft,asft@10,asft@100 "${C[@]}"
+# held-out (reports)
+run rt_sft          $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sft "${C[@]}"
+run rt_sbr          $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sbr_pool4_screen10@30 "${C[@]}"
+run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen10@30 "${C[@]}"
+run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@30 "${C[@]}"
+run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen10@30 "${C[@]}"
+run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
+run gauge           $PY bench/gauge.py "${C[@]}"
+run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
+run cond_eval       $PY bench/lock_conditional.py eval "${C[@]}"
+echo "=== $(date +%T) queue finished"
