@@ -41,4 +41,5 @@ run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1
 run gauge           $PY bench/gauge.py "${C[@]}"
 run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
 run cond_eval       $PY bench/lock_conditional.py eval "${C[@]}"
+run stress          $PY bench/stress.py "${C[@]}"
 echo "=== $(date +%T) queue finished"
