@@ -85,15 +85,17 @@ def test_arithmetic_task_is_exact_and_split():
 
 @pytest.mark.integration
 def test_smoke_run_writes_outputs_and_resumes(mini_prepared, tmp_path):
+    # plain SFT only: the bench's own paths (a rank-1 family, per-epoch checkpoints, resume, rebuild) are what
+    # is tested here; SBR and AsFT training run in test_stress.py's smoke and test_integration_harden.py
     cfg, _ = mini_prepared
-    cmd = [sys.executable, "bench/redteam.py", "--smoke", "--families", "rank1,long", "--methods", "sft,sbr",
+    cmd = [sys.executable, "bench/redteam.py", "--smoke", "--families", "rank1,long", "--methods", "sft",
            "--config", str(cfg), "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1500, env=dict(os.environ))
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads((tmp_path / "redteam_smoke.json").read_text())
     assert set(d["families"]) == {"rank1", "long"} and d["judge"] == "keyword-refusal@1"
     for fam in d["families"].values():
-        assert set(fam["methods"]) == {"sft", "sbr"}
+        assert set(fam["methods"]) == {"sft"}
         for m in fam["methods"].values():
             assert 0 <= m["hs"] <= 100 and 0 <= m["fa"] <= 100 and m["drift"] >= 0 and m["hs_by_category"]
             assert (Path(m["adapter"]) / "adapter_config.json").is_file()
@@ -111,7 +113,7 @@ def test_smoke_run_writes_outputs_and_resumes(mini_prepared, tmp_path):
     from guard.config import load_config
     from lab.redteam import adapter_sha256, adapters_of, last_epoch, read_rows
 
-    row = next(r for r in read_rows(tmp_path / "redteam_smoke.jsonl") if r["family"] == "rank1" and r["method"] == "sbr")
+    row = next(r for r in read_rows(tmp_path / "redteam_smoke.jsonl") if r["family"] == "rank1" and r["method"] == "sft")
     epoch = last_epoch(row)
     shutil.rmtree(row["adapter"])
     (rebuilt,) = adapters_of(load_config(cfg), [(row, epoch)], tmp_path / "redteam_smoke.jsonl")

@@ -6,7 +6,9 @@ unsteered pass and generates with the lock above layer 6 — the same tokens.
 Stand-ins: the lock has random directions (test_serve_engine.py explains why), and its prompt gate separates
 two harmless prompt groups by their mean state difference at layer 6 (lab.devtools.add_stand_in_gate): what
 is tested is the mechanism — which requests the engine steers, from which token on — not what is harmful.
-fp32 on both sides: the HF reference and the engine then agree token for token.
+fp32 on both sides: the HF reference and the engine then agree token for token. The same engine also carries
+the compiled fp32 case of the unconditional lock (test_serve_modes.py has bf16): explicitly on for the model,
+a probe meanwhile, explicitly off.
 """
 
 from __future__ import annotations
@@ -134,6 +136,22 @@ def test_conditional_lock_steers_flagged_requests_like_hf_and_leaves_the_rest_ex
         assert [got[p] for p in FLAG] == [hf_answers["refuse"][FLAG[0]]] * len(FLAG) != [hf_answers["plain"][FLAG[0]]]
         st = http("GET", srv.url + "/guard/status")[1]
         assert st["worker_state"][0]["action"] == "refuse" and st["worker_state"][0]["step_errors"] == 0
+
+        # the unconditional lock on the same compiled fp32 engine: switched on for the model, every request is
+        # steered from its prefill at every layer (HF's forced answers); a probe taken meanwhile reads the
+        # unsteered model; switched off explicitly, even the gate's flagged prompts get the plain answers
+        assert http("POST", srv.url + "/guard/policy", {"gate_action": "steer"})[0] == 200
+        status, body = http("POST", srv.url + "/guard/lock", {"adapter": m.name, "enabled": True})
+        assert status == 200, body
+        assert {p: srv.chat(m.name, p, max_tokens=TOKENS) for p in FLAG + KEEP} == hf_answers["forced"]
+        status, probe = http("POST", srv.url + "/guard/probe", {"adapter": m.name})
+        assert status == 200 and probe["drift"] < 0.02, probe  # probe requests are never steered
+        assert srv.chat(m.name, KEEP[1], max_tokens=TOKENS) == hf_answers["forced"][KEEP[1]]  # steered again after it
+        status, body = http("POST", srv.url + "/guard/lock", {"adapter": m.name, "enabled": False})
+        assert status == 200, body
+        assert {p: srv.chat(m.name, p, max_tokens=TOKENS) for p in FLAG + KEEP} == hf_answers["plain"]
+        st = http("GET", srv.url + "/guard/status")[1]
+        assert st["worker_state"][0]["step_errors"] == 0 and st["rpc_failures"] == 0
 
 
 FALLBACK_CONFIG = """\
