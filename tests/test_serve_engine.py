@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 # fp32: these tests compare answers from mixed multi-LoRA batches with answers given alone, and bf16 kernels on
 # CPUs with avx512_bf16 are not batch-invariant (1 of 6 greedy answers differed with no steering at all). The
-# lock itself is tested in bf16 and fp32, eager and compiled, in test_serve_modes.py.
+# lock itself is tested in bf16 (eager and compiled) in test_serve_modes.py, compiled fp32 in test_serve_conditional.py.
 DTYPE = "float32"
 KEY = "sg-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
