@@ -107,13 +107,24 @@ def bundled(key: str) -> Release | None:
     return None
 
 
+def _check_bf16(factors: dict[str, "torch.Tensor"]) -> None:
+    """A release and the base trained beside it must merge the same bf16 factors: the caller rounds them once
+    (`bf16_bits_round`) and hands the same tensors to `write_release` and `write_merged`."""
+    import torch
+
+    wrong = sorted(k for k, v in factors.items() if v.dtype != torch.bfloat16)
+    if wrong:
+        raise ValueError(f"{len(wrong)} LoRA factors are not bfloat16 (e.g. {wrong[0]}); round them with bf16_bits_round")
+
+
 def write_release(out: Path, factors: dict[str, "torch.Tensor"], scaling: float, meta: dict[str, Any]) -> Path:
-    """Write a release dir atomically; `factors` are rounded to bf16 (what every merge uses)."""
+    """Write a release dir atomically; `factors` are already bf16 (what every merge uses)."""
     from safetensors.torch import save_file
 
+    _check_bf16(factors)
     with atomic_path(Path(out)) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: bf16_bits_round(v) for k, v in sorted(factors.items())}, str(tmp / _FACTORS))
+        save_file(dict(sorted(factors.items())), str(tmp / _FACTORS))
         write_json_atomic(tmp / _META, {**meta, "format": RELEASE_FORMAT, "scaling": scaling})
     return Path(out)
 
@@ -123,6 +134,7 @@ def write_merged(original: Path, out: Path, factors: dict[str, "torch.Tensor"], 
     """The original's weights with every `<module>.lora_A/B` pair merged into `<module>.weight`; other files copied."""
     from safetensors.torch import load_file, save_file
 
+    _check_bf16(factors)
     files = sorted(Path(original).glob("*.safetensors"))
     if not files:
         raise GuardError(f"no safetensors weights in the original model dir {original}")

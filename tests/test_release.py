@@ -83,8 +83,11 @@ def test_release_reproduces_the_trained_base_and_matches_peft(tmp_path, tiny_mod
 
 
 def test_bundled_lookup_and_errors(tmp_path, monkeypatch, tiny_model, tiny_tokenizer):
-    factors = {"model.layers.9.self_attn.q_proj.lora_A": torch.zeros(2, 64),
-               "model.layers.9.self_attn.q_proj.lora_B": torch.zeros(64, 2)}
+    factors = {"model.layers.9.self_attn.q_proj.lora_A": torch.zeros(2, 64, dtype=torch.bfloat16),
+               "model.layers.9.self_attn.q_proj.lora_B": torch.zeros(64, 2, dtype=torch.bfloat16)}
+    with pytest.raises(ValueError, match="not bfloat16"):  # unrounded factors would merge differently
+        release.write_release(tmp_path / "bad", {k: v.float() for k, v in factors.items()}, 1.0, {})
+    assert not (tmp_path / "bad").exists()
     release.write_release(tmp_path / "bundle" / "r1", factors, 1.0, {"key": "abc", "original_fingerprint": "x"})
     monkeypatch.setattr(release, "BUNDLED_DIR", tmp_path / "bundle")
     assert release.bundled("abc") is not None and release.bundled("other") is None
