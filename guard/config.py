@@ -232,11 +232,13 @@ class LockConfig(_Section):
                                  "`bench/lock_conditional.py dev` picks on the development adapter (where no strength "
                                  "cuts a strong attack's harm by more than 7%: see docs/safetylock.md).")
     gate_action: Literal["refuse", "steer", "fallback"] = Field(
-        "refuse", description="What the conditional policy does with a flagged request: `refuse` (answer with "
-                              "`lock.refusal`), `steer` (the lock at layers >= gate_layer, strength gate_strength) or "
-                              "`fallback` (an adapter's flagged request is answered by the aligned base, the adapter "
-                              "set aside: a false alarm costs the customer's fine-tuning on one request, not a refusal; "
-                              "flagged requests to the base itself are served as they are). See docs/safetylock.md.")
+        "fallback", description="What the conditional policy does with a flagged request: `fallback` (an adapter's "
+                                "flagged request is answered by the aligned base, the adapter set aside: a false alarm "
+                                "costs the customer's fine-tuning on one request, not a refusal; flagged requests to "
+                                "the base itself are served as they are), `refuse` (answer with `lock.refusal`) or "
+                                "`steer` (the lock at layers >= gate_layer, strength gate_strength). The default is "
+                                "what the rule of `bench/lock_conditional.py dev` chose on the development adapters "
+                                "(docs/safetylock.md).")
     refusal: str = Field("I can't help with that request.", min_length=1,
                          description="The answer a flagged request gets under gate_action `refuse`.")
     gate_calibration: Literal["none", "shift", "quantile"] = Field(

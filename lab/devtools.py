@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -146,6 +147,26 @@ def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None
         return status, raw
 
 
+_LIVE: set[GuardServer] = set()  # started and not yet stopped: stopped at exit, SIGTERM included
+
+
+def _stop_live() -> None:
+    for srv in list(_LIVE):
+        srv.stop()
+
+
+def _exit_on_sigterm() -> None:
+    """A bench killed with SIGTERM (a queue stopped, a session ending) would leave its servers' process groups
+    running, each holding cores and gigabytes; as SystemExit, `with`/`finally` blocks and atexit stop them."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+atexit.register(_stop_live)
+
+
 class GuardServer:
     """One server process group: `guard serve` args (guarded) or a plain vLLM argv (unguarded)."""
 
@@ -180,8 +201,10 @@ class GuardServer:
         if self.proc is not None and self.proc.poll() is None:
             return self  # already running: a second start would orphan the first process group
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        _exit_on_sigterm()
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        _LIVE.add(self)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -214,6 +237,7 @@ class GuardServer:
             except ProcessLookupError:
                 pass
             self.proc = None
+            _LIVE.discard(self)
 
     def __enter__(self) -> GuardServer:
         return self.start()
