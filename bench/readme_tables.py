@@ -228,7 +228,20 @@ def serve(d: dict) -> str:
                  f"{c['worker']['dtype']}. The guarded server came out faster than plain in every rep, which is a "
                  f"server effect (start order, core binding, compile artifacts), not the guard; the clean number is "
                  f"the same guarded engine lock on vs off: {sum(pairs) / len(pairs):.3f} (mean of {len(pairs)} pairs; "
-                 f"in compiled mode both run the same graph and differ only in buffer contents). Commit {d['commit']}.")
+                 f"in compiled mode both run the same graph and differ only in buffer contents). "
+                 f"{c.get('machine', d.get('machine', ''))}, commit {c.get('commit', d['commit'])}.")
+    if cc:
+        raw = cc["raw"]
+        g = cc.get("gate") or {}
+        pairs = [on / off for on, off in zip(raw["lock_on"], raw["lock_off"])]
+        text += (f"\n\nCompiled, conditional ({cc['worker']['dtype']}, {cc.get('machine', '?')}, commit {cc['commit']}): "
+                 f"the same protocol with `lock_policy: conditional` (gate action "
+                 f"`{cc['worker_state'].get('action', '?')}`), lock on = every request scored by the in-graph gate; "
+                 f"{cc['requests']} requests × {cc['reps']} reps, probe interval {cc['probe_interval_seconds']:.0f} s; "
+                 f"plain {cc['plain_tokens_per_s']:.1f} tok/s (A/A range {min(raw['plain']):.1f}-{max(raw['plain']):.1f}); "
+                 f"the same guarded engine gated vs lock off: {sum(pairs) / len(pairs):.3f} (mean of {len(pairs)} pairs); "
+                 f"the gate scored {sum(g.get('scored', {}).values())} requests and flagged "
+                 f"{sum(g.get('flagged', {}).values())} (base requests: served as they are under `fallback`).")
     text += (
         f"\n\n`bench/serve_overhead.py`: {d['requests']} requests × {d['reps']} reps at concurrency {d['concurrency']}, "
         f"{d['max_tokens']} tokens each, order {d['order']}; plain {d['plain_tokens_per_s']:.2f} tok/s "

@@ -145,7 +145,8 @@ def compiled_run(a: argparse.Namespace) -> None:
                              f"see the guarded server's log ({tmp / 'guarded.log'})")
     from guard.artifacts import provenance
 
-    out["commit"] = provenance()["commit"]  # sections are measured at different times: each keeps its own
+    # sections are measured at different times, maybe on different machines: each keeps its own commit and machine
+    out.update({k: v for k, v in provenance().items() if k in ("commit", "machine")})
     prev["compiled_conditional" if a.conditional else "compiled"] = out
     write_result("serve_overhead", prev)
 

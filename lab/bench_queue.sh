@@ -34,12 +34,14 @@ run dev_asft        $PY bench/redteam.py --dev --families dev_diverse --methods 
 # held-out (reports)
 run rt_sft          $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sft "${C[@]}"
 run rt_sbr          $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sbr_pool4_screen10@30 "${C[@]}"
+# the conditional lock as soon as 3+ held-out SFT adapters and the SBR one exist (resumable per adapter)
+run cond_eval       $PY bench/lock_conditional.py eval "${C[@]}"
 run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen10@30 "${C[@]}"
 run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@30 "${C[@]}"
 run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen10@30 "${C[@]}"
 run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
 run gauge           $PY bench/gauge.py "${C[@]}"
 run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
-run cond_eval       $PY bench/lock_conditional.py eval "${C[@]}"
+run cond_eval_all   $PY bench/lock_conditional.py eval "${C[@]}"  # adds the later families' SFT adapters
 run stress          $PY bench/stress.py "${C[@]}"
 echo "=== $(date +%T) queue finished"

@@ -52,7 +52,7 @@ class LockChange(BaseModel):
 
 class PolicyChange(BaseModel):
     """POST /guard/policy: the vet policy for adapters loaded from now on, and/or what the conditional lock does
-    with a flagged request (`refuse` | `steer`); neither is persisted to the config."""
+    with a flagged request (`refuse` | `steer` | `fallback`); neither is persisted to the config."""
 
     model_config = ConfigDict(extra="forbid")
     vet_policy: Literal["reject", "lock", "warn"] | None = None
