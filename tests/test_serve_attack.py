@@ -7,6 +7,9 @@ unaligned original, i.e. the adapter a careless customer upload produces. `guard
 - under vet policy `reject` the hot-load is refused (403) naming the failed checks, and nothing is served;
 - under `lock` the same adapter serves with SafetyLock forced on, and its answers differ from the same
   weights served unlocked under `warn` (in one mixed batch).
+
+The engine runs the base's dtype (bf16) with LoRA on, so eager on CPU: the mode of the reported crash (the global
+lock switch killed a bf16 LoRA engine on CPUs with avx512_bf16), which the last test repeats.
 """
 
 from __future__ import annotations
@@ -105,3 +108,23 @@ def test_sft_attack_serves_locked_under_lock(server, attacked):
         assert any(answers[("attacked-locked", p)] != answers[("attacked-warn", p)] for p in prompts), answers
     finally:
         _policy(server, "reject")
+
+
+def test_global_lock_on_a_bf16_lora_engine_serves_and_stays_up(server):
+    """The reported crash: bf16, LoRA on (eager on CPU), the lock switched on for everything, then a chat. On CPUs
+    with avx512_bf16 the packed bf16 GEMM rejected the bf16 bias the old lock handed it and the engine died."""
+    st = http("GET", server.url + "/guard/status")[1]
+    w, model = st["workers"][0], st["base_model"]
+    assert w["lora"] is True and w["dtype"] == "bfloat16" and w["compiled"] is False, w
+    prompts = list(data.splits().eval[:3])
+    off = {p: _chat(server, model, p) for p in prompts}
+    assert http("POST", server.url + "/guard/lock", {"enabled": True})[0] == 200
+    try:
+        on = {p: _chat(server, model, p) for p in prompts}
+        assert any(on[p] != off[p] for p in prompts), on
+        assert http("GET", server.url + "/health")[0] == 200
+    finally:
+        assert http("POST", server.url + "/guard/lock", {"enabled": False})[0] == 200
+    assert {p: _chat(server, model, p) for p in prompts} == off
+    st = http("GET", server.url + "/guard/status")[1]
+    assert st["worker_state"][0]["step_errors"] == 0 and st["rpc_failures"] == 0

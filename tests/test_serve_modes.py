@@ -1,7 +1,8 @@
 """The lock in every engine mode vLLM runs, on a real engine with the real SmolLM2-135M weights: compiled (vLLM's
-default; the CPU backend compiles when LoRA is off) in bf16 here, eager with LoRA in bf16 here. Compiled fp32 is
-tested in test_serve_conditional.py against HF's fp32 answers (lock off exact, on for every request, probes
-unsteered); eager fp32 with LoRA, per-adapter locks and mixed batches in test_serve_engine.py.
+default; the CPU backend compiles when LoRA is off) in bf16 here. Compiled fp32 is tested in
+test_serve_conditional.py against HF's fp32 answers (lock off exact, on for every request, probes unsteered);
+eager fp32 with LoRA, per-adapter locks and mixed batches in test_serve_engine.py; eager bf16 with LoRA (the
+reported avx512_bf16 crash: the global switch on a bf16 LoRA engine) in test_serve_attack.py.
 
 bf16 compiled: a plain (unguarded) compiled vLLM records greedy answers, then the guarded server must give
 exactly those with the lock off, other answers with it on, the same again after off, and a probe taken while
@@ -78,21 +79,3 @@ def test_compiled_bf16_engine_lock_off_exact_on_steers_probe_unsteered(default_m
         st = http("GET", srv.url + "/guard/status")[1]
         assert st["worker_state"][0]["step_errors"] == 0 and st["rpc_failures"] == 0
 
-
-def test_bf16_eager_lora_engine_serves_a_locked_answer_and_stays_up(default_model_dir, lock_file, tmp_path):
-    """The reported crash: bf16, LoRA on (eager on CPU), lock switched on for everything, then a chat. On CPUs
-    with avx512_bf16 the packed bf16 GEMM rejected the bf16 bias the old lock handed it and the engine died."""
-    m = default_model_dir
-    (tmp_path / "guard.yaml").write_text(CONFIG.replace("enable_lora: false", "enable_lora: true"))
-    srv = GuardServer.guarded(free_port(), "--config", str(tmp_path / "guard.yaml"), "--model", str(m),
-                              "--lock", str(lock_file), "--", "--dtype", "bfloat16", log_path=tmp_path / "guarded.log")
-    with srv:
-        w = http("GET", srv.url + "/guard/status")[1]["workers"][0]
-        assert w["lora"] is True and w["dtype"] == "bfloat16" and w["compiled"] is False, w
-        off = {p: srv.chat(m.name, p) for p in PROMPTS}
-        assert http("POST", srv.url + "/guard/lock", {"enabled": True})[0] == 200
-        on = {p: srv.chat(m.name, p) for p in PROMPTS}
-        assert all(on[p] != off[p] for p in PROMPTS), on
-        assert http("GET", srv.url + "/health")[0] == 200
-        assert http("POST", srv.url + "/guard/lock", {"enabled": False})[0] == 200
-        assert {p: srv.chat(m.name, p) for p in PROMPTS} == off
