@@ -464,8 +464,21 @@ def redteam(d: dict) -> str:
     return "\n".join(out)
 
 
+def gate_framing(d: dict) -> str:
+    names = {"dev": "dev: pyrit red-team + scorer dev third", "eval": "held-out: StrongREJECT eval split"}
+    out = ["| harmful set | n | flagged as written % | flagged in the attacker's best framing per prompt % | one framing for every prompt (the best) % |",
+           "|---|---|---|---|---|"]
+    for k, r in d["sets"].items():
+        worst = min(r["flagged_by_frame"].items(), key=lambda kv: kv[1])
+        out.append(f"| {names.get(k, k)} | {r['n']} | {r['flagged_plain']:.1f} | **{r['flagged_best_frame']:.1f}** | "
+                   f"{worst[1]:.1f} (\"{worst[0].replace('{p}', '…').strip()}\") |")
+    out.append(f"\nGate layer {d['gate_layer']}, the base's threshold {d['threshold']}; base "
+               f"{d['base_fingerprint'][:8]}, {d['machine']}, commit {d['commit']}.")
+    return "\n".join(out)
+
+
 TABLES: dict[str, Callable[[dict], str]] = {"gauge": gauge, "gauge_private": gauge, "screen_dev": screen_dev, "lock_gate_dev": gate_dev, "lock_conditional_dev": cond_dev,
-                                            "lock_conditional": lock_conditional, "redteam": redteam, "serve_overhead": serve, "align_eval": align, "judge_eval": judge, "fa_task": fa,
+                                            "lock_conditional": lock_conditional, "redteam": redteam, "gate_framing": gate_framing, "serve_overhead": serve, "align_eval": align, "judge_eval": judge, "fa_task": fa,
                                             "train_overhead": overhead, "harden_vet": harden_vet,
                                             "lock_eval": lock_eval, "stress_default": stress, "lock_search": lock_search,
                                             "stress_short": stress, "stress_asft": stress}

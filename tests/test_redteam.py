@@ -280,3 +280,16 @@ def test_redteam_acceptance_reads_the_worst_sbr_checkpoint_and_skips_missing_tas
     assert got["a"] == {"attack_works": True, "sbr_hs": 12.0, "sbr_holds": False, "fa_ok": True, "trained": True}
     assert got["b"]["attack_works"] is False and got["b"]["sbr_holds"] and got["b"]["fa_ok"] is None
     assert not got["b"]["trained"]
+
+
+def test_gate_framing_counts_each_prompts_lowest_scoring_framing():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+
+    import gate_framing
+
+    scores = torch.tensor([[5.0, 1.0, 6.0], [4.0, 3.0, 0.5], [0.0, 0.1, 0.2]])  # 3 prompts x (plain, 2 framings)
+    r = gate_framing.framing_report(["a", "b", "c"], scores, 2.0, ("{p}", "x {p}", "y {p}"))
+    assert r["flagged_plain"] == pytest.approx(200 / 3, abs=0.01)
+    assert r["flagged_by_frame"] == {"{p}": pytest.approx(66.67), "x {p}": pytest.approx(33.33), "y {p}": pytest.approx(33.33)}
+    assert r["flagged_best_frame"] == 0.0  # every prompt has a framing under the threshold
