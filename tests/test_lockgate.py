@@ -78,6 +78,40 @@ def test_gate_flags_by_its_layer_state(tiny_model, tiny_tokenizer):
     assert steered == gate.flags(states).tolist() and 0 < sum(steered) < len(PROMPTS)
 
 
+
+def test_layer_states_stops_early_and_equals_the_full_forwards_hidden_states(tiny_tokenizer):
+    """The hooks read exactly HF's hidden_states[layer] at the last prompt token, on a plain and a peft model, and
+    leave no hook behind (the next full forward still runs to the logits)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from guard.states import pad_right
+    from tests.conftest import make_tiny_llama
+
+    tiny_model = make_tiny_llama(len(tiny_tokenizer), num_hidden_layers=4)
+    pm = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights=False)).eval()
+    seqs = [render_chat(tiny_tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    for model in (tiny_model, pm):
+        n = model.config.num_hidden_layers
+        got = layer_states(model, tiny_tokenizer, PROMPTS, list(range(1, n)), batch_size=3)
+        from training.lockgate import decoder_layers
+
+        ran = []
+        h = decoder_layers(model)[3].register_forward_hook(lambda *a: ran.append(1))
+        assert torch.equal(layer_states(model, tiny_tokenizer, PROMPTS, [2], batch_size=3)[:, 0], got[:, 1])
+        h.remove()
+        assert not ran  # the forward stopped before layer 3
+        ids, mask, last = pad_right(seqs[:3], tiny_tokenizer.pad_token_id or 0)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+        rows = torch.arange(3)
+        for j, layer in enumerate(range(1, n)):
+            assert torch.equal(got[:3, j], out.hidden_states[layer][rows, last].float())
+        assert out.logits.shape[0] == 3
+        assert not any(m._forward_pre_hooks for m in model.modules())
+
 def test_fit_probe_separates_a_planted_direction_and_threshold_caps_false_flags():
     g = torch.Generator().manual_seed(0)
     d = torch.randn(32, generator=g)
