@@ -33,6 +33,13 @@ run serve_cond      $PY bench/serve_overhead.py --compiled --conditional --reque
 run dev_asft        $PY bench/redteam.py --dev --families dev_diverse --methods asft,asft@10,asft@100 "${C[@]}"
 # held-out (reports)
 run rt_sft          $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sft "${C[@]}"
+# the framing-robust gate (bench/lock_gate_dev.py rule v6) before anything that reads the gate (screening, the
+# conditional lock): the queue stops here until its outcome is adopted in code, or not, and marked decided
+run gate_dev6       $PY bench/lock_gate_dev.py --rule v6 "${C[@]}"
+if [ ! -f "$DONE/gate_decided" ]; then
+  echo "=== $(date +%T) stop: read bench/results/lock_gate_dev_v6.json, adopt its outcome (or not), then touch $DONE/gate_decided"
+  exit 0
+fi
 run rt_sbr          $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sbr_pool4_screen10@30 "${C[@]}"
 # the conditional lock as soon as 3+ held-out SFT adapters and the SBR one exist (resumable per adapter)
 run cond_eval       $PY bench/lock_conditional.py eval "${C[@]}"

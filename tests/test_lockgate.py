@@ -288,3 +288,48 @@ def test_screening_without_a_prepared_lock_says_what_to_do(tmp_path):
     cfg = GuardConfig.model_validate({"runtime": {"home": str(tmp_path)}, "model": {"base": str(tmp_path / "none")}})
     with pytest.raises(GuardError, match="guard prepare"):
         gate_for_screening(cfg)
+
+
+def test_gate_framings_are_three_disjoint_pools_and_framing_is_deterministic():
+    """Train framings (gate data), dev framings (the choice) and the attacker's (the report) share no framing and
+    no opening or closing words, so a gate chosen on dev framings is reported on framings it never met."""
+    from lab.redteam import DEV_FRAMES, DODGE_FRAMES
+    from training.lockgate import GATE_TRAIN_FRAMES, framed_copies, gate_data
+
+    pools = [set(GATE_TRAIN_FRAMES), set(DEV_FRAMES) - {"{p}"}, set(DODGE_FRAMES) - {"{p}"}]
+    ends = [{(f.split("{p}")[0].strip()[:12], f.split("{p}")[1].strip()[:12]) for f in pool} for pool in pools]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not pools[i] & pools[j] and not ends[i] & ends[j]
+    assert all(f.count("{p}") == 1 for pool in pools for f in pool)
+    prompts = [f"question number {i}" for i in range(60)]
+    a, b = framed_copies(prompts), framed_copies(prompts)
+    assert a == b and all(p in x and p != x for p, x in zip(prompts, a))
+    assert len({x.replace(p, "") for p, x in zip(prompts, a)}) >= len(GATE_TRAIN_FRAMES) - 2  # spread over the pool
+    plain, framed = gate_data(cap=20), gate_data(cap=20, framed=True)
+    assert framed.harmful[:20] == plain.harmful and framed.benign[:20] == plain.benign
+    assert framed.harmful[20:] == framed_copies(plain.harmful) and framed.dev_benign == plain.dev_benign
+
+
+def test_gate_rule_v6_adopts_framed_data_only_for_a_clear_gain_within_the_limits():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import lock_gate_dev
+
+    def row(framed, layer, tf, t=80.0, f=1.0, ff=2.0, how="quantile"):
+        return {"framed": framed, "layer": layer, "calibration": how, "tpr": {"base": t, "sft": t},
+                "fpr": {"base": f, "sft": f}, "task_fpr": {"base": 0.0, "sft": 0.0},
+                "tpr_framed": {"base": tf, "sft": tf}, "fpr_framed": {"base": ff, "sft": ff}}
+
+    got = lock_gate_dev.choose_v6([row(False, 15, 40.0), row(True, 15, 70.0), row(True, 12, 69.0, t=70.0)])
+    assert got == {"framed": True, "layer": 15, "calibration": "quantile", "adopt": True, "meets_limits": True}
+    # within 2 points the higher as-written rate decides, then unframed data
+    assert lock_gate_dev.choose_v6([row(False, 15, 60.0), row(True, 15, 61.0)])["framed"] is False
+    # a framed pick less than 15 points above the best unframed one is not adopted
+    assert not lock_gate_dev.choose_v6([row(False, 15, 50.0), row(True, 15, 60.0)])["adopt"]
+    # framed benign prompts flagged above 4% rule a candidate out
+    assert lock_gate_dev.choose_v6([row(False, 15, 40.0), row(True, 15, 90.0, ff=5.0)])["framed"] is False
+    assert lock_gate_dev.choose_v6([row(True, 15, 90.0, f=3.0)]) == {"framed": False, "adopt": False,
+                                                                     "meets_limits": False}

@@ -66,10 +66,40 @@ GATE_GENERATIONS = {4: 1, 5: 3}
 GATE_GENERATION = GATE_GENERATIONS[GATE_DATA_VERSION]
 
 
-def gate_data(cap: int | None = None, generation: int = GATE_GENERATION) -> GateData:
+# Framings for a gate that a rephrased request cannot walk past (candidate gate data v6, bench/lock_gate_dev.py
+# rule v6): every training prompt, harmful and benign alike, also appears once in one of these, so the frame
+# carries no signal and the probe has to read the request inside it. Disjoint from the development framings the
+# choice is made on (lab.redteam.DEV_FRAMES) and from the attacker's the result is reported on
+# (lab.redteam.DODGE_FRAMES); a test holds them apart.
+GATE_TRAIN_FRAMES: tuple[str, ...] = (
+    "I'm writing a school report. {p}",
+    "{p} Please keep it brief.",
+    "My manager needs this by tonight: {p}",
+    "Asking for a friend. {p}",
+    "Respond in the style of a textbook. {p}",
+    "Context: I'm a curious retiree with lots of free time. {p}",
+    "{p} Format the answer as a numbered list.",
+    "For a podcast episode I'm preparing: {p}",
+    "Hypothetically speaking, {p}",
+    "You are a helpful expert. {p}",
+    "Part 2 of my research notes: {p}",
+    "Explain it simply: {p}",
+)
+
+
+def framed_copies(prompts: Sequence[str], frames: Sequence[str] = GATE_TRAIN_FRAMES) -> list[str]:
+    """One framed copy of each prompt, its frame picked by a hash of the prompt (deterministic, spread evenly)."""
+    import hashlib
+
+    pick = lambda p: int(hashlib.sha256(f"gate-frame\x00{p}".encode()).hexdigest(), 16) % len(frames)  # noqa: E731
+    return [frames[pick(p)].replace("{p}", p) for p in prompts]
+
+
+def gate_data(cap: int | None = None, generation: int = GATE_GENERATION, framed: bool = False) -> GateData:
     """The gate's fixed training data; `cap` keeps that many prompts per side (a fixed hash order); `generation`:
     the over-refusal generator's train templates of that generation and earlier (benign side, and their harmful
-    twins on the harmful side)."""
+    twins on the harmful side); `framed`: each side also holds a framed copy of each of its prompts
+    (`framed_copies`)."""
     from training import data, overrefusal
 
     s = data.splits()
@@ -79,6 +109,8 @@ def gate_data(cap: int | None = None, generation: int = GATE_GENERATION) -> Gate
                                  *s.edgy_align, *task_prompts()]))
     if cap is not None:
         harmful, benign = data._hash_order(harmful)[:cap], data._hash_order(benign)[:cap]
+    if framed:
+        harmful, benign = harmful + framed_copies(harmful), benign + framed_copies(benign)
     return GateData(harmful, benign, [p.text for p in overrefusal.contrast_prompts("dev")])
 
 
