@@ -33,3 +33,22 @@ def run_cli(app: Any) -> None:
     except GuardError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def load_gated_base(cfg: Any) -> tuple[Any, Any, Any, str]:
+    """(model, tokenizer, lock, fingerprint) of the aligned base in float32, with its lock, which must carry a
+    prompt gate: what the conditional-lock benches read."""
+    import typer
+
+    from guard.lock import load_lock
+    from guard.models import ModelShape, fingerprint_dir, load_causal_lm
+    from guard.workspace import Workspace
+    from training.safetylock import ensure_lock
+
+    base = Workspace(cfg).base()
+    fp = fingerprint_dir(base)
+    model, tok = load_causal_lm(base, "float32")
+    lock = load_lock(ensure_lock(cfg), ModelShape.from_config(model.config), fp)
+    if lock.gate is None:
+        raise typer.BadParameter("the lock has no prompt gate; rebuild it with `guard lock build --rebuild`")
+    return model, tok, lock, fp

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from common import run_cli, write_result  # noqa: E402  (bench/common.py puts the repo root on sys.path)
+from common import load_gated_base, run_cli, write_result  # noqa: E402  (bench/common.py puts the repo root on sys.path)
 
 
 def framing_report(prompts: list[str], scores: Any, threshold: float, frames: tuple[str, ...]) -> dict[str, Any]:
@@ -37,25 +37,12 @@ def framing_report(prompts: list[str], scores: Any, threshold: float, frames: tu
 
 
 def main(config: Annotated[Path | None, typer.Option(help="safety-guard config (default: built-in).")] = None) -> None:
-    import torch
-
-    from guard.config import load_config
-    from guard.lock import load_lock
-    from guard.models import ModelShape, fingerprint_dir, load_causal_lm
-    from guard.workspace import Workspace
+    from guardcli.common import setup
     from lab.redteam import DODGE_FRAMES
     from training import data
     from training.lockgate import layer_states
-    from training.safetylock import ensure_lock
 
-    cfg = load_config(config)
-    torch.set_num_threads(cfg.runtime.threads)
-    base = Workspace(cfg).base()
-    fp = fingerprint_dir(base)
-    model, tok = load_causal_lm(base, "float32")
-    lock = load_lock(ensure_lock(cfg), ModelShape.from_config(model.config), fp)
-    if lock.gate is None:
-        raise typer.BadParameter("the lock has no prompt gate; rebuild it with `guard lock build --rebuild`")
+    model, tok, lock, fp = load_gated_base(setup(config))
     gate = lock.gate
     sets = {"dev": list(data.airt_harmful()) + list(data.scorer_split("dev")), "eval": list(data.splits().eval)}
     out: dict[str, Any] = {"base_fingerprint": fp, "gate_layer": gate.layer, "threshold": round(float(gate.threshold), 4),

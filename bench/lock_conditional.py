@@ -56,7 +56,7 @@ from typing import Annotated, Any
 
 import typer
 
-from common import RESULTS, run_cli, write_result  # also puts the repo root on sys.path
+from common import RESULTS, load_gated_base, run_cli, write_result  # also puts the repo root on sys.path
 from guardcli.common import ConfigOpt, setup
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
@@ -200,21 +200,6 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
     return out
 
 
-def _load(cfg: Any) -> tuple[Any, Any, Any, str]:
-    from guard.lock import load_lock
-    from guard.models import ModelShape, fingerprint_dir, load_causal_lm
-    from guard.workspace import Workspace
-    from training.safetylock import ensure_lock
-
-    base = Workspace(cfg).base()
-    fp = fingerprint_dir(base)
-    model, tok = load_causal_lm(base, "float32")
-    lock = load_lock(ensure_lock(cfg), ModelShape.from_config(model.config), fp)
-    if lock.gate is None:
-        raise typer.BadParameter("the lock has no prompt gate; rebuild it with `guard lock build --rebuild`")
-    return model, tok, lock, fp
-
-
 def _with_adapter(model: Any, path: Path) -> Any:
     from peft import PeftModel
 
@@ -242,7 +227,7 @@ def dev(grid: Annotated[bool, typer.Option("--grid/--no-grid", help="Also re-mea
     cfg = setup(config)
     from training import data, overrefusal
 
-    model, tok, lock, fp = _load(cfg)
+    model, tok, lock, fp = load_gated_base(cfg)
     from lab.redteam import adapter_base, adapters_of, last_epoch, read_rows
 
     # the development adapters: dev_diverse's SFT (AdvBench imperatives) and, since the third amendment,
@@ -306,7 +291,7 @@ def evaluate(
     act = action or cfg.lock.gate_action
     if act not in ("refuse", "steer", "fallback"):
         raise typer.BadParameter("--action must be refuse, steer or fallback")
-    model, tok, lock, fp = _load(cfg)
+    model, tok, lock, fp = load_gated_base(cfg)
     from lab.redteam import (CHOSEN_SBR, adapter_base, adapters_of, archive_other_base, archive_rows, last_epoch,
                              read_rows)
     from training.lockgate import GATE_DATA_VERSION
