@@ -31,11 +31,12 @@ run gauge_dev       $PY bench/gauge.py --dev "${C[@]}"
 run cond_dev        $PY bench/lock_conditional.py dev "${C[@]}"
 run serve_cond      $PY bench/serve_overhead.py --compiled --conditional --requests 48 --reps 6
 run dev_asft        $PY bench/redteam.py --dev --families dev_diverse --methods asft,asft@10,asft@100 "${C[@]}"
+# the framing-robust gate (bench/lock_gate_dev.py rule v6; development models only) before anything that reads
+# the gate (screening, the conditional lock); it runs first so the decision can be coded while rt_sft runs, and
+# the queue stops after rt_sft until its outcome is adopted in code, or not, and marked decided
+run gate_dev6       $PY bench/lock_gate_dev.py --rule v6 "${C[@]}"
 # held-out (reports)
 run rt_sft          $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sft "${C[@]}"
-# the framing-robust gate (bench/lock_gate_dev.py rule v6) before anything that reads the gate (screening, the
-# conditional lock): the queue stops here until its outcome is adopted in code, or not, and marked decided
-run gate_dev6       $PY bench/lock_gate_dev.py --rule v6 "${C[@]}"
 if [ ! -f "$DONE/gate_decided" ]; then
   echo "=== $(date +%T) stop: read bench/results/lock_gate_dev_v6.json, adopt its outcome (or not), then touch $DONE/gate_decided"
   exit 0
