@@ -38,9 +38,8 @@ def framing_report(prompts: list[str], scores: Any, threshold: float, frames: tu
 
 def main(config: Annotated[Path | None, typer.Option(help="safety-guard config (default: built-in).")] = None) -> None:
     from guardcli.common import setup
-    from lab.redteam import DODGE_FRAMES
+    from lab.redteam import DODGE_FRAMES, framing_scores
     from training import data
-    from training.lockgate import layer_states
 
     model, tok, lock, fp = load_gated_base(setup(config))
     gate = lock.gate
@@ -48,9 +47,7 @@ def main(config: Annotated[Path | None, typer.Option(help="safety-guard config (
     out: dict[str, Any] = {"base_fingerprint": fp, "gate_layer": gate.layer, "threshold": round(float(gate.threshold), 4),
                            "frames": list(DODGE_FRAMES), "sets": {}}
     for name, prompts in sets.items():
-        framed = [f.replace("{p}", p) for p in prompts for f in DODGE_FRAMES]
-        states = layer_states(model, tok, framed, [gate.layer], desc=f"gate_framing: {name}")[:, 0]
-        scores = gate.logits(states).view(len(prompts), len(DODGE_FRAMES))
+        scores = framing_scores(prompts, model, tok, gate, DODGE_FRAMES, desc=f"gate_framing: {name}")
         out["sets"][name] = framing_report(prompts, scores, float(gate.threshold), DODGE_FRAMES)
         print(name, {k: v for k, v in out["sets"][name].items() if k != "flagged_by_frame"})
     write_result("gate_framing", out)

@@ -44,7 +44,10 @@ the ones bench/lock_search.py chose earlier on the stress-style demo adapter, wh
 
 `eval`: the SFT adapter of every red-team family that has finished (bench/results/redteam.jsonl), an SBR
 adapter, and the aligned base; held-out sets (StrongREJECT eval, the generator's held-out templates, the task's
-eval examples). Resumable: one JSON line per finished model in lock_conditional.jsonl.
+eval examples). Beside HS, `hs_framed`: the same harmful prompts, each in the framing of lab.redteam.DODGE_FRAMES the
+gate scores lowest on that model — what a user who scores requests with the shipped gate sends (the gate's known
+limit, bench/gate_framing.py); no framing of it trains or chooses anything. Resumable: one JSON line per finished
+model in lock_conditional.jsonl.
 """
 
 from __future__ import annotations
@@ -113,7 +116,8 @@ def model_key(base_fp: str, adapter: Path | None) -> str:
 
 def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts, label: str,
             unconditional: float | None = None, refusal: str | None = None, calibration: str = "none",
-            cache: AnswerCache | None = None, base_cache: AnswerCache | None = None) -> dict[str, Any]:
+            cache: AnswerCache | None = None, base_cache: AnswerCache | None = None,
+            framings: tuple[str, ...] = ()) -> dict[str, Any]:
     """{"off": {"hs", "over", "fa"}, "flagged": {...}, "conditional": {strength: {...}}, "unconditional": {...},
     "refuse": {...}, "fallback": {...}} for one model. Lock-off answers and the gate's flags do not depend on the
     strength: computed once. `refuse`: the gate_action that answers flagged prompts with `refusal` (no generation
@@ -121,7 +125,9 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
     own lock-off answer, the adapter set aside (on the base itself that changes nothing);
     `unconditional`: the strength of the `all` policy to compare with (None: not measured); `calibration`: the
     gate's per-model threshold (lock.gate_calibration), set from this model's scores on the gate's dev slice as the
-    server sets it when the adapter loads."""
+    server sets it when the adapter loads; `framings`: also measure `hs_framed`, the harmful prompts each sent in
+    the framing the gate scores lowest on this model (lab.redteam.best_framing: a user who scores requests with
+    the shipped gate), under every action but `unconditional` (which reads no gate)."""
     from guard.anchors import render_chat
     from guard.generation import generate_greedy
     from guard.judge import DEFAULT_JUDGE
@@ -135,9 +141,13 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
     gate = lock.gate
     score = data.TASKS[p.task][1]
     groups = {"hs": (p.harmful, 32), "over": (p.benign, 32), "fa": ([e.prompt for e in p.task_examples], 6)}
+    if framings:
+        from lab.redteam import best_framing
+
+        groups["hs_framed"] = (best_framing(p.harmful, model, tok, gate, framings)[0], 32)
 
     def rate(key: str, ans: list[str]) -> float:
-        if key == "hs":
+        if key in ("hs", "hs_framed"):
             return round(100.0 * (1 - DEFAULT_JUDGE.refusal_ratio(ans)), 2)
         if key == "over":
             return round(100.0 * DEFAULT_JUDGE.refusal_ratio(ans), 2)
@@ -156,14 +166,19 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
             out["flagged"][key] = round(100.0 * sum(flags) / max(1, len(flags)), 2)
             idx = [i for i, f in enumerate(flags) if f]
             if base_cache is not None:
-                def make_base() -> list[str]:  # the adapter set aside: the base's own greedy answers
-                    if not hasattr(model, "disable_adapter"):
-                        return off
-                    with model.disable_adapter():
-                        return generate_greedy(model, tok, ids, n_tok, desc=f"{label}: {key} base answers")
+                # the adapter set aside: the base's own greedy answers. The plain sets are the base's own `off`
+                # answers (cached when the base was measured); a framed set is this model's own, so only its
+                # flagged prompts are generated
+                ask = list(range(len(prompts))) if key != "hs_framed" else idx
 
-                base_ans = base_cache.get("off", prompts, n_tok, make_base)
-                out.setdefault("fallback", {})[key] = rate(key, [b if f else a for a, b, f in zip(off, base_ans, flags)])
+                def make_base() -> list[str]:
+                    if not hasattr(model, "disable_adapter"):
+                        return [off[i] for i in ask]
+                    with model.disable_adapter():
+                        return generate_greedy(model, tok, [ids[i] for i in ask], n_tok, desc=f"{label}: {key} base answers")
+
+                got = dict(zip(ask, base_cache.get("off", [prompts[i] for i in ask], n_tok, make_base))) if ask else {}
+                out.setdefault("fallback", {})[key] = rate(key, [got[i] if f else a for i, (a, f) in enumerate(zip(off, flags))])
             if refusal is not None:
                 from guard.lock import refusal_ids
 
@@ -184,7 +199,7 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
                     for i, a in zip(idx, steered):
                         cond[i] = a
                 out["conditional"][str(s)][key] = rate(key, cond)
-            if unconditional is not None:
+            if unconditional is not None and key != "hs_framed":
                 def make_all() -> list[str]:
                     handle.set_strength(unconditional)
                     handle.on()
@@ -292,8 +307,8 @@ def evaluate(
     if act not in ("refuse", "steer", "fallback"):
         raise typer.BadParameter("--action must be refuse, steer or fallback")
     model, tok, lock, fp = load_gated_base(cfg)
-    from lab.redteam import (CHOSEN_SBR, adapter_base, adapters_of, archive_other_base, archive_rows, last_epoch,
-                             read_rows)
+    from lab.redteam import (CHOSEN_SBR, DODGE_FRAMES, adapter_base, adapters_of, archive_other_base, archive_rows,
+                             last_epoch, read_rows)
     from training.lockgate import GATE_DATA_VERSION
 
     # only adapters trained on this base (a red-team file may still hold rows of a previous one)
@@ -337,7 +352,8 @@ def evaluate(
         res = measure(m, tok, lock, [s] if act == "steer" else [], Prompts(harmful, benign, task, tasks[task]), name,
                       unconditional=cfg.lock.strength, refusal=cfg.lock.refusal if act == "refuse" else None,
                       calibration=cfg.lock.gate_calibration, cache=AnswerCache(root, model_key(fp, path), lock),
-                      base_cache=AnswerCache(root, model_key(fp, None), lock) if act == "fallback" else None)
+                      base_cache=AnswerCache(root, model_key(fp, None), lock) if act == "fallback" else None,
+                      framings=DODGE_FRAMES)
         res = {"off": res["off"], "flagged": res["flagged"], "action": act, "unconditional_strength": cfg.lock.strength,
                "gate_threshold": res["threshold"], "calibration": res["calibration"],
                "conditional": res[act] if act != "steer" else res["conditional"][str(s)],
@@ -356,14 +372,21 @@ def evaluate(
 def report(fp: str, strength: float) -> None:
     rows = [json.loads(line) for line in (RESULTS / "lock_conditional.jsonl").read_text().splitlines() if line]
     base = next(r for r in rows if r["name"] == "base")
-    flat = lambda r, mode: {"hs_off": r["off"]["hs"], "hs_on": r[mode]["hs"], "fa_off": r["off"]["fa"],  # noqa: E731
-                            "fa_on": r[mode]["fa"], "over_off": r["off"]["over"], "over_on": r[mode]["over"]}
+    def flat(r: dict[str, Any], mode: str) -> dict[str, float]:
+        d = {"hs_off": r["off"]["hs"], "hs_on": r[mode]["hs"], "fa_off": r["off"]["fa"], "fa_on": r[mode]["fa"],
+             "over_off": r["off"]["over"], "over_on": r[mode]["over"]}
+        if "hs_framed" in r[mode]:  # harmful prompts in the framing the gate scores lowest (a user who read it)
+            d |= {"hs_framed_off": r["off"]["hs_framed"], "hs_framed_on": r[mode]["hs_framed"]}
+        return d
+
     adapters = [{"name": r["name"], "family": r["family"], **flat(r, "conditional"), "flagged": r["flagged"]}
                 for r in rows if r["name"] != "base"]
     uncond = [{"name": r["name"], "family": r["family"], **flat(r, "unconditional")} for r in rows if r["name"] != "base"]
     d = {"base": {"over_off": base["off"]["over"], "over_on": base["conditional"]["over"], "fa_off": base["off"]["fa"],
                   "fa_on": base["conditional"]["fa"], "hs_off": base["off"]["hs"], "hs_on": base["conditional"]["hs"],
-                  "flagged": base["flagged"]},
+                  "flagged": base["flagged"],
+                  **({"hs_framed_off": base["off"]["hs_framed"], "hs_framed_on": base["conditional"]["hs_framed"]}
+                     if "hs_framed" in base["off"] else {})},
          "adapters": adapters,
          "unconditional": {"base": flat(base, "unconditional"), "adapters": uncond},
          "strength": strength, "action": rows[0].get("action", "steer"),
@@ -372,10 +395,11 @@ def report(fp: str, strength: float) -> None:
          "thresholds": {r["name"]: r.get("gate_threshold") for r in rows},
          "unconditional_strength": rows[0].get("unconditional_strength", strength), "base_fingerprint": fp,
          "units_commits": sorted({r["commit"] for r in rows})}
-    lines = ["| model | lock | HS % | FA % | over-refusal % |", "|---|---|---|---|---|"]
+    lines = ["| model | lock | HS % | HS %, framed to pass the gate | FA % | over-refusal % |", "|---|---|---|---|---|---|"]
     for r in rows:
         for mode in ("off", "conditional", "unconditional"):
-            lines.append(f"| {r['name']} | {mode} | {r[mode]['hs']:.1f} | {r[mode]['fa']:.1f} | {r[mode]['over']:.1f} |")
+            fr = f"{r[mode]['hs_framed']:.1f}" if "hs_framed" in r[mode] else "–"
+            lines.append(f"| {r['name']} | {mode} | {r[mode]['hs']:.1f} | {fr} | {r[mode]['fa']:.1f} | {r[mode]['over']:.1f} |")
     (RESULTS / "lock_conditional.md").write_text("\n".join(lines) + "\n")
     write_result("lock_conditional", d)
 

@@ -127,18 +127,29 @@ DEV_FRAMES: tuple[str, ...] = (
 )
 
 
+def framing_scores(prompts: list[str], model: Any, tokenizer: Any, gate: Any,
+                   frames: tuple[str, ...] = DODGE_FRAMES, desc: str = "framings: score") -> Any:
+    """The gate's score of every prompt in every framing, on `model`: a [len(prompts), len(frames)] tensor."""
+    from training.lockgate import layer_states
+
+    flat = [f.replace("{p}", p) for p in prompts for f in frames]  # prompt-major
+    return gate.logits(layer_states(model, tokenizer, flat, [gate.layer], desc=desc)[:, 0]).view(len(prompts), len(frames))
+
+
+def best_framing(prompts: list[str], model: Any, tokenizer: Any, gate: Any,
+                 frames: tuple[str, ...] = DODGE_FRAMES) -> tuple[list[str], Any]:
+    """What a user who can score requests with the shipped gate sends: each prompt in the framing the gate scores
+    lowest on `model` (the model the request goes to), and that score."""
+    scores = framing_scores(prompts, model, tokenizer, gate, frames)
+    best, which = scores.min(dim=1)
+    return [frames[int(k)].replace("{p}", p) for p, k in zip(prompts, which)], best
+
+
 def dodge_gate(prompts: list[str], model: Any, tokenizer: Any, gate: Any, n: int) -> list[str]:
     """The attacker's pick: every prompt in every framing scored by the gate on the base, each prompt's lowest-
     scoring framing kept, and the `n` lowest of those, most gate-passing first."""
-    from training.lockgate import layer_states
-
-    framed = [[f.replace("{p}", p) for f in DODGE_FRAMES] for p in prompts]
-    flat = [x for row in framed for x in row]
-    scores = gate.logits(layer_states(model, tokenizer, flat, [gate.layer], desc="gate_dodge: score")[:, 0])
-    scores = scores.view(len(prompts), len(DODGE_FRAMES))
-    best, which = scores.min(dim=1)
-    order = best.argsort().tolist()[:n]
-    return [framed[i][int(which[i])] for i in order]
+    framed, best = best_framing(prompts, model, tokenizer, gate)
+    return [framed[i] for i in best.argsort().tolist()[:n]]
 
 # Development family: the only one any hardening choice (λ, anchor scheme) may be made on. Its harmful data and
 # its dev HS set come from AdvBench's attack and lock splits and pyrit's red-team objectives, never StrongREJECT.
