@@ -40,11 +40,12 @@ def main(config: Annotated[Path | None, typer.Option(help="safety-guard config (
     from guardcli.common import setup
     from lab.redteam import DODGE_FRAMES, framing_scores
     from training import data
+    from training.lockgate import GATE_DATA_VERSION
 
     model, tok, lock, fp = load_gated_base(setup(config))
     gate = lock.gate
     sets = {"dev": list(data.airt_harmful()) + list(data.scorer_split("dev")), "eval": list(data.splits().eval)}
-    out: dict[str, Any] = {"base_fingerprint": fp, "gate_layer": gate.layer, "threshold": round(float(gate.threshold), 4),
+    out: dict[str, Any] = {"base_fingerprint": fp, "gate_data": GATE_DATA_VERSION, "gate_layer": gate.layer, "threshold": round(float(gate.threshold), 4),
                            "frames": list(DODGE_FRAMES), "sets": {}}
     for name, prompts in sets.items():
         scores = framing_scores(prompts, model, tok, gate, DODGE_FRAMES, desc=f"gate_framing: {name}")

@@ -349,15 +349,19 @@ def evaluate(
         if name in done:
             continue
         m = model if path is None else _with_adapter(model, path)
+        # refuse and fallback are both measured (they share every generation but the base's framed answers), the
+        # configured one is the report and the other is kept beside it for the record, never to choose
+        gated = act in ("refuse", "fallback")
         res = measure(m, tok, lock, [s] if act == "steer" else [], Prompts(harmful, benign, task, tasks[task]), name,
-                      unconditional=cfg.lock.strength, refusal=cfg.lock.refusal if act == "refuse" else None,
+                      unconditional=cfg.lock.strength, refusal=cfg.lock.refusal if gated else None,
                       calibration=cfg.lock.gate_calibration, cache=AnswerCache(root, model_key(fp, path), lock),
-                      base_cache=AnswerCache(root, model_key(fp, None), lock) if act == "fallback" else None,
+                      base_cache=AnswerCache(root, model_key(fp, None), lock) if gated else None,
                       framings=DODGE_FRAMES)
+        other = {"refuse": "fallback", "fallback": "refuse"}.get(act)
         res = {"off": res["off"], "flagged": res["flagged"], "action": act, "unconditional_strength": cfg.lock.strength,
                "gate_threshold": res["threshold"], "calibration": res["calibration"],
                "conditional": res[act] if act != "steer" else res["conditional"][str(s)],
-               "unconditional": res["unconditional"]}
+               "unconditional": res["unconditional"], **({"other_action": {other: res[other]}} if other else {})}
         if path is not None:
             model = m.unload()
         from guard.artifacts import provenance
@@ -379,12 +383,17 @@ def report(fp: str, strength: float) -> None:
             d |= {"hs_framed_off": r["off"]["hs_framed"], "hs_framed_on": r[mode]["hs_framed"]}
         return d
 
-    adapters = [{"name": r["name"], "family": r["family"], **flat(r, "conditional"), "flagged": r["flagged"]}
+    def other(r: dict[str, Any]) -> dict[str, Any]:  # the gated action not configured, for the record
+        return {"other_action": {k: {"hs_on": v["hs"], "fa_on": v["fa"], "over_on": v["over"],
+                                     **({"hs_framed_on": v["hs_framed"]} if "hs_framed" in v else {})}
+                                 for k, v in r["other_action"].items()}} if "other_action" in r else {}
+
+    adapters = [{"name": r["name"], "family": r["family"], **flat(r, "conditional"), "flagged": r["flagged"], **other(r)}
                 for r in rows if r["name"] != "base"]
     uncond = [{"name": r["name"], "family": r["family"], **flat(r, "unconditional")} for r in rows if r["name"] != "base"]
     d = {"base": {"over_off": base["off"]["over"], "over_on": base["conditional"]["over"], "fa_off": base["off"]["fa"],
                   "fa_on": base["conditional"]["fa"], "hs_off": base["off"]["hs"], "hs_on": base["conditional"]["hs"],
-                  "flagged": base["flagged"],
+                  "flagged": base["flagged"], **other(base),
                   **({"hs_framed_off": base["off"]["hs_framed"], "hs_framed_on": base["conditional"]["hs_framed"]}
                      if "hs_framed" in base["off"] else {})},
          "adapters": adapters,

@@ -176,10 +176,11 @@ class HardenConfig(_Section):
                               "gate flags on the aligned base (needs the prepared lock; training/screen.py). The "
                               "regularizer still runs on what is left; independent of `method` (sft screens too).")
     screen_max_fpr: float | None = Field(
-        0.10, ge=0, lt=1, description="Screening's own threshold: the share of the gate's benign dev prompts it may "
+        0.20, ge=0, lt=1, description="Screening's own threshold: the share of the gate's benign dev prompts it may "
         "flag on the aligned base (None: the live gate's threshold, lock.gate_max_fpr). Training data is not live "
         "traffic: a dropped benign example costs the customer one example, a kept harmful one costs the alignment. "
-        "0.10 was chosen on development data (bench/screen_dev.py: 97% of dev harmful requests, 0% of task examples).")
+        "0.20 was chosen on development data for the gate data v6 gate (bench/screen_dev.py: 97% of dev harmful "
+        "requests dropped, 0% of task examples; 0.10 for the v5 gate).")
     asft_lambda: float = Field(1.0, ge=0, description="AsFT weight on the update orthogonal to W_aligned - W_original.")
     rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha.")
@@ -224,34 +225,36 @@ class LockConfig(_Section):
                     "refused while over-refusal rises <= 10 points (at 0.3 edgy-benign over-refusal already rises 18 points).")
     path: Path | None = Field(None, description="Lock file to use. Default: the one `guard prepare` builds for the base.")
     gate_layer: int | None = Field(None, ge=1, description="Residual-stream layer the conditional lock's prompt gate "
-                                   "reads (None: half the model's depth, layer 15 of SmolLM2-135M's 30, chosen with gate_calibration on "
-                                   "development adapters by bench/lock_gate_dev.py). The server installs the gate at this layer at start-up "
+                                   "reads (None: 0.6 of the model's depth, layer 18 of SmolLM2-135M's 30, chosen with gate_calibration on "
+                                   "development adapters by bench/lock_gate_dev.py, rule v6). The server installs the gate at this layer at start-up "
                                    "(a change needs a restart).")
     gate_strength: float = Field(0.75, ge=0, le=10, description="Strength (scale on the built strength) for requests "
                                  "the prompt gate flags under `serve.lock_policy: conditional`; what the rule of "
                                  "`bench/lock_conditional.py dev` picks on the development adapter (where no strength "
                                  "cuts a strong attack's harm by more than 7%: see docs/safetylock.md).")
     gate_action: Literal["refuse", "steer", "fallback"] = Field(
-        "fallback", description="What the conditional policy does with a flagged request: `fallback` (an adapter's "
-                                "flagged request is answered by the aligned base, the adapter set aside: a false alarm "
-                                "costs the customer's fine-tuning on one request, not a refusal; flagged requests to "
-                                "the base itself are served as they are), `refuse` (answer with `lock.refusal`) or "
-                                "`steer` (the lock at layers >= gate_layer, strength gate_strength). The default is "
-                                "what the rule of `bench/lock_conditional.py dev` chose on the development adapters "
-                                "(docs/safetylock.md).")
+        "refuse", description="What the conditional policy does with a flagged request: `refuse` (answer with "
+                              "`lock.refusal`), `fallback` (an adapter's flagged request is answered by the aligned "
+                              "base, the adapter set aside: a false alarm costs the customer's fine-tuning on one "
+                              "request, not a refusal; flagged requests to the base itself are served as they are) or "
+                              "`steer` (the lock at layers >= gate_layer, strength gate_strength). The default is "
+                              "what the rule of `bench/lock_conditional.py dev` chose on the development adapters "
+                              "with the gate data v6 gate (a tie on over-refusal, decided by the harm cut; "
+                              "docs/safetylock.md).")
     refusal: str = Field("I can't help with that request.", min_length=1,
                          description="The answer a flagged request gets under gate_action `refuse`.")
     gate_calibration: Literal["none", "shift", "quantile"] = Field(
         "quantile", description="Per-adapter threshold of the prompt gate, from the adapter's own scores on the gate's "
                                "benign dev prompts (an adapter moves the state the gate reads): `quantile` re-sets it so "
                                "that at most gate_max_fpr of them are flagged, `shift` moves the base's threshold by their "
-                               "mean change, `none` keeps the base's. `quantile` at layer 15 is what bench/lock_gate_dev.py "
-                               "(rules v4 and v5) chose on development adapters. See guard.lock.PromptGate.calibrated.")
+                               "mean change, `none` keeps the base's. `quantile` at layer 18 is what bench/lock_gate_dev.py "
+                               "(rule v6, as rules v4 and v5 at layer 15) chose on development adapters. See guard.lock.PromptGate.calibrated.")
     gate_prompts: int = Field(2000, ge=4, description="Cap on the gate's training prompts per side (harmful, benign); "
-                              "the default takes all of gate data v5 (810 / 1146).")
+                              "the default takes all of gate data v6 (810 / 1146, each prompt with one framed copy).")
     gate_max_fpr: float = Field(0.01, ge=0, lt=1, description="Share of the benign dev prompts the gate may flag; sets "
                                 "its threshold when the lock is built (and each adapter's, with `quantile`). 0.01 is "
-                                "rule v5's choice: on dev templates the threshold never saw, it flagged <= 1.7%.")
+                                "rule v5's choice (kept by rule v6): on dev templates the threshold never saw, the "
+                                "shipped gate flags <= 1.2%.")
 
 
 class ServeConfig(_Section):

@@ -45,16 +45,18 @@ class LockHead:
     strength: float  # α · std of the projections on the direction: the length of the shift
 
 
-GATE_DEPTH = 0.5  # the default gate layer as a share of the model's depth: layer 15 of SmolLM2-135M's 30
+GATE_DEPTH = 0.6  # the default gate layer as a share of the model's depth: layer 18 of SmolLM2-135M's 30
 
 
 def gate_layer_for(num_layers: int, configured: int | None) -> int:
     """The residual-stream layer the prompt gate reads: `lock.gate_layer`, or GATE_DEPTH of the way in.
-    bench/lock_gate_dev.py chose layer 15 of 30 with per-adapter calibration `quantile` on development adapters
-    (rule v4: threshold and calibration on the generator's dev templates; on a slice of train phrasings rules v2
-    and v3 had chosen layer 3 with `shift`, and before calibration existed rule v1 chose layer 6). Uncalibrated,
-    later layers lose the harmful/benign split once an adapter has been trained to comply; calibrated, layer 15
-    flags 83-91% of every development model's dev harmful prompts at <= 3.5% of their dev benign ones (two bases)."""
+    bench/lock_gate_dev.py rule v6 chose layer 18 of 30 with per-adapter calibration `quantile` and framed training
+    data (gate data v6): of the candidates (layers 12, 15, 18; with and without framed copies), the only ones that
+    kept development benign prompts in ordinary framings under 4% flagged, and the one of those that flags most
+    framed harmful prompts on the worst development model. Before, rules v4/v5 chose layer 15 on prompts as written
+    (and rules v2/v3 layer 3, rule v1 layer 6). Uncalibrated, later layers lose the harmful/benign split once an
+    adapter has been trained to comply; calibrated, layer 18 flags 78-89% of every development model's dev harmful
+    prompts at <= 1.2% of their dev benign ones."""
     layer = configured if configured is not None else max(1, round(GATE_DEPTH * num_layers))
     if not 0 < layer < num_layers:
         raise GuardError(f"lock.gate_layer {layer} is outside 1..{num_layers - 1}")

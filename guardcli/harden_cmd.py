@@ -27,7 +27,7 @@ def harden(
                                                    "by default; needs the prepared lock).")] = None,
     screen_fpr: Annotated[Optional[float], typer.Option("--screen-fpr", help="Screening's threshold as the share of "
                                                        "the gate's benign dev prompts it may drop (harden.screen_max_fpr, "
-                                                       "default 0.10; lower keeps more borderline examples).")] = None,
+                                                       "default 0.20; lower keeps more borderline examples).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank")] = None,

@@ -41,12 +41,17 @@ if [ ! -f "$DONE/gate_decided" ]; then
   echo "=== $(date +%T) stop: read bench/results/lock_gate_dev_v6.json, adopt its outcome (or not), then touch $DONE/gate_decided"
   exit 0
 fi
-run rt_sbr          $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sbr_pool4_screen10@30 "${C[@]}"
+# the held-out framing attack on the adopted gate (scoring only; the v5 gate's row is in git history)
+run gate_framing6   $PY bench/gate_framing.py "${C[@]}"
+# the shipped SBR recipe with screening re-chosen for the v6 gate (max fpr 0.20), on the development family first:
+# a check that chooses nothing (its earlier dev row screened with the v5 gate at 0.10)
+run dev_e3          $PY bench/redteam.py --dev --families dev_diverse --methods sbr_pool4_screen20@30 "${C[@]}"
+run rt_sbr          $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sbr_pool4_screen20@30 "${C[@]}"
 # the conditional lock as soon as 3+ held-out SFT adapters and the SBR one exist (resumable per adapter)
 run cond_eval       $PY bench/lock_conditional.py eval "${C[@]}"
-run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen10@30 "${C[@]}"
+run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen20@30 "${C[@]}"
 run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@30 "${C[@]}"
-run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen10@30 "${C[@]}"
+run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20@30 "${C[@]}"
 run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
 run gauge           $PY bench/gauge.py "${C[@]}"
 run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"

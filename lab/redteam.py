@@ -197,14 +197,18 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # the anchor pass on every other step at twice λ (sixth amendment: the step-cost goal)
     "sbr_pool4e2_screen10": ("sbr", {**_POOL, "sbr_anchors_per_step": 4, "sbr_every": 2, **_SCREEN,
                                      "screen_max_fpr": 0.10}),
+    # the same recipe after the gate became gate data v6 (layer 18): bench/screen_dev.py's rule, re-run on the new
+    # gate, chose max fpr 0.20 for screening
+    "sbr_pool4_screen20": ("sbr", {**_POOL, "sbr_anchors_per_step": 4, **_SCREEN, "screen_max_fpr": 0.20}),
 }
 
 
 # The SBR scheme the development rule chose (docs/hardening.md: the hardening rule's fourth amendment, on the SB2T
 # base): screening plus the 128-prompt pool, λ 30, and since the fifth amendment screening at a threshold of its own
-# (max fpr 0.10, bench/screen_dev.py) and 4 anchors per step -- the package's `harden` defaults. The held-out
-# families' SBR column is this label (rows of the earlier ones stay in the table).
-CHOSEN_SBR = "sbr_pool4_screen10@30"
+# (bench/screen_dev.py) and 4 anchors per step -- the package's `harden` defaults. Screening's threshold was max fpr
+# 0.10 of the gate data v5 gate and is 0.20 of the v6 gate (the same rule re-run when the gate changed). The
+# held-out families' SBR column is this label (rows of the earlier ones stay in the table).
+CHOSEN_SBR = "sbr_pool4_screen20@30"
 
 
 def method_spec(label: str) -> tuple[str, dict[str, Any]]:

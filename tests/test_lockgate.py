@@ -306,9 +306,10 @@ def test_gate_framings_are_three_disjoint_pools_and_framing_is_deterministic():
     a, b = framed_copies(prompts), framed_copies(prompts)
     assert a == b and all(p in x and p != x for p, x in zip(prompts, a))
     assert len({x.replace(p, "") for p, x in zip(prompts, a)}) >= len(GATE_TRAIN_FRAMES) - 2  # spread over the pool
-    plain, framed = gate_data(cap=20), gate_data(cap=20, framed=True)
+    plain, framed = gate_data(cap=20, framed=False), gate_data(cap=20, framed=True)
     assert framed.harmful[:20] == plain.harmful and framed.benign[:20] == plain.benign
     assert framed.harmful[20:] == framed_copies(plain.harmful) and framed.dev_benign == plain.dev_benign
+    assert gate_data(cap=20) == framed  # gate data v6 (rule v6 adopted the framed copies): what `guard lock build` fits
 
 
 def test_gate_rule_v6_adopts_framed_data_only_for_a_clear_gain_within_the_limits():

@@ -49,7 +49,13 @@ from guard.states import pad_right
 # 5: template generations 1-3 (interaction requests, fiction/game framings, figurative verbs, scorer-style benign
 #    requests, and their harmful twins): rule v5 of bench/lock_gate_dev.py chose it with max_fpr 0.01 at layer 15
 #    (template-disjoint dev estimate <= 1.7% on every development model; v4's was 2.1-5.5%).
-GATE_DATA_VERSION = 5
+# 6: v5's prompts plus one framed copy of each, on both sides (GATE_TRAIN_FRAMES): rule v6 of
+#    bench/lock_gate_dev.py adopted it, at layer 18 with `quantile` calibration. Calibrated, the v5 gate flagged
+#    6-19% of development benign prompts dressed in ordinary framings (every layer; the limit is 4%), so no v5 gate
+#    was within the rule's limits except one that flagged none of the framed harmful ones; v6 at layer 18 flags
+#    <= 2.5% of framed benign and 20-62% of framed harmful dev prompts on every development model (worst: an
+#    attacked adapter), 78-89% of them as written.
+GATE_DATA_VERSION = 6
 TASK_PROMPTS = 100  # per task generator
 
 
@@ -62,12 +68,13 @@ class GateData:
 
 # Which train-template generations of the over-refusal generator each gate data version trains on (the version is
 # in the lock's build settings, so a new generation is a new version and prepared locks are rebuilt).
-GATE_GENERATIONS = {4: 1, 5: 3}
+GATE_GENERATIONS = {4: 1, 5: 3, 6: 3}
 GATE_GENERATION = GATE_GENERATIONS[GATE_DATA_VERSION]
+GATE_FRAMED = GATE_DATA_VERSION >= 6  # whether the training data holds the framed copies
 
 
-# Framings for a gate that a rephrased request cannot walk past (candidate gate data v6, bench/lock_gate_dev.py
-# rule v6): every training prompt, harmful and benign alike, also appears once in one of these, so the frame
+# Framings for a gate that a rephrased request walks past less easily (gate data v6, bench/lock_gate_dev.py rule
+# v6): every training prompt, harmful and benign alike, also appears once in one of these, so the frame
 # carries no signal and the probe has to read the request inside it. Disjoint from the development framings the
 # choice is made on (lab.redteam.DEV_FRAMES) and from the attacker's the result is reported on
 # (lab.redteam.DODGE_FRAMES); a test holds them apart.
@@ -95,11 +102,11 @@ def framed_copies(prompts: Sequence[str], frames: Sequence[str] = GATE_TRAIN_FRA
     return [frames[pick(p)].replace("{p}", p) for p in prompts]
 
 
-def gate_data(cap: int | None = None, generation: int = GATE_GENERATION, framed: bool = False) -> GateData:
+def gate_data(cap: int | None = None, generation: int = GATE_GENERATION, framed: bool = GATE_FRAMED) -> GateData:
     """The gate's fixed training data; `cap` keeps that many prompts per side (a fixed hash order); `generation`:
     the over-refusal generator's train templates of that generation and earlier (benign side, and their harmful
     twins on the harmful side); `framed`: each side also holds a framed copy of each of its prompts
-    (`framed_copies`)."""
+    (`framed_copies`; `cap` counts the prompts before their copies)."""
     from training import data, overrefusal
 
     s = data.splits()
