@@ -139,6 +139,9 @@ def compiled_run(a: argparse.Namespace) -> None:
         out["policy"] = "conditional: lock_on = the gate scores every request (these prompts are benign: the cost "
         out["policy"] += "is the in-graph gate and the per-token mask, with nothing refused or steered)"
         out["gate"] = gate = st["worker_state"][0].get("gate") or {}
+        from guard.config import LockConfig
+
+        out["gate_action"] = LockConfig().gate_action  # the server runs the package defaults
         if gate.get("ungated") or not sum((gate.get("scored") or {}).values()):
             # a failed calibration steers the base unconditionally: that run measured `all`, not `conditional`
             raise SystemExit(f"the prompt gate did not score the requests (gate state {gate}); nothing written — "

@@ -49,6 +49,8 @@ run dev_e3          $PY bench/redteam.py --dev --families dev_diverse --methods 
 run rt_sbr          $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sbr_pool4_screen20@30 "${C[@]}"
 # the conditional lock as soon as 3+ held-out SFT adapters and the SBR one exist (resumable per adapter)
 run cond_eval       $PY bench/lock_conditional.py eval "${C[@]}"
+# serving overhead of the shipped conditional lock again (serve_cond measured the v5 gate at layer 15 with fallback)
+run serve_cond6     $PY bench/serve_overhead.py --compiled --conditional --requests 48 --reps 6
 run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen20@30 "${C[@]}"
 run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@30 "${C[@]}"
 run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20@30 "${C[@]}"
