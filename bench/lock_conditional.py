@@ -376,6 +376,7 @@ def evaluate(
 def report(fp: str, strength: float) -> None:
     rows = [json.loads(line) for line in (RESULTS / "lock_conditional.jsonl").read_text().splitlines() if line]
     base = next(r for r in rows if r["name"] == "base")
+
     def flat(r: dict[str, Any], mode: str) -> dict[str, float]:
         d = {"hs_off": r["off"]["hs"], "hs_on": r[mode]["hs"], "fa_off": r["off"]["fa"], "fa_on": r[mode]["fa"],
              "over_off": r["off"]["over"], "over_on": r[mode]["over"]}
