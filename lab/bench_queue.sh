@@ -43,6 +43,10 @@ if [ ! -f "$DONE/gate_decided" ]; then
 fi
 # the held-out framing attack on the adopted gate (scoring only; the v5 gate's row is in git history)
 run gate_framing6   $PY bench/gate_framing.py "${C[@]}"
+# the two rules re-run on the v6 gate in session 22 from a tree with the adoption not yet committed: again from a
+# clean one (the same deterministic scoring; the results must not change, and the commit stamp is then clean)
+run screen_dev6     $PY bench/screen_dev.py "${C[@]}"
+run cond_dev6       $PY bench/lock_conditional.py dev "${C[@]}"
 # the shipped SBR recipe with screening re-chosen for the v6 gate (max fpr 0.20), on the development family first:
 # a check that chooses nothing (its earlier dev row screened with the v5 gate at 0.10)
 run dev_e3          $PY bench/redteam.py --dev --families dev_diverse --methods sbr_pool4_screen20@30 "${C[@]}"
