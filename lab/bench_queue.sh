@@ -32,11 +32,9 @@ run cond_dev        $PY bench/lock_conditional.py dev "${C[@]}"
 run serve_cond      $PY bench/serve_overhead.py --compiled --conditional --requests 48 --reps 6
 run dev_asft        $PY bench/redteam.py --dev --families dev_diverse --methods asft,asft@10,asft@100 "${C[@]}"
 # the framing-robust gate (bench/lock_gate_dev.py rule v6; development models only) before anything that reads
-# the gate (screening, the conditional lock); it runs first so the decision can be coded while rt_sft runs, and
-# the queue stops after rt_sft until its outcome is adopted in code, or not, and marked decided
+# the gate (screening, the conditional lock): the queue stops after it until its outcome is adopted in code, or
+# not, and marked decided (decided 2026-12-03: adopted, gate data v6)
 run gate_dev6       $PY bench/lock_gate_dev.py --rule v6 "${C[@]}"
-# held-out (reports)
-run rt_sft          $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sft "${C[@]}"
 if [ ! -f "$DONE/gate_decided" ]; then
   echo "=== $(date +%T) stop: read bench/results/lock_gate_dev_v6.json, adopt its outcome (or not), then touch $DONE/gate_decided"
   exit 0
@@ -47,6 +45,8 @@ run gate_framing6   $PY bench/gate_framing.py "${C[@]}"
 # clean one (the same deterministic scoring; the results must not change, and the commit stamp is then clean)
 run screen_dev6     $PY bench/screen_dev.py "${C[@]}"
 run cond_dev6       $PY bench/lock_conditional.py dev "${C[@]}"
+# held-out (reports)
+run rt_sft          $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sft "${C[@]}"
 # the shipped SBR recipe with screening re-chosen for the v6 gate (max fpr 0.20), on the development family first:
 # a check that chooses nothing (its earlier dev row screened with the v5 gate at 0.10)
 run dev_e3          $PY bench/redteam.py --dev --families dev_diverse --methods sbr_pool4_screen20@30 "${C[@]}"
