@@ -611,7 +611,9 @@ def headline() -> str:
             rows += [("serving throughput, compiled, guarded / plain (lock on)", f"{c['ratio_guarded_lock_on']:.3f}", "≥ 0.98",
                       src("serve_overhead", {**d, "commit": c.get("commit", d["commit"])}))]
         if cc := d.get("compiled_conditional"):
-            rows += [("serving throughput, compiled, conditional lock / plain", f"{cc['ratio_guarded_lock_on']:.3f}", "≥ 0.98",
+            # which gate and action it ran with (a section from before serve_overhead recorded the action: fallback)
+            how = f"gate layer {cc.get('gate', {}).get('layer', '?')}, `{cc.get('gate_action', 'fallback')}`"
+            rows += [(f"serving throughput, compiled, conditional lock / plain ({how})", f"{cc['ratio_guarded_lock_on']:.3f}", "≥ 0.98",
                       src("serve_overhead", {**d, "commit": cc.get("commit", d["commit"])}))]
     if (d := _load("serve_overhead")) and (dc := d.get("probe_duty_cycle")) and "default_probe_interval_seconds" in dc:
         rows += [(f"live gauge's share of engine time ({dc['adapters']} adapters, default probe interval)",
