@@ -45,8 +45,8 @@ def main(config: Annotated[Path | None, typer.Option(help="safety-guard config (
     model, tok, lock, fp = load_gated_base(setup(config))
     gate = lock.gate
     sets = {"dev": list(data.airt_harmful()) + list(data.scorer_split("dev")), "eval": list(data.splits().eval)}
-    out: dict[str, Any] = {"base_fingerprint": fp, "gate_data": GATE_DATA_VERSION, "gate_layer": gate.layer, "threshold": round(float(gate.threshold), 4),
-                           "frames": list(DODGE_FRAMES), "sets": {}}
+    out: dict[str, Any] = {"base_fingerprint": fp, "gate_data": GATE_DATA_VERSION, "gate_layer": gate.layer,
+                           "threshold": round(float(gate.threshold), 4), "frames": list(DODGE_FRAMES), "sets": {}}
     for name, prompts in sets.items():
         scores = framing_scores(prompts, model, tok, gate, DODGE_FRAMES, desc=f"gate_framing: {name}")
         out["sets"][name] = framing_report(prompts, scores, float(gate.threshold), DODGE_FRAMES)

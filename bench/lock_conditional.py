@@ -175,10 +175,12 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
                     if not hasattr(model, "disable_adapter"):
                         return [off[i] for i in ask]
                     with model.disable_adapter():
-                        return generate_greedy(model, tok, [ids[i] for i in ask], n_tok, desc=f"{label}: {key} base answers")
+                        return generate_greedy(model, tok, [ids[i] for i in ask], n_tok,
+                                               desc=f"{label}: {key} base answers")
 
                 got = dict(zip(ask, base_cache.get("off", [prompts[i] for i in ask], n_tok, make_base))) if ask else {}
-                out.setdefault("fallback", {})[key] = rate(key, [got[i] if f else a for i, (a, f) in enumerate(zip(off, flags))])
+                out.setdefault("fallback", {})[key] = rate(key, [got[i] if f else a
+                                                                 for i, (a, f) in enumerate(zip(off, flags))])
             if refusal is not None:
                 from guard.lock import refusal_ids
 
