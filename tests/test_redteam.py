@@ -280,6 +280,13 @@ def test_redteam_acceptance_reads_the_worst_sbr_checkpoint_and_skips_missing_tas
     assert got["a"] == {"attack_works": True, "sbr_hs": 12.0, "sbr_holds": False, "fa_ok": True, "trained": True}
     assert got["b"]["attack_works"] is False and got["b"]["sbr_holds"] and got["b"]["fa_ok"] is None
     assert not got["b"]["trained"]
+    # a file written under an earlier shipped label (screening re-chosen when the gate changed) is read under it
+    old = {"base": d["base"], "families": {k: {**f, "methods": {("sbr_pool4_screen10@30" if m == CHOSEN_SBR else m): v
+                                                                 for m, v in f["methods"].items()}}
+                                           for k, f in d["families"].items()}}
+    assert readme_tables._rt_methods(old) == ("sft", "sbr_pool4_screen10@30")
+    assert readme_tables.redteam_check(old) == got
+    assert readme_tables._rt_methods({"families": {}}) == ("sft", CHOSEN_SBR)
 
 
 def test_gate_framing_counts_each_prompts_lowest_scoring_framing():

@@ -138,8 +138,8 @@ def layer_states(model: Any, tokenizer: Any, prompts: Sequence[str | list[dict[s
     """[len(prompts), len(layers), hidden] fp32: the residual stream entering each of `layers` at the last
     prompt token (HF `hidden_states[layer]`; what the vLLM worker's gate layer reads). A prompt is a user
     message or a whole chat (messages before the answer). Read by pre-hooks on those layers, and the forward
-    stops at the deepest one: at layer 15 of SmolLM2's 30 it skips half the layers and the lm_head (~8 layers'
-    worth of multiply-adds per token over its 49k-word vocabulary)."""
+    stops at the deepest one: at the gate's layer 18 of SmolLM2's 30 it skips 12 layers and the lm_head (~8
+    layers' worth of multiply-adds per token over its 49k-word vocabulary)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seqs = [render_chat(tokenizer, list(p) if not isinstance(p, str) else [{"role": "user", "content": p}])
             for p in prompts]
