@@ -394,11 +394,7 @@ def report(fp: str, strength: float) -> None:
     adapters = [{"name": r["name"], "family": r["family"], **flat(r, "conditional"), "flagged": r["flagged"], **other(r)}
                 for r in rows if r["name"] != "base"]
     uncond = [{"name": r["name"], "family": r["family"], **flat(r, "unconditional")} for r in rows if r["name"] != "base"]
-    d = {"base": {"over_off": base["off"]["over"], "over_on": base["conditional"]["over"], "fa_off": base["off"]["fa"],
-                  "fa_on": base["conditional"]["fa"], "hs_off": base["off"]["hs"], "hs_on": base["conditional"]["hs"],
-                  "flagged": base["flagged"], **other(base),
-                  **({"hs_framed_off": base["off"]["hs_framed"], "hs_framed_on": base["conditional"]["hs_framed"]}
-                     if "hs_framed" in base["off"] else {})},
+    d = {"base": {**flat(base, "conditional"), "flagged": base["flagged"], **other(base)},
          "adapters": adapters,
          "unconditional": {"base": flat(base, "unconditional"), "adapters": uncond},
          "strength": strength, "action": rows[0].get("action", "steer"),

@@ -90,10 +90,14 @@ def choose_v5(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: pick[k] for k in ("generation", "max_fpr", "layer", "calibration")} | {"meets_limits": bool(ok)}
 
 
+def within_v6_limits(r: dict[str, Any]) -> bool:
+    """Rule v6's false-alarm limits on every model: benign and task <= 2.0%, framed benign <= 4.0%."""
+    return max(r["fpr"].values()) <= 2.0 and max(r["task_fpr"].values()) <= 2.0 and max(r["fpr_framed"].values()) <= 4.0
+
+
 def choose_v6(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Rule v6 over rows of (framed, layer, calibration); `adopt`: whether framed data replaces v5."""
-    ok = [r for r in rows if max(r["fpr"].values()) <= 2.0 and max(r["task_fpr"].values()) <= 2.0
-          and max(r["fpr_framed"].values()) <= 4.0]
+    ok = [r for r in rows if within_v6_limits(r)]
     if not ok:
         return {"framed": False, "adopt": False, "meets_limits": False}
     order = lambda r: (-min(r["tpr"].values()), r["framed"], r["layer"], CALIBRATIONS.index(r["calibration"]))  # noqa: E731

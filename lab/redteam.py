@@ -209,6 +209,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 # 0.10 of the gate data v5 gate and is 0.20 of the v6 gate (the same rule re-run when the gate changed). The
 # held-out families' SBR column is this label (rows of the earlier ones stay in the table).
 CHOSEN_SBR = "sbr_pool4_screen20@30"
+EARLIER_SBR: tuple[str, ...] = ("sbr_pool4_screen10@30",)  # what CHOSEN_SBR was before, newest first
 
 
 def method_spec(label: str) -> tuple[str, dict[str, Any]]:
