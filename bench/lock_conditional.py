@@ -324,7 +324,7 @@ def evaluate(
     # lock choice read either)
     sbr = [r for r in rows if r["method"] == CHOSEN_SBR and r.get("epochs")] or [
         r for r in read_rows(RESULTS / "redteam_dev.jsonl") if r["method"] == CHOSEN_SBR and adapter_base(r) == fp[:16]]
-    picked += sbr[:1]
+    picked = sbr[:1] + picked  # measured first: the base and it carry the over-refusal condition
     out = RESULTS / "lock_conditional.jsonl"
     archive_other_base(out, fp)
     stamp = {"gate_data": GATE_DATA_VERSION, "calibration": cfg.lock.gate_calibration, "gate_layer": lock.gate.layer,
@@ -336,20 +336,18 @@ def evaluate(
     archive_rows(out, lambda r: gate_of(r) == stamp,
                  lambda r: "gate{gate_data}-{calibration}-layer{gate_layer}-fpr{max_fpr}-{action}".format(**gate_of(r)))
     done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line} if out.is_file() else set()
-    todo = [r for r in picked if f"{r['family']}/{r['method']}" not in done]
-    # adapters this machine does not have are rebuilt first (the data dir of a new machine is empty)
-    paths = dict(zip((id(r) for r in todo), adapters_of(cfg, [(r, last_epoch(r)) for r in todo],
-                                                         RESULTS / "redteam.jsonl")))
-    targets = [("base", None, None, "arithmetic")]
-    targets += [(f"{r['family']}/{r['method']}", r["family"], paths.get(id(r)), r["config"].get("task") or "arithmetic")
-                for r in picked]
+    targets: list[tuple[str, str | None, dict[str, Any] | None, str]] = [("base", None, None, "arithmetic")]
+    targets += [(f"{r['family']}/{r['method']}", r["family"], r, r["config"].get("task") or "arithmetic") for r in picked]
     held = [q.text for q in overrefusal.contrast_prompts("heldout")]
     harmful, benign = list(data.splits().eval), data._hash_order(held)
     tasks = {k: gen(n_train=16, n_eval=100)[1] for k, (gen, _) in data.TASKS.items()}
     root = cfg.runtime.resolved_home() / "work" / "lock_conditional"
-    for name, family, path, task in targets:
+    for name, family, row, task in targets:
         if name in done:
             continue
+        # an adapter this machine lacks is rebuilt just before it is measured (a new machine's data dir is empty),
+        # so an interrupted run keeps every row it finished
+        path = None if row is None else adapters_of(cfg, [(row, last_epoch(row))], RESULTS / "redteam.jsonl")[0]
         m = model if path is None else _with_adapter(model, path)
         # refuse and fallback are both measured (they share every generation but the base's framed answers), the
         # configured one is the report and the other is kept beside it for the record, never to choose
