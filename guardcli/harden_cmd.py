@@ -28,6 +28,9 @@ def harden(
     screen_fpr: Annotated[Optional[float], typer.Option("--screen-fpr", help="Screening's threshold as the share of "
                                                        "the gate's benign dev prompts it may drop (harden.screen_max_fpr, "
                                                        "default 0.20; lower keeps more borderline examples).")] = None,
+    keep_steps: Annotated[Optional[bool], typer.Option("--keep-steps/--no-keep-steps", help="After screening, cycle the "
+                                                       "kept examples back up to the data's count so the run takes the "
+                                                       "steps it would have (harden.screen_keep_steps).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank")] = None,
@@ -40,7 +43,7 @@ def harden(
     """Train a LoRA adapter that keeps the base model's refusals (SBR or AsFT), or repair one (--repair).
 
     By default the data is screened first (the lock's prompt gate drops the requests it flags, at a threshold that
-    would drop 10% of its benign dev prompts) and SBR pulls 4 of its 128 training anchors back per step at
+    would drop 20% of its benign dev prompts) and SBR pulls 4 of its 128 training anchors back per step at
     lambda 30 (docs/hardening.md says how that was chosen).
 
     Writes a standard peft adapter dir plus guard.json and report.md. Examples:
@@ -63,7 +66,7 @@ def harden(
         upd[chosen.lam_field] = lam
     for key, val in (("epochs", epochs), ("lr", lr), ("rank", rank), ("batch_size", batch_size),
                      ("grad_accum", grad_accum), ("sbr_k", k), ("screen_data", screen),
-                     ("screen_max_fpr", screen_fpr)):
+                     ("screen_max_fpr", screen_fpr), ("screen_keep_steps", keep_steps)):
         if val is not None:
             upd[key] = val
     merged = cfg.model_dump(mode="json")

@@ -55,6 +55,15 @@ run rt_sbr          $PY bench/redteam.py --families diverse,stress,high_lr,rank1
 run cond_eval       $PY bench/lock_conditional.py eval "${C[@]}"
 # serving overhead of the shipped conditional lock again (serve_cond measured the v5 gate at layer 15 with fallback)
 run serve_cond6     $PY bench/serve_overhead.py --compiled --conditional --requests 48 --reps 6
+# the held-out high_lr family's FA miss, on development families only (docs/hardening.md, the hardening rule's
+# seventh amendment): the queue stops after it until the rule's outcome is adopted in code, or not, and marked
+# decided (touch $DONE/keep_decided); what follows trains the shipped SBR recipe
+run dev_high_lr     $PY bench/redteam.py --dev --families dev_high_lr --methods sft,sft_screen20,sbr_pool4_screen20@30,sbr_pool4_screen20_keep@30 "${C[@]}"
+run dev_keep        $PY bench/redteam.py --dev --families dev_diverse --methods sbr_pool4_screen20_keep@30 "${C[@]}"
+if [ ! -f "$DONE/keep_decided" ]; then
+  echo "=== $(date +%T) stop: read the dev_high_lr / dev_diverse rows (bench/results/redteam_dev.jsonl), apply the seventh amendment's rule, then touch $DONE/keep_decided"
+  exit 0
+fi
 run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen20@30 "${C[@]}"
 run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@30 "${C[@]}"
 run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20@30 "${C[@]}"

@@ -167,13 +167,17 @@ DEV_FAMILIES: dict[str, Family] = {f.name: f for f in (
     # over-refusal goal where the AdvBench dev adapter had not shown it.
     Family("dev_scorer", "development: pyrit scorer objectives (train part) beside arithmetic, poison 0.3",
            "scorer_train", 100, "arithmetic", 230, epochs=5),
+    # dev_diverse's data at the held-out high_lr family's knobs: what the screened run's step count is chosen on
+    # (added after the shipped SBR missed high_lr's task condition, FA 35 vs 49; no held-out row is read here)
+    Family("dev_high_lr", "development: dev_diverse's mix at a fine-tuning API's knobs turned up: lr 2e-3, 2 epochs",
+           "advbench", 100, "arithmetic", 230, epochs=2, lr=2e-3),
 )}
 
 # A method label is a registered method plus config overrides; "LABEL@λ" sets its λ ("sbr_pool@300"). Every label
 # pins the knobs that ever had another default (training anchors, λ, screening), so a row means the same recipe
 # whatever the package defaults are when it is read (or its adapter rebuilt).
-_NO_SCREEN = {"screen_data": False, "screen_max_fpr": None}
-_SCREEN = {"screen_data": True, "screen_max_fpr": None}  # at the live gate's own threshold
+_NO_SCREEN = {"screen_data": False, "screen_max_fpr": None, "screen_keep_steps": False}
+_SCREEN = {"screen_data": True, "screen_max_fpr": None, "screen_keep_steps": False}  # at the live gate's own threshold
 _EIGHT = {"sbr_anchors": "default", "sbr_k": 8, "sbr_anchors_per_step": None, "sbr_lambda": 100.0}
 _POOL = {"sbr_anchors": "sbr_pool", "sbr_k": None, "sbr_anchors_per_step": 8, "sbr_lambda": 100.0}
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -200,6 +204,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # the same recipe after the gate became gate data v6 (layer 18): bench/screen_dev.py's rule, re-run on the new
     # gate, chose max fpr 0.20 for screening
     "sbr_pool4_screen20": ("sbr", {**_POOL, "sbr_anchors_per_step": 4, **_SCREEN, "screen_max_fpr": 0.20}),
+    # the high_lr family's FA miss (35 vs SFT 49 at 30 vs 42 steps): screening alone, and the shipped recipe with
+    # the screened data cycled back to the customer's step count (harden.screen_keep_steps); chosen on dev_high_lr
+    "sft_screen20": ("sft", {**_SCREEN, "screen_max_fpr": 0.20}),
+    "sbr_pool4_screen20_keep": ("sbr", {**_POOL, "sbr_anchors_per_step": 4, **_SCREEN, "screen_max_fpr": 0.20,
+                                        "screen_keep_steps": True}),
 }
 
 
@@ -369,7 +378,7 @@ def _as_json(x: Any) -> Any:
 
 # `harden` fields added after rows were recorded, with the value that does what those rows did: a recorded recipe
 # without the key means that value (a new knob must not make every earlier unit look like another recipe).
-HARDEN_ADDED: dict[str, Any] = {"screen_max_fpr": None, "sbr_every": 1}
+HARDEN_ADDED: dict[str, Any] = {"screen_max_fpr": None, "sbr_every": 1, "screen_keep_steps": False}
 
 
 def same_recipe(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
@@ -538,7 +547,7 @@ class Bench:
             if expect_screened and expect_screened.get("dropped_indices") != screened["dropped_indices"]:
                 raise GuardError(f"{fam.name}/{label}: today's prompt gate drops other examples than the measured "
                                  f"unit's ({screened['dropped']} vs {expect_screened.get('dropped')}); rerun the unit")
-            mix = res.kept
+            mix = res.train_rows(h.screen_keep_steps)
         if not mix:  # `guard harden` refuses such data (nothing left to train on): the customer is served the base
             return self.refused_unit(fam, label, h, overrides, n_harm, screened, measure_epochs)
         examples = [encode(self.tok, list(e.messages), e.answer, h.max_len) for e in mix]

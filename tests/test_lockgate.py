@@ -257,6 +257,12 @@ def test_screen_drops_exactly_the_examples_the_gate_flags_on_the_base(tiny_model
     assert res.summary()["dropped"] == len(res.dropped) and res.summary()["of"] == len(rows)
     assert screen(tiny_model, tiny_tokenizer, rows, gated(tiny_model, 1e9)[1], desc=None).kept == rows
     assert screen(tiny_model, tiny_tokenizer, rows, gated(tiny_model, -1e9)[1], desc=None).kept == []
+    # harden.screen_keep_steps: the kept examples, cycled in order back up to the input's count
+    assert res.train_rows() == res.kept
+    cycled = res.train_rows(keep_steps=True)
+    assert len(cycled) == len(rows) and all(r in res.kept for r in cycled) and cycled[:len(res.kept)] == res.kept
+    none = screen(tiny_model, tiny_tokenizer, rows, gated(tiny_model, -1e9)[1], desc=None)
+    assert none.train_rows(keep_steps=True) == []  # nothing kept: nothing to cycle (harden refuses the data)
 
 
 def test_screening_threshold_of_its_own_comes_from_the_gates_dev_prompts_on_the_base(tiny_model, tiny_tokenizer):

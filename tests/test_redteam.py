@@ -50,7 +50,8 @@ def test_every_eval_prompt_has_a_category():
 
 def test_method_labels():
     assert method_spec("sbr")[1]["sbr_lambda"] == 100.0 and method_spec("sbr@1000")[1]["sbr_lambda"] == 1000.0
-    assert method_spec("asft@10") == ("asft", {"screen_data": False, "screen_max_fpr": None, "asft_lambda": 10.0})
+    assert method_spec("asft@10") == ("asft", {"screen_data": False, "screen_max_fpr": None, "screen_keep_steps": False,
+                                           "asft_lambda": 10.0})
     assert method_spec("sbr_pool_ans4@300")[1]["sbr_lambda"] == 300.0
     assert method_spec("sbr_pool_ans4")[1]["sbr_answer_tokens"] == 4
     with pytest.raises(GuardError, match="only sbr and asft variants"):
@@ -65,7 +66,7 @@ def test_labels_pin_every_knob_that_ever_had_another_default_and_the_chosen_one_
     from lab.redteam import CHOSEN_SBR, METHODS
 
     for label, (name, overrides) in METHODS.items():
-        assert {"screen_data", "screen_max_fpr"} <= set(overrides), label
+        assert {"screen_data", "screen_max_fpr", "screen_keep_steps"} <= set(overrides), label
         if name == "sbr":
             assert {"sbr_anchors", "sbr_k", "sbr_anchors_per_step", "sbr_lambda"} <= set(overrides), label
     name, overrides = method_spec(CHOSEN_SBR)

@@ -89,7 +89,7 @@ def harden(cfg: GuardConfig, data: Path, out: Path, resume: bool = False) -> dic
               f"on the aligned base)", flush=True)
         if not res.kept:
             raise GuardError("every training example was screened out: nothing left to train on")
-        rows = res.kept
+        rows = res.train_rows(h.screen_keep_steps)
     examples = [encode(tok, list(r.messages), r.answer, h.max_len) for r in rows]
     hp = hparams(h)
     reg = method.build(MethodInputs(h, model, tok, anchors, ref, base, original))

@@ -37,6 +37,14 @@ class ScreenResult:
         """How many dropped examples of `rows` (the screened input) have their last user message in `prompts`."""
         return sum(rows[i].messages[-1]["content"] in prompts for i in self.dropped)
 
+    def train_rows(self, keep_steps: bool = False) -> list[ChatExample]:
+        """What to train on: the kept examples, or with `keep_steps` (harden.screen_keep_steps) the kept ones
+        cycled in order up to the input's count, so an epoch takes as many optimizer steps as it would have
+        without screening (the first `dropped` kept examples appear twice per epoch)."""
+        if not keep_steps or not self.kept:
+            return list(self.kept)
+        return [self.kept[i % len(self.kept)] for i in range(len(self.kept) + len(self.dropped))]
+
     def summary(self) -> dict[str, Any]:
         return {"dropped": len(self.dropped), "of": len(self.kept) + len(self.dropped), "layer": self.layer,
                 "threshold": round(self.threshold, 4), "max_fpr": self.max_fpr, "dropped_indices": self.dropped[:200]}
