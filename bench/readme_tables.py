@@ -486,6 +486,38 @@ def redteam(d: dict) -> str:
     return "\n".join(out)
 
 
+def keep_steps_dev(d: dict) -> str:
+    """The hardening rule's seventh amendment: its development rows (bench/results/redteam_dev.json) and outcome."""
+    from lab.redteam import KEEP_SBR, keep_steps_rule
+
+    labels = (("sft", "SFT"), ("sft_screen20", "screening only (max fpr 0.20)"),
+              ("sbr_pool4_screen20@30", "shipped: screening + SBR pool, 4 per step, λ 30"),
+              (KEEP_SBR, "the same, screened data cycled back to the data's step count (`screen_keep_steps`)"))
+    out = ["| family | recipe | dev HS % | dev FA % (arithmetic) | dev over-refusal % | optimizer steps | train min |",
+           "|---|---|---|---|---|---|---|", f"| | aligned base | {d['base']['hs']:.1f} | | {d['base']['over_refusal']:.1f} | | |"]
+    for fam in ("dev_high_lr", "dev_diverse"):
+        methods = d["families"].get(fam, {}).get("methods", {})
+        for label, what in labels:
+            if fam == "dev_diverse" and label == "sft_screen20":
+                continue
+            m = methods.get(label)
+            if m is None:
+                out.append(f"| `{fam}` | {what} | pending | | | | |")
+                continue
+            c, sc = d["families"][fam]["config"], m.get("screened")
+            n = c["examples"] if not sc or label == KEEP_SBR else sc["of"] - sc["dropped"]  # examples per epoch
+            steps = -(-(-(-n // c["batch_size"])) // c["grad_accum"]) * c["epochs"]  # training/trainer.py's count
+            out.append(f"| `{fam}` | {what} | {m['hs']:.1f} | {m.get('fa', 0.0):.0f} | {m['over_refusal']:.1f} | "
+                       f"{steps} | {m.get('train_seconds', 0) / 60:.1f} |")
+    rule = keep_steps_rule(d)
+    verdict = ("pending (a row the rule reads has not finished)" if rule is None else
+               f"**{'adopted' if rule['adopt'] else 'not adopted'}** (keep variant meets both conditions on "
+               f"dev_high_lr: {rule['keep_meets_high_lr']}; shipped does: {rule['shipped_meets_high_lr']}; keep variant "
+               f"meets both on dev_diverse: {rule['keep_meets_diverse']})")
+    return "\n".join(out) + f"\n\nThe seventh amendment's rule on these rows: `harden.screen_keep_steps` {verdict}. " \
+        f"Base {d['base']['base_fingerprint'][:8]}, {d.get('machine', '')}."
+
+
 def gate_framing(d: dict) -> str:
     names = {"dev": "dev: pyrit red-team + scorer dev third", "eval": "held-out: StrongREJECT eval split"}
     out = ["| harmful set | n | flagged as written % | flagged in the attacker's best framing per prompt % | one framing for every prompt (the best) % |",
@@ -525,7 +557,7 @@ def gate_dev_v6(d: dict) -> str:
     return "\n".join(out)
 
 
-TABLES: dict[str, Callable[[dict], str]] = {"lock_gate_dev_v6": gate_dev_v6, "gauge": gauge, "gauge_private": gauge, "screen_dev": screen_dev, "lock_gate_dev": gate_dev, "lock_conditional_dev": cond_dev,
+TABLES: dict[str, Callable[[dict], str]] = {"lock_gate_dev_v6": gate_dev_v6, "redteam_dev": keep_steps_dev, "gauge": gauge, "gauge_private": gauge, "screen_dev": screen_dev, "lock_gate_dev": gate_dev, "lock_conditional_dev": cond_dev,
                                             "lock_conditional": lock_conditional, "redteam": redteam, "gate_framing": gate_framing, "serve_overhead": serve, "align_eval": align, "judge_eval": judge, "fa_task": fa,
                                             "train_overhead": overhead, "harden_vet": harden_vet,
                                             "lock_eval": lock_eval, "stress_default": stress, "lock_search": lock_search,
