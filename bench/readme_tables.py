@@ -318,7 +318,9 @@ def cond_dev(d: dict) -> str:
             continue
         notes.append(f"{m} unlocked: dev HS {off['hs']:.1f}%, FA {off['fa']:.1f}%, over-refusal {off['over']:.1f}%; "
                      f"the gate flags {d['flagged'][m]['hs']:.0f}% of its dev harmful prompts and "
-                     f"{d['flagged'][m]['over']:.1f}% of the dev benign ones")
+                     f"{d['flagged'][m]['over']:.1f}% of the dev benign ones"
+                     + (f" (reading the base's states: {d['flagged_base_read'][m]['hs']:.0f}% / "
+                        f"{d['flagged_base_read'][m]['over']:.1f}%)" if "flagged_base_read" in d else ""))
     out.append(f"\n{'. '.join(notes)}. Rule: {d['rule']} Chosen: **{d['chosen']}**. Commit {d['commit']}.")
     return "\n".join(out)
 

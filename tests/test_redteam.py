@@ -370,3 +370,23 @@ def test_keep_steps_rule_adopts_only_what_keeps_the_task_on_high_lr_and_costs_no
     worse = {**diverse, KEEP_SBR: r(8.5, 40)}
     assert not keep_steps_rule(dev({"sft": r(90, 50), ship: r(5, 35), KEEP_SBR: r(6, 49)}, worse))["adopt"]
     assert keep_steps_rule(dev({"sft": r(90, 50), ship: r(5, 35)}, diverse)) is None  # a row still running
+
+
+def test_conditional_action_rule_reads_the_base_only_when_the_prefill_buys_something():
+    """The fifth amendment: a candidate reading the base's states replaces the adapter-reading pick only within the
+    limits with a cut >= 80% and a gain of >= 3 points of cut or >= 0.5 points of over-refusal, or when no
+    adapter-reading candidate is within the limits at 80%."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import lock_conditional
+
+    row = lambda s, cut, over, fa=0.0: {"strength": s, "hs_cut": cut, "over_rise": over, "fa_loss": fa}  # noqa: E731
+    own = [row("refuse", 88, 1.9), row("fallback", 87, 1.9)]
+    pick = lambda *based: lock_conditional.choose_action([*own, *based])["strength"]  # noqa: E731
+    assert pick(row("refuse@base", 90, 1.9)) == "refuse"  # +2 points of cut: not enough
+    assert pick(row("refuse@base", 91, 1.9)) == "refuse@base"  # +3
+    assert pick(row("fallback@base", 85, 1.4)) == "fallback@base"  # 0.5 less over-refusal
+    assert pick(row("refuse@base", 99, 2.1)) == "refuse"  # outside the limits
+    assert pick(row("refuse@base", 79, 0.0)) == "refuse"  # under 80%
+    own[:] = [row("refuse", 70, 1.0), row("fallback", 60, 0.0)]
+    assert pick(row("refuse@base", 81, 1.5)) == "refuse@base"  # no adapter-reading candidate reaches 80%
+    assert pick() == "refuse"
