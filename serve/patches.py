@@ -299,9 +299,12 @@ def patch_cpu_lora_ops() -> bool:
     return True
 
 
-def install_cache_salt(engine_client: Any, epoch: Any) -> bool:
+def install_cache_salt(engine_client: Any, epoch: Any, private: Any = None) -> bool:
     """Salt each request's prefix-cache key with `epoch()` before it reaches the engine; False (and nothing
-    changed) when this vLLM has no `input_processor.assign_request_id`."""
+    changed) when this vLLM has no `input_processor.assign_request_id`. `private(request)` True: the request gets
+    a salt of its own, so its KV blocks are shared with no other request (gate_action `steer`: a flagged request's
+    prefill is steered in the very forward that decides it, after vLLM has already entered its blocks in the
+    prefix cache)."""
     ip = getattr(engine_client, "input_processor", None)
     original = getattr(ip, "assign_request_id", None)
     if original is None:
@@ -317,6 +320,10 @@ def install_cache_salt(engine_client: Any, epoch: Any) -> bool:
         salt = f"safety-guard-lock-{epoch()}"
         if FORCE_MARK in str(getattr(request, "request_id", "")):
             salt += "-asked"  # its prompt is steered: never share its KV blocks with unsteered requests
+        elif private is not None and private(request):
+            import uuid
+
+            salt += f"-own-{uuid.uuid4().hex}"
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
         return original(request)
 

@@ -57,6 +57,7 @@ class GuardService:
         self._push_lock = asyncio.Lock()
         self.lock_epoch = 0
         self.salting = False
+        self.gate_steers = False  # the workers steer flagged requests (gate_action steer, or refuse unavailable)
         self.prompt_gate: Any = None  # guard.lock.PromptGate of the installed lock (None: no gate, or no lock)
         self._calibration_ids: list[list[int]] | None = None  # its dev slice, tokenized for this model
 
@@ -71,7 +72,7 @@ class GuardService:
         # flagged requests under the conditional policy use the strength chosen for that mode
         strength = self.cfg.lock.gate_strength if self.cfg.serve.lock_policy == "conditional" else self.cfg.lock.strength
         self.table = LockTable.from_config(self.cfg.serve, self.base_name, strength)
-        self.salting = install_cache_salt(self.engine, lambda: self.lock_epoch)
+        self.salting = install_cache_salt(self.engine, lambda: self.lock_epoch, self.steered_by_gate)
         try:
             self.worker_info = await self.workers.ping()
         except Exception as e:
@@ -220,6 +221,14 @@ class GuardService:
         return lr
 
     # -- lock ----------------------------------------------------------------------------------------
+    def steered_by_gate(self, request: Any) -> bool:
+        """Would the workers steer this request's prompt if the gate flagged it? Then it gets a prefix-cache salt
+        of its own (serve.patches.install_cache_salt). Only under a gate that steers; refuse and fallback do not."""
+        if not self.gate_steers:
+            return False
+        lr = getattr(request, "lora_request", None)
+        return self.table.gated(lr.lora_name if lr is not None else self.base_name)
+
     def lora_ids(self) -> dict[str, int]:
         return {name: lr.lora_int_id for name, lr in self.models.lora_requests.items()}
 
@@ -246,6 +255,7 @@ class GuardService:
             rpc_ms = (time.perf_counter() - t0) * 1e3
             if not result.get("ok"):
                 raise GuardError(f"workers refused the lock change: {result.get('error')}")
+            self.gate_steers = bool(result.get("gate", {}).get("gating")) and result.get("action") == "steer"
             shown = self.table.strengths(list(self.models.lora_requests))
             self.metrics.set_lock({k: (v if self.lock_info else 0.0) for k, v in shown.items()})
             if self.salting:

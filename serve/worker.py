@@ -294,7 +294,10 @@ class GuardRuntime:
             if not self.gated(lid):
                 lo[a:b] = hi[a:b] = s
                 continue
-            hi[a:b] = 0.0 if self.fallback else s  # gated: layers below the gate stay unsteered; fallback steers none
+            # gated: layers below the gate stay unsteered. refuse and fallback steer nothing: the forced refusal
+            # overwrites every sampled row anyway, and a steered prefill would leave steered KV blocks in the
+            # prefix cache, where any request sharing the prompt's first blocks would read them
+            hi[a:b] = 0.0 if (self.fallback or self.refusal is not None) else s
             thr[a:b] = self.thresholds.get(lid, base_t)
             if rid in self.flags:
                 keep[a:b] = 1.0 if self.flags[rid] else 0.0

@@ -243,6 +243,32 @@ def test_cache_salt_names_the_lock_epoch_and_installs_once():
     assert not install_cache_salt(SimpleNamespace(), lambda: 0)
 
 
+def test_requests_a_steering_gate_may_flag_get_a_cache_salt_of_their_own():
+    """gate_action steer steers a flagged request's prefill in the forward that decides it, after vLLM entered its
+    blocks in the prefix cache: such requests share blocks with nobody. Refuse and fallback steer nothing, so
+    their requests share as usual; so do adapters the gate does not decide."""
+    from types import SimpleNamespace
+
+    from serve.lock_table import LockTable
+    from serve.patches import install_cache_salt
+    from serve.service import GuardService
+
+    seen = []
+    ip = SimpleNamespace(assign_request_id=lambda req: seen.append(req.cache_salt))
+    svc = SimpleNamespace(gate_steers=True, base_name="base",
+                          table=LockTable(base_name="base", default_on=True, conditional=True, overrides={"acme": 1.0}))
+    assert install_cache_salt(SimpleNamespace(input_processor=ip), lambda: 0,
+                              lambda r: GuardService.steered_by_gate(svc, r))
+    lora = lambda name: SimpleNamespace(lora_name=name)  # noqa: E731
+    for lr in (None, None, lora("acme"), lora("other")):
+        ip.assign_request_id(SimpleNamespace(cache_salt=None, request_id="r", lora_request=lr))
+    own = [x for x in seen if "-own-" in x]
+    assert len(own) == 3 and len(set(own)) == 3 and seen[2] == "safety-guard-lock-0"  # acme: steered unconditionally
+    svc.gate_steers = False  # refuse / fallback
+    ip.assign_request_id(SimpleNamespace(cache_salt=None, request_id="r", lora_request=None))
+    assert seen[-1] == "safety-guard-lock-0"
+
+
 def test_gate_routes_read_vllm_request_models_from_the_body():
     """The load/unload handlers are defined inside a function with locally imported vLLM models: their
     annotations must resolve at run time, or FastAPI takes `request` for a query parameter (a 400 on every load)."""

@@ -442,6 +442,8 @@ def test_refuse_action_overwrites_the_sampled_row_of_flagged_requests_only():
     for k in range(3):  # decode steps
         outs.append(runner._model_forward(input_ids=runner.schedule([("a", 0, 4, 1, 4 + k), ("b", 0, 4, 1, 4 + k)])))
     assert outs[0][3].tolist() == rows[0] and outs[0][7].tolist() != rows[0]  # a's sampled row, not b's
+    # and nothing is steered: the forced rows answer a, and a steered prefill would enter the prefix cache
+    assert rt.flags["a"] and rt.gate_bufs["hi_eff"][:8].abs().sum() == 0 and rt.strength[:8].abs().sum() == 0
     assert [o[0].tolist() for o in outs[1:]] == [rows[1], rows[2], rows[2]]  # then EOS for ever
     assert rt.step_errors == 0 and w.guard_set_lock(1.0, {}, gated=True)["action"] == "steer"
 
