@@ -64,7 +64,7 @@ def action_args(action: str, tokenizer: Any, refusal_text: str) -> dict[str, Any
 def generate_conditional(model: Any, tokenizer: Any, batch: Sequence[Sequence[int]], lock: Any, strength: float,
                          max_new_tokens: int = 48, batch_size: int = 16, force: Sequence[bool] | None = None,
                          desc: str | None = None, refusal: Sequence[int] | None = None,
-                         fallback: bool = False) -> tuple[list[str], list[bool]]:
+                         fallback: bool = False, reads_base: bool = False) -> tuple[list[str], list[bool]]:
     """Greedy answers under the conditional lock, the way the vLLM worker serves them; (texts, steered).
 
     `lock.gate` (guard.lock.PromptGate) scores the residual stream entering its layer at each prompt's last
@@ -75,8 +75,13 @@ def generate_conditional(model: Any, tokenizer: Any, batch: Sequence[Sequence[in
     `refusal` (token ids ending in EOS, guard.lock.refusal_ids): the `refuse` action — a flagged prompt is answered
     with exactly those tokens, as the worker forces them. `fallback`: the `fallback` action — a flagged prompt is
     answered by the model with its adapter set aside (`disable_adapter`, a peft model), as the engine restarts it
-    on the base; on a model without an adapter that is its own plain answer. The model is left unsteered.
+    on the base; on a model without an adapter that is its own plain answer. `reads_base` (lock.gate_reads
+    `base`): the gate scores each prompt with the adapter set aside, as the engine's scoring prefill on the base
+    does, and a flagged prompt is answered without the adapter under every action (`lock` should then carry the
+    base's threshold). The model is left unsteered.
     """
+    import contextlib
+
     import torch
 
     from guard.lock import LockHandle
@@ -88,7 +93,8 @@ def generate_conditional(model: Any, tokenizer: Any, batch: Sequence[Sequence[in
     flags: list[bool] = [False] * len(batch)
     free = [i for i in range(len(batch)) if not force[i]]
     order = sorted(free, key=lambda i: len(batch[i]))
-    with torch.no_grad():
+    aside = model.disable_adapter if hasattr(model, "disable_adapter") else contextlib.nullcontext
+    with torch.no_grad(), (aside() if reads_base else contextlib.nullcontext()):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = pad_left([batch[i] for i in idx], pad)
@@ -104,10 +110,7 @@ def generate_conditional(model: Any, tokenizer: Any, batch: Sequence[Sequence[in
         texts.update({i: answer for i in flagged})
         flagged = []
     if fallback and flagged:
-        import contextlib
-
-        off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-        with off:
+        with aside():
             texts.update(zip(flagged, generate_greedy(model, tokenizer, [batch[i] for i in flagged], max_new_tokens,
                                                       batch_size, desc)))
         flagged = []
@@ -121,8 +124,10 @@ def generate_conditional(model: Any, tokenizer: Any, batch: Sequence[Sequence[in
             handle = LockHandle(model, steer)
             handle.set_strength(strength)
             handle.on()
+        base_only = reads_base and rows is flagged  # flagged on the base's states: answered without the adapter
         try:
-            out = generate_greedy(model, tokenizer, [batch[i] for i in rows], max_new_tokens, batch_size, desc)
+            with aside() if base_only else contextlib.nullcontext():
+                out = generate_greedy(model, tokenizer, [batch[i] for i in rows], max_new_tokens, batch_size, desc)
         finally:
             if handle is not None:
                 handle.remove()

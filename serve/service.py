@@ -72,7 +72,7 @@ class GuardService:
         # flagged requests under the conditional policy use the strength chosen for that mode
         strength = self.cfg.lock.gate_strength if self.cfg.serve.lock_policy == "conditional" else self.cfg.lock.strength
         self.table = LockTable.from_config(self.cfg.serve, self.base_name, strength)
-        self.salting = install_cache_salt(self.engine, lambda: self.lock_epoch, self.steered_by_gate)
+        self.salting = install_cache_salt(self.engine, lambda: self.lock_epoch, self.steered_by_gate, self.base_read_mark)
         try:
             self.worker_info = await self.workers.ping()
         except Exception as e:
@@ -191,6 +191,8 @@ class GuardService:
         if how == "none" or gate is None or self.table is None or not self.table.conditional:
             return  # thresholds only matter for gated requests, and only the conditional policy gates
         names = [self.base_name, *self.models.lora_requests] if names is None else names
+        if self.cfg.lock.gate_reads == "base":  # every request is scored on the base's states: one threshold
+            names = [n for n in names if n == self.base_name]
         for name in names:
             try:
                 if self.monitor is None:
@@ -228,6 +230,21 @@ class GuardService:
             return False
         lr = getattr(request, "lora_request", None)
         return self.table.gated(lr.lora_name if lr is not None else self.base_name)
+
+    def base_read_mark(self, request: Any) -> str | None:
+        """lock.gate_reads base: the suffix that sends a gated adapter request through a scoring prefill on the base
+        (serve/patches.py, section 6), None for every other request (the base's own, probes, forced ones)."""
+        from serve.monitor import PROBE_PREFIX
+        from serve.worker import BASE_READ_MARK, FORCE_MARK
+
+        lr = getattr(request, "lora_request", None)
+        if (lr is None or self.cfg.lock.gate_reads != "base" or self.prompt_gate is None or self.lock_info is None
+                or self.table is None):
+            return None
+        rid = str(getattr(request, "request_id", ""))
+        if rid.startswith(PROBE_PREFIX) or FORCE_MARK in rid or not self.table.gated(lr.lora_name):
+            return None
+        return f"{BASE_READ_MARK}{int(lr.lora_int_id)}"
 
     def lora_ids(self) -> dict[str, int]:
         return {name: lr.lora_int_id for name, lr in self.models.lora_requests.items()}
@@ -372,7 +389,7 @@ class GuardService:
                      "policy": self.cfg.serve.lock_policy, "default_on": self.table.default_on if self.table else None,
                      "strength": self.table.strength if self.table else None,
                      "base_strength": self.table.strength_of(self.base_name) if self.table and self.lock_info else 0.0,
-                     "gate_calibration": self.cfg.lock.gate_calibration,
+                     "gate_calibration": self.cfg.lock.gate_calibration, "gate_reads": self.cfg.lock.gate_reads,
                      "gate_threshold": self.prompt_gate.threshold if self.prompt_gate is not None else None,
                      "base_gate_threshold": self.table.thresholds.get(self.base_name) if self.table else None,
                      "last_prefix_cache_reset": self.last_cache_reset},

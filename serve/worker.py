@@ -60,6 +60,16 @@ log = logging.getLogger("safety_guard.worker")
 BASE_LORA_ID = 0  # vLLM's LoRA id for requests without an adapter
 RUNTIME_ATTR = "_safety_guard"  # the GuardRuntime on the model runner
 FORCE_MARK = "sg-lock-on-"  # in a request id: steer this request whatever the policy (it can only add steering)
+# at the end of an internal request id, then the LoRA id: an adapter request whose gate reads the base's states
+# (lock.gate_reads: base). The scheduler admits it without its adapter; the gate decides on its prefill; an
+# unflagged one restarts with its adapter, a flagged one is answered without it (serve/patches.py, section 6)
+BASE_READ_MARK = "-sg-base-read-"
+
+
+def base_read_lora(req_id: str) -> int | None:
+    """The LoRA id a base-read request belongs to, None for any other request."""
+    head, sep, tail = req_id.rpartition(BASE_READ_MARK)
+    return int(tail) if sep and tail.isdigit() else None
 UNIT_BUFFER = "safety_guard_unit"
 STRENGTH_BUFFER = "safety_guard_strength"
 
@@ -161,6 +171,9 @@ class GuardRuntime:
     fallback_pending: dict[str, int] = field(default_factory=dict)  # flagged id -> lora id, until the scheduler restarts it
     fell_back: set[str] = field(default_factory=set)  # ids restarted without their adapter (served as the base)
     fallbacks: dict[int, int] = field(default_factory=dict)  # lora id -> requests restarted on the base
+    scoring: set[str] = field(default_factory=set)  # base-read requests decided in this forward
+    restore_pending: dict[str, int] = field(default_factory=dict)  # base-read id, unflagged -> its lora id, until restarted
+    restored: dict[int, int] = field(default_factory=dict)  # lora id -> base-read requests restarted with their adapter
     forced_pos: dict[str, int] = field(default_factory=dict)  # flagged request id -> refusal tokens forced so far
     flags: dict[str, bool] = field(default_factory=dict)  # request id -> the gate's decision
     scored: dict[int, int] = field(default_factory=dict)  # lora id -> requests the gate scored
@@ -263,6 +276,8 @@ class GuardRuntime:
             return
         req_ids = self.runner.input_batch.req_ids[: int(self.runner.input_batch.num_reqs)]
         forced = self.force_strength > 0 and any(rid is not None and FORCE_MARK in rid for rid in req_ids)
+        if not self.gating:
+            self.release_base_reads(req_ids)
         if self.mode != "mask" and not forced:
             if self.filled is None:  # a forced request left a per-token mask behind: back to the mode's fill
                 self.apply()
@@ -279,12 +294,25 @@ class GuardRuntime:
         base_t = float(self.gate.threshold) if self.gate is not None else 0.0
         thr = np.full(n, base_t, dtype=np.float32)
         lora_ids = batch.request_lora_mapping[: len(req_ids)]
-        self.deciding = {}
+        self.deciding, self.scoring = {}, set()
         for r, rid in enumerate(req_ids):
             if rid is None or any(rid.startswith(p) for p in self.probe_prefixes) or rid in self.fell_back:
                 continue  # probes measure the adapter itself; a fallen-back request is now the base's, unsteered
             lid = int(lora_ids[r])
             a, b = loc[r], min(loc[r + 1], n)
+            owner = base_read_lora(rid) if lid == BASE_LORA_ID and rid not in self.flags else None
+            if owner is not None:  # a base-read request's prefill on the base: decided, never steered
+                if not self.gated(owner) or not self.overrides.get(owner, self.default):
+                    self.release_base_reads([rid])  # its adapter is no longer gated: restart it as it is
+                    continue
+                thr[a:b] = self.thresholds.get(BASE_LORA_ID, base_t)  # the base's states, the base's threshold
+                if b > a and int(batch.num_computed_tokens_cpu[r]) + (loc[r + 1] - loc[r]) >= int(batch.num_prompt_tokens[r]):
+                    last[a:b] = loc[r + 1] - 1
+                    self.deciding[rid] = (owner, loc[r + 1] - 1)
+                    self.scoring.add(rid)
+                else:
+                    keep[a:b] = 0.0
+                continue
             if FORCE_MARK in rid:
                 lo[a:b] = hi[a:b] = max(self.force_strength, self.overrides.get(lid, self.default))
                 continue
@@ -364,13 +392,16 @@ class GuardRuntime:
             self.forced_pos = {k: v for k, v in self.forced_pos.items() if k in self.flags}
 
     def fallback_output(self, output: Any) -> Any:
-        """gate_action `fallback`: name the requests flagged in this step on the step's ModelRunnerOutput
-        (`guard_fallback`), which the patched scheduler reads: it drops their sampled token and restarts them
-        without their adapter (serve/patches.py: patch_scheduler). Until it does, `force_refusals` answers them."""
-        if not self.fallback_pending or not hasattr(output, "req_ids"):
+        """Name the requests the scheduler must restart on the step's ModelRunnerOutput, which the patched
+        scheduler reads before it processes the step (their sampled token is dropped; serve/patches.py):
+        `guard_fallback`, flagged adapter requests to restart without their adapter (gate_action `fallback`; until
+        it does, `force_refusals` answers them), and `guard_restore`, unflagged base-read requests to restart with
+        theirs (lock.gate_reads `base`)."""
+        if not hasattr(output, "req_ids"):
             return output
-        ids = tuple(rid for rid in self.fallback_pending if rid in output.req_id_to_index)
-        if not ids:
+        back = tuple(rid for rid in self.fallback_pending if rid in output.req_id_to_index)
+        restore = tuple(rid for rid in self.restore_pending if rid in output.req_id_to_index)
+        if not back and not restore:
             return output
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
@@ -378,8 +409,37 @@ class GuardRuntime:
             import copy
 
             output = copy.copy(output)
-        output.guard_fallback = ids
+        if back:
+            output.guard_fallback = back
+        if restore:
+            output.guard_restore = restore
         return output
+
+    def release_base_reads(self, req_ids: Any) -> None:
+        """Base-read requests not yet decided whose adapter is no longer gated (policy changed, lock off): restart
+        them with their adapter undecided rather than leave them on the base."""
+        for rid in req_ids:
+            if rid is None or rid in self.flags or rid in self.restore_pending:
+                continue
+            lid = base_read_lora(rid) if BASE_READ_MARK in rid else None
+            if lid is not None:  # undecided, so still on the base (a restored one is in `flags`)
+                self.flags[rid] = False
+                self.restore_pending[rid] = lid
+
+    def resume_with_adapter(self, scheduler_output: Any) -> None:
+        """Before the runner updates its states: a base-read request the scheduler restarted comes back with the
+        LoRA request it was admitted with (`guard_loras`, serve/patches.py), set on the runner's cached state so
+        the persistent batch maps it to its adapter. Decided already: it is not scored again."""
+        for rid, lora in (getattr(scheduler_output, "guard_loras", None) or {}).items():
+            state = self.runner.requests.get(rid)
+            if state is not None:
+                state.lora_request = lora
+            lid = self.restore_pending.pop(rid, None)
+            if lid is not None:
+                self.restored[lid] = self.restored.get(lid, 0) + 1
+        live = set(getattr(self.runner, "requests", {}) or ())
+        for rid in [r for r in self.restore_pending if r not in live]:  # finished before a restart
+            del self.restore_pending[rid]
 
     def restart_on_base(self, scheduler_output: Any) -> None:
         """Before the runner updates its states: a pending request the scheduler preempted (or resumes) comes back
@@ -424,12 +484,14 @@ class GuardRuntime:
             for (rid, (lid, _)), f in zip(self.deciding.items(), fired):
                 self.flags[rid] = bool(f)
                 self.scored[lid] = self.scored.get(lid, 0) + 1
+                if rid in self.scoring and not f:
+                    self.restore_pending[rid] = lid  # read on the base and not flagged: back to its adapter
                 if f:
                     self.flagged[lid] = self.flagged.get(lid, 0) + 1
                     self.to_judge[rid] = (lid, [])
-                    if self.fallback and lid > 0:
+                    if self.fallback and lid > 0 and rid not in self.scoring:  # a base-read one is on the base already
                         self.fallback_pending[rid] = lid
-            self.deciding = {}
+            self.deciding, self.scoring = {}, set()
         if self.to_judge:
             try:  # the harm estimate is a signal, not a guard: its failure must not flag anything
                 self.judge_answers()
@@ -538,7 +600,8 @@ class GuardRuntime:
                          "scored": {str(k): v for k, v in self.scored.items()},
                          "flagged": {str(k): v for k, v in self.flagged.items()},
                          "judged": {str(k): v for k, v in self.judged.items()},
-                         "answered": {str(k): v for k, v in self.answered.items()}},
+                         "answered": {str(k): v for k, v in self.answered.items()},
+                         "restored": {str(k): v for k, v in self.restored.items()}},
                 "force_strength": self.force_strength,
                 "fallbacks": {str(k): v for k, v in self.fallbacks.items()},
                 "action": "fallback" if self.fallback else "refuse" if self.refusal is not None else "steer"}

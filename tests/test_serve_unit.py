@@ -342,3 +342,38 @@ def test_request_lock_middleware_marks_asked_requests_and_refuses_off():
     svc.table.request_lock = False
     status, err, _ = call({"model": "m", "guard": {"lock": "on"}})
     assert status == 400 and b"request_lock is off" in err
+
+
+def test_base_read_mark_goes_on_gated_adapter_requests_only():
+    """lock.gate_reads base, API half: the internal id of a gated adapter's request gets the mark and its LoRA id,
+    after vLLM made it internal (the client's id is unchanged); the base's own requests, probes, requests that
+    asked for the lock and adapters steered unconditionally do not, and nothing does under gate_reads adapter."""
+    from types import SimpleNamespace
+
+    from guard.config import GuardConfig
+    from serve.lock_table import LockTable
+    from serve.monitor import PROBE_PREFIX
+    from serve.patches import install_cache_salt
+    from serve.service import GuardService
+    from serve.worker import BASE_READ_MARK, FORCE_MARK
+
+    cfg = GuardConfig.model_validate({"lock": {"gate_reads": "base"}})
+    svc = SimpleNamespace(cfg=cfg, prompt_gate=object(), lock_info={"path": "x"},
+                          table=LockTable(base_name="base", default_on=True, conditional=True, overrides={"acme": 1.0}))
+    ip = SimpleNamespace(assign_request_id=lambda req: setattr(req, "request_id", f"{req.request_id}-abcd1234"))
+    assert install_cache_salt(SimpleNamespace(input_processor=ip), lambda: 0, None,
+                              lambda r: GuardService.base_read_mark(svc, r))
+    lora = lambda name, i: SimpleNamespace(lora_name=name, lora_int_id=i)  # noqa: E731
+
+    def rid(request_id: str, lr) -> str:
+        req = SimpleNamespace(cache_salt=None, request_id=request_id, lora_request=lr)
+        ip.assign_request_id(req)
+        return req.request_id
+
+    assert rid("chatcmpl-1", lora("tenant", 3)) == f"chatcmpl-1-abcd1234{BASE_READ_MARK}3"
+    assert rid("chatcmpl-2", None) == "chatcmpl-2-abcd1234"
+    assert rid("chatcmpl-3", lora("acme", 2)) == "chatcmpl-3-abcd1234"  # steered unconditionally
+    assert rid(f"{PROBE_PREFIX}-x-0", lora("tenant", 3)) == f"{PROBE_PREFIX}-x-0-abcd1234"
+    assert rid(f"{FORCE_MARK}chatcmpl-4", lora("tenant", 3)) == f"{FORCE_MARK}chatcmpl-4-abcd1234"
+    svc.cfg = GuardConfig()
+    assert rid("chatcmpl-5", lora("tenant", 3)) == "chatcmpl-5-abcd1234"

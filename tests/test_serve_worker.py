@@ -532,3 +532,81 @@ def test_scheduler_restart_preempts_drops_the_step_and_clears_the_adapter():
     assert not patches.restart_without_adapter(s, "b")  # a base request: nothing to restart
     assert not patches.restart_without_adapter(s, "a")  # no longer running
     assert not patches.restart_without_adapter(s, "gone")
+
+
+def test_base_read_requests_are_decided_on_the_base_and_unflagged_ones_go_back_to_their_adapter():
+    """lock.gate_reads base, worker half: a marked request's prefill runs without its adapter (LoRA id 0 in the
+    batch); the gate decides it with the *base's* threshold, counted under its adapter, steering nothing. A
+    flagged one stays on the base (refused here); an unflagged one is named for the scheduler (`guard_restore`),
+    and when it resumes with its LoRA request it is served as decided, never scored again."""
+    runner, rt, w, gate, (ha, hb) = _gated_runner()
+    rows = [[float(k + 1)] * HIDDEN for k in range(3)]
+    sb = float(gate.logits(hb[None])[0])
+    # adapter 1's own threshold would flag everything: a base-read request must not use it
+    assert w.guard_set_lock(1.0, {}, gated=True, refusal=rows, thresholds={1: sb - 5.0})["ok"]
+    x, y = "cmpl-x-1234abcd" + worker.BASE_READ_MARK + "1", "cmpl-y-1234abcd" + worker.BASE_READ_MARK + "1"
+    assert worker.base_read_lora(x) == 1 and worker.base_read_lora("cmpl-z-1234abcd") is None
+    runner.requests = {x: SimpleNamespace(lora_request=None), y: SimpleNamespace(lora_request=None)}
+    out = runner._model_forward(input_ids=runner.schedule([(x, 0, 4, 4), (y, 0, 4, 4)]))
+    assert rt.flags == {x: True, y: False} and rt.scored == {1: 2} and rt.flagged == {1: 1}
+    assert rt.restore_pending == {y: 1} and rt.fallback_pending == {}
+    assert rt.gate_bufs["hi_eff"][:8].abs().sum() == 0 and rt.strength[:8].abs().sum() == 0  # nothing steered
+    assert out[3].tolist() == rows[0] and out[7].tolist() != rows[0]  # x refused on the base, y not
+
+    step = SimpleNamespace(req_ids=[x, y], req_id_to_index={x: 0, y: 1})
+    marked = rt.fallback_output(step)
+    assert marked.guard_restore == (y,) and not hasattr(marked, "guard_fallback")
+    rt.resume_with_adapter(SimpleNamespace(guard_loras={y: "acme"}))
+    assert runner.requests[y].lora_request == "acme" and rt.restore_pending == {} and rt.state()["gate"]["restored"] == {"1": 1}
+    runner._model_forward(input_ids=runner.schedule([(y, 1, 4, 4)]))  # recomputed with its adapter
+    assert rt.scored == {1: 2} and rt.flags[y] is False and rt.gate_bufs["hi_eff"][:4].abs().sum() == 0
+
+    # the adapter no longer gated (steered unconditionally now): an undecided base-read request goes back as it is
+    z = "cmpl-z-1234abcd" + worker.BASE_READ_MARK + "1"
+    assert w.guard_set_lock(1.0, {}, gated=True, ungated=[1], refusal=rows)["ok"]
+    runner._model_forward(input_ids=runner.schedule([(z, 0, 4, 4)]))
+    assert rt.restore_pending == {z: 1} and rt.flags[z] is False and rt.scored == {1: 2} and rt.step_errors == 0
+
+
+def test_scheduler_admits_base_read_requests_without_their_adapter_and_restores_it():
+    """lock.gate_reads base, scheduler half (serve/patches.py, section 6) on a stand-in scheduler."""
+    from vllm.v1.request import RequestStatus
+
+    class Req:
+        def __init__(self, rid: str, lora: object) -> None:
+            self.request_id, self.lora_request, self.status = rid, lora, RequestStatus.RUNNING
+            self.block_hashes = [f"keyed:{lora}"]
+
+        def update_block_hashes(self) -> None:
+            self.block_hashes.append(f"keyed:{self.lora_request}")
+
+    class Sched:
+        def __init__(self, reqs) -> None:
+            self.requests = {r.request_id: r for r in reqs}
+            self.running = list(reqs)
+            self.prev_step_scheduled_req_ids = set(self.requests)
+            self.preempted: list[tuple[str, bool]] = []
+
+        def _preempt_request(self, req, ts, drop_stale_output=False) -> None:
+            req.status = RequestStatus.PREEMPTED
+            self.preempted.append((req.request_id, drop_stale_output))
+
+    y = "cmpl-y-1234abcd" + worker.BASE_READ_MARK + "1"
+    a, b, plain = Req(y, "acme"), Req("cmpl-b-1234abcd", "acme"), Req("cmpl-c-1234abcd", None)
+    assert patches.admit_on_base(a) and a.lora_request is None and a.guard_lora == "acme"
+    assert a.block_hashes == ["keyed:None"]  # re-keyed as the base's: it shares KV only with base requests
+    assert not patches.admit_on_base(b) and b.lora_request == "acme"  # unmarked: as it came
+    assert not patches.admit_on_base(plain)
+    s = Sched([a, b, plain])
+    assert not patches.restart_with_adapter(s, "cmpl-b-1234abcd")  # nothing waits on it
+    assert patches.restart_with_adapter(s, y)
+    assert s.preempted == [(y, True)] and a not in s.running and a.lora_request == "acme" and a.guard_lora is None
+    assert a.block_hashes == ["keyed:acme"] and y not in s.prev_step_scheduled_req_ids
+    assert not patches.restart_with_adapter(s, y)  # once
+
+    out = SimpleNamespace(scheduled_cached_reqs=SimpleNamespace(resumed_req_ids=set()), scheduled_new_reqs=[])
+    patches.tell_runner(s, out)
+    assert not hasattr(out, "guard_loras")  # not resumed in this step: kept for a later one
+    out = SimpleNamespace(scheduled_cached_reqs=SimpleNamespace(resumed_req_ids={y}), scheduled_new_reqs=[])
+    patches.tell_runner(s, out)
+    assert out.guard_loras == {y: "acme"} and s._guard_resume == {}

@@ -82,10 +82,10 @@ def lock_comparison(model: Any, tokenizer: Any, lock: Any, harmful: Sequence[str
 
 def conditional_comparison(model: Any, tokenizer: Any, lock: Any, harmful: Sequence[str], benign: Sequence[str],
                            max_tokens: int = 32, strength: float = 1.0, calibration: str = "none",
-                           action: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+                           action: dict[str, Any] | None = None, reads: str = "adapter") -> dict[str, dict[str, float]]:
     """HS and over-refusal without the lock and under the conditional lock (guard.generation.generate_conditional),
     plus the share of each set the prompt gate flags; the gate calibrated for `model` first (`calibration`);
-    `action`: guard.generation.action_args of lock.gate_action (None: steer)."""
+    `action`: guard.generation.action_args of lock.gate_action (None: steer); `reads`: lock.gate_reads."""
     from guard.generation import generate_conditional
     from training.lockgate import calibrate_lock
 
@@ -93,13 +93,13 @@ def conditional_comparison(model: Any, tokenizer: Any, lock: Any, harmful: Seque
         from guard.errors import GuardError
 
         raise GuardError("this lock has no prompt gate; rebuild it with `guard lock build --rebuild`")
-    lock = calibrate_lock(model, tokenizer, lock, calibration)
+    lock = calibrate_lock(model, tokenizer, lock, calibration, reads)
     out: dict[str, dict[str, float]] = {"unlocked": {}, "conditional": {}}
     for key, prompts in (("hs", harmful), ("over_refusal", benign)):
         ids = [render_chat(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
         plain = generate_greedy(model, tokenizer, ids, max_tokens, desc=f"{key} (unlocked)")
         cond, flags = generate_conditional(model, tokenizer, ids, lock, strength, max_tokens,
-                                           desc=f"{key} (conditional)", **(action or {}))
+                                           desc=f"{key} (conditional)", reads_base=reads == "base", **(action or {}))
         for name, ans in (("unlocked", plain), ("conditional", cond)):
             r = 100.0 * DEFAULT_JUDGE.refusal_ratio(ans)
             out[name][key] = round(100.0 - r if key == "hs" else r, 2)

@@ -228,14 +228,18 @@ def threshold_for(scores: torch.Tensor, max_fpr: float) -> float:
     return max(quantile_threshold(scores, max_fpr), 0.0)
 
 
-def calibrate_lock(model: Any, tokenizer: Any, lock: Any, how: str) -> Any:
+def calibrate_lock(model: Any, tokenizer: Any, lock: Any, how: str, reads: str = "adapter") -> Any:
     """`lock` with its gate's threshold calibrated for `model` (the base or the base with an adapter), as the
-    server calibrates each adapter when it loads (`lock.gate_calibration`); the lock itself when `how` is none."""
+    server calibrates each adapter when it loads (`lock.gate_calibration`); the lock itself when `how` is none.
+    `reads` base (lock.gate_reads): the gate reads the base's states, so the threshold is the base's."""
+    import contextlib
     import dataclasses
 
     if how == "none" or lock.gate is None:
         return lock
-    return dataclasses.replace(lock, gate=lock.gate.calibrated(dev_scores(model, tokenizer, lock.gate), how))
+    aside = model.disable_adapter() if reads == "base" and hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with aside:
+        return dataclasses.replace(lock, gate=lock.gate.calibrated(dev_scores(model, tokenizer, lock.gate), how))
 
 
 def dev_scores(model: Any, tokenizer: Any, gate: PromptGate, desc: str | None = None) -> torch.Tensor:
