@@ -5,9 +5,10 @@ Routes (all behind the server's API key when one is set: vLLM's own middleware g
 - POST /guard/lock          {"adapter": name|null, "enabled": bool|null, "strength": float|null, "file": path|null}
 - POST /guard/probe         {"adapter": name|null}: probe now (the base model's name = the base; null = every
                             loaded adapter)
-- POST /guard/policy        {"vet_policy": "reject"|"lock"|"warn", "gate_action": "refuse"|"steer"|"fallback"} (either or
-                            both): the vet policy for adapters loaded from now on (already-served adapters keep
-                            their verdict and any forced lock); what the conditional lock does with flagged requests
+- POST /guard/policy        {"vet_policy": "reject"|"lock"|"warn", "gate_action": "refuse"|"steer"|"fallback",
+                            "gate_reads": "adapter"|"base"} (any of them): the vet policy for adapters loaded from
+                            now on (already-served adapters keep their verdict and any forced lock); what the
+                            conditional lock does with flagged requests; whose states its gate reads
 - POST /v1/load_lora_adapter, /v1/unload_lora_adapter: vLLM's, behind the vetting gate (serve/gate.py), when
                             VLLM_ALLOW_RUNTIME_LORA_UPDATING is on
 
@@ -51,12 +52,14 @@ class LockChange(BaseModel):
 
 
 class PolicyChange(BaseModel):
-    """POST /guard/policy: the vet policy for adapters loaded from now on, and/or what the conditional lock does
-    with a flagged request (`refuse` | `steer` | `fallback`); neither is persisted to the config."""
+    """POST /guard/policy: the vet policy for adapters loaded from now on, what the conditional lock does with a
+    flagged request (`refuse` | `steer` | `fallback`), whose states its gate reads for an adapter's request
+    (`adapter` | `base`: lock.gate_reads); none is persisted to the config."""
 
     model_config = ConfigDict(extra="forbid")
     vet_policy: Literal["reject", "lock", "warn"] | None = None
     gate_action: Literal["refuse", "steer", "fallback"] | None = None
+    gate_reads: Literal["adapter", "base"] | None = None
 
 
 class ProbeAsk(BaseModel):
@@ -151,19 +154,26 @@ def build_router(runtime_lora_updating: bool) -> Any:
         svc = service(request)
         if not isinstance(svc, GuardService):
             return svc
-        if change.vet_policy is None and change.gate_action is None:
-            return error_response(400, "give 'vet_policy' and/or 'gate_action'", "InvalidUserInput")
+        if change.vet_policy is None and change.gate_action is None and change.gate_reads is None:
+            return error_response(400, "give 'vet_policy', 'gate_action' and/or 'gate_reads'", "InvalidUserInput")
         out: dict[str, Any] = {}
-        if change.gate_action is not None:
-            old_action = svc.cfg.lock.gate_action
-            svc.cfg.lock.gate_action = change.gate_action
+        if change.gate_action is not None or change.gate_reads is not None:
+            lock = svc.cfg.lock
+            old_action, old_reads = lock.gate_action, lock.gate_reads
+            lock.gate_action = change.gate_action or old_action
+            lock.gate_reads = change.gate_reads or old_reads
             try:
+                if lock.gate_reads == "adapter" and old_reads == "base":
+                    await svc.calibrate_gate()  # each adapter's own threshold again (not read while on the base)
                 await svc.push_lock()
             except GuardError as e:  # the workers kept their previous state; so does the config
-                svc.cfg.lock.gate_action = old_action
+                lock.gate_action, lock.gate_reads = old_action, old_reads
                 svc.metrics.count_error("lock_change")
-                return error_response(500, f"gate action change refused: {e}", "LockChangeFailed")
-            out.update(gate_action=change.gate_action, previous_gate_action=old_action)
+                return error_response(500, f"gate policy change refused: {e}", "LockChangeFailed")
+            if change.gate_action is not None:
+                out.update(gate_action=change.gate_action, previous_gate_action=old_action)
+            if change.gate_reads is not None:
+                out.update(gate_reads=change.gate_reads, previous_gate_reads=old_reads)
         if change.vet_policy is not None:
             old = svc.cfg.serve.vet_policy
             svc.cfg.serve.vet_policy = change.vet_policy

@@ -340,3 +340,30 @@ def test_gate_rule_v6_adopts_framed_data_only_for_a_clear_gain_within_the_limits
     assert lock_gate_dev.choose_v6([row(False, 15, 40.0), row(True, 15, 90.0, ff=5.0)])["framed"] is False
     assert lock_gate_dev.choose_v6([row(True, 15, 90.0, f=3.0)]) == {"framed": False, "adopt": False,
                                                                      "meets_limits": False}
+
+
+def test_reading_the_base_decides_on_the_base_states_and_answers_flagged_prompts_without_the_adapter(
+        tiny_model, tiny_tokenizer):
+    """lock.gate_reads base, HF side: the flags are the base model's (the adapter set aside for scoring), a
+    flagged prompt is answered without the adapter under every action, the rest by the adapter."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(tiny_model)
+    pm = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"],
+                                                              init_lora_weights=False)).eval()
+    lock, gate = gated(base, 0.0)
+    gate.threshold = float(gate.logits(layer_states(base, tiny_tokenizer, PROMPTS, [1])[:, 0]).median())
+    batch = [render_chat(tiny_tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    _, on_base = generate_conditional(base, tiny_tokenizer, batch, lock, 1.0, 8)
+    _, on_adapter = generate_conditional(pm, tiny_tokenizer, batch, lock, 1.0, 8)
+    assert on_base != on_adapter, "the stand-in adapter must move the state the gate reads"
+    texts, flagged = generate_conditional(pm, tiny_tokenizer, batch, lock, 1.0, 8, fallback=True, reads_base=True)
+    assert flagged == on_base and 0 < sum(flagged) < len(PROMPTS)
+    plain_base, plain_adapter = generate_greedy(base, tiny_tokenizer, batch, 8), generate_greedy(pm, tiny_tokenizer, batch, 8)
+    assert texts == [b if f else a for b, a, f in zip(plain_base, plain_adapter, flagged)]
+    steered, _ = generate_conditional(pm, tiny_tokenizer, batch, lock, 3.0, 8, reads_base=True)
+    base_steered, _ = generate_conditional(base, tiny_tokenizer, batch, lock, 3.0, 8)
+    assert [t for t, f in zip(steered, flagged) if f] == [t for t, f in zip(base_steered, flagged) if f]
+    assert [t for t, f in zip(steered, flagged) if not f] == [a for a, f in zip(plain_adapter, flagged) if not f]

@@ -214,3 +214,19 @@ def test_fallback_answers_flagged_adapter_requests_with_the_base_in_a_mixed_batc
         st = http("GET", srv.url + "/guard/status")[1]
         w = st["worker_state"][0]
         assert w["fallbacks"]["1"] == 2 * restarted and w["step_errors"] == 0 and st["rpc_failures"] == 0, w
+
+        # lock.gate_reads base, switched at run time: the adapter's requests are decided on the base's states, which
+        # the stand-in gate separates exactly, so exactly FLAG is flagged for the adapter too; flagged ones get the
+        # base's answer, unflagged ones restart with the adapter and get its own answer (no base token leaks)
+        status, body = http("POST", srv.url + "/guard/policy", {"gate_reads": "base"})
+        assert status == 200 and body["previous_gate_reads"] == "adapter", body
+        want = {**{p: base[p] for p in FLAG}, **{p: own[p] for p in KEEP}}
+        assert {p: srv.chat("acme", p, max_tokens=TOKENS) for p in prompts} == want
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:
+            mixed = dict(zip(jobs, pool.map(lambda j: srv.chat(j[0], j[1], max_tokens=TOKENS), jobs)))
+        assert {p: mixed[(m.name, p)] for p in prompts} == base
+        assert {p: mixed[("acme", p)] for p in prompts} == want
+        st = http("GET", srv.url + "/guard/status")[1]
+        g = st["worker_state"][0]["gate"]
+        assert g["restored"] == {"1": 2 * len(KEEP)} and st["worker_state"][0]["fallbacks"] == w["fallbacks"], g
+        assert st["lock"]["gate_reads"] == "base" and st["worker_state"][0]["step_errors"] == 0
