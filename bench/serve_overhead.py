@@ -16,7 +16,10 @@ Writes bench/results/serve_overhead.json (bench/common.py write_result adds comm
 writes the file's `compiled` section. Eager numbers predate the in-graph lock unless re-run.
 `--compiled --conditional` does the same with `lock_policy: conditional` (section `compiled_conditional`).
 `--duty-cycle` measures the live gauge's share of engine time with 4 adapters (section `probe_duty_cycle`).
-Usage: python bench/serve_overhead.py [--compiled [--conditional]] [--requests 16] [--max-tokens 32] [--reps 4]
+`--adapter-reads` measures adapter traffic under the conditional lock (LoRA on, so eager on CPU): plain vLLM serving
+the adapter vs the guarded server with its gate reading the adapter's states and then the base's (lock.gate_reads:
+one extra base prefill per adapter request), interleaved per rep (section `adapter_conditional`).
+Usage: python bench/serve_overhead.py [--compiled [--conditional] | --adapter-reads] [--requests 16] [--max-tokens 32] [--reps 4]
        python bench/serve_overhead.py --duty-cycle [--adapters 4] [--interval S] [--window S]
 """
 
@@ -154,6 +157,63 @@ def compiled_run(a: argparse.Namespace) -> None:
     write_result("serve_overhead", prev)
 
 
+def adapter_reads_run(a: argparse.Namespace) -> None:
+    """Adapter requests under the conditional lock: plain vLLM with the adapter vs `guard serve` reading the
+    adapter's states (`reads_adapter`) and the base's (`reads_base`, switched with POST /guard/policy), both
+    servers up and interleaved per rep (plain, adapter, base, plain; reversed every other rep), medians kept.
+    The prompts are benign, so nothing is refused: what is measured is the gate, the per-token mask and, for
+    `reads_base`, the scoring prefill on the base and the restart of every request with its adapter."""
+    model, tmp, lock, real_lock = bench_setup("sg-bench-reads-")
+    adapter = random_lora(model, tmp / "acme", b_std=1e-3, seed=1)
+    (tmp / "guard.yaml").write_text("serve:\n  lock_policy: conditional\n  vet_policy: warn\n  max_loras: 2\n")
+    lora = ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "2"]
+    plain = GuardServer.plain(free_port(), model, *lora, "--lora-modules", f"acme={adapter}",
+                              log_path=tmp / "plain.log").start(timeout=600)
+    guarded = GuardServer.guarded(free_port(), "--config", str(tmp / "guard.yaml"), "--model", str(model),
+                                  "--lock", str(lock), "--lora-modules", f"acme={adapter}", log_path=tmp / "guarded.log")
+    raw: dict[str, list[float]] = {"plain": [], "reads_adapter": [], "reads_base": []}
+    try:
+        guarded.start(timeout=600)
+        for srv in (plain, guarded):
+            throughput(srv, "acme", 4, 8, 4)  # warm-up
+
+        def run(which: str) -> None:
+            srv = plain if which == "plain" else guarded
+            if which != "plain":
+                reads = which.removeprefix("reads_")
+                assert http("POST", guarded.url + "/guard/policy", {"gate_reads": reads})[0] == 200
+            raw[which].append(throughput(srv, "acme", a.requests, a.max_tokens, a.concurrency))
+
+        for rep in range(a.reps):
+            order = ["plain", "reads_adapter", "reads_base", "plain"]
+            for which in (order if rep % 2 == 0 else order[::-1]):
+                run(which)
+        st = http("GET", guarded.url + "/guard/status")[1]
+    finally:
+        guarded.stop()
+        plain.stop()
+    gate = st["worker_state"][0].get("gate") or {}
+    if not gate.get("restored"):
+        raise SystemExit(f"no adapter request was read on the base (gate state {gate}); nothing written — see "
+                         f"{tmp / 'guarded.log'}")
+    med = statistics.median
+    out = {"plain_tokens_per_s": round(med(raw["plain"]), 2),
+           **{f"{k}_tokens_per_s": round(med(raw[k]), 2) for k in ("reads_adapter", "reads_base")},
+           **{f"ratio_{k}": round(med(raw[k]) / med(raw["plain"]), 4) for k in ("reads_adapter", "reads_base")},
+           "requests": a.requests, "max_tokens": a.max_tokens, "concurrency": a.concurrency, "reps": a.reps,
+           "lock": str(lock), "lock_is_random_stand_in": lock != real_lock, "model": str(model), "gate": gate,
+           "worker": st["workers"][0], "raw": raw,
+           "order": "both servers up (LoRA on: eager on CPU); per rep plain, reads adapter, reads base, plain "
+                    "(reversed every other rep); requests to one random adapter, benign prompts"}
+    out.update({k: v for k, v in provenance().items() if k in ("commit", "machine")})
+    path = RESULTS / "serve_overhead.json"
+    prev = json.loads(path.read_text()) if path.is_file() else {}
+    prev.pop("versions", None)
+    prev["adapter_conditional"] = out
+    write_result("serve_overhead", prev)
+    print(json.dumps({k: v for k, v in out.items() if k.startswith("ratio")}, indent=2))
+
+
 def _probe_totals(srv: GuardServer) -> tuple[float, float]:
     """(seconds, probes) summed over every adapter, from the server's /metrics."""
     status, text = http("GET", srv.url + "/metrics")
@@ -222,6 +282,8 @@ def main() -> None:
                     "(into the file's `compiled_conditional` section)")
     ap.add_argument("--compiled", action="store_true", help="measure vLLM's compiled mode (no LoRA) only, into "
                                                              "the file's 'compiled' section")
+    ap.add_argument("--adapter-reads", action="store_true", help="adapter traffic under the conditional lock, the gate "
+                    "reading the adapter's states vs the base's (into the file's `adapter_conditional` section)")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8)
@@ -233,6 +295,9 @@ def main() -> None:
         return
     if a.compiled:
         compiled_run(a)
+        return
+    if a.adapter_reads:
+        adapter_reads_run(a)
         return
 
     model, tmp, lock, real_lock = bench_setup("sg-bench-")
