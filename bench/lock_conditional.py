@@ -400,14 +400,17 @@ def evaluate(
     picked = sbr[:1] + picked  # measured first: the base and it carry the over-refusal condition
     out = RESULTS / "lock_conditional.jsonl"
     archive_other_base(out, fp)
+    reads = cfg.lock.gate_reads
+    if reads == "base" and act == "steer":
+        raise typer.BadParameter("lock.gate_reads base is measured for the refuse and fallback actions only")
     stamp = {"gate_data": GATE_DATA_VERSION, "calibration": cfg.lock.gate_calibration, "gate_layer": lock.gate.layer,
-             "max_fpr": cfg.lock.gate_max_fpr, "action": act}
+             "max_fpr": cfg.lock.gate_max_fpr, "action": act, "gate_reads": reads}
     gate_of = lambda r: {"gate_data": r.get("gate_data", 1), "calibration": r.get("calibration", "none"),  # noqa: E731
                          "gate_layer": r.get("gate_layer", 0), "max_fpr": r.get("max_fpr", 0.02),
-                         "action": r.get("action", "steer")}
+                         "action": r.get("action", "steer"), "gate_reads": r.get("gate_reads", "adapter")}
     # rows measured with another gate are kept beside, not mixed into this run's report
     archive_rows(out, lambda r: gate_of(r) == stamp,
-                 lambda r: "gate{gate_data}-{calibration}-layer{gate_layer}-fpr{max_fpr}-{action}".format(**gate_of(r)))
+                 lambda r: "gate{gate_data}-{calibration}-layer{gate_layer}-fpr{max_fpr}-{action}-{gate_reads}".format(**gate_of(r)))
     done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line} if out.is_file() else set()
     targets: list[tuple[str, str | None, dict[str, Any] | None, str]] = [("base", None, None, "arithmetic")]
     targets += [(f"{r['family']}/{r['method']}", r["family"], r, r["config"].get("task") or "arithmetic") for r in picked]
@@ -429,12 +432,13 @@ def evaluate(
                       unconditional=cfg.lock.strength, refusal=cfg.lock.refusal if gated else None,
                       calibration=cfg.lock.gate_calibration, cache=AnswerCache(root, model_key(fp, path), lock),
                       base_cache=AnswerCache(root, model_key(fp, None), lock) if gated else None,
-                      framings=DODGE_FRAMES)
+                      framings=DODGE_FRAMES, base_read=reads == "base")
         other = {"refuse": "fallback", "fallback": "refuse"}.get(act)
-        res = {"off": res["off"], "flagged": res["flagged"], "action": act, "unconditional_strength": cfg.lock.strength,
+        view = res["base_read"] if reads == "base" else res  # whose states the gate read
+        res = {"off": res["off"], "flagged": view["flagged"], "action": act, "unconditional_strength": cfg.lock.strength,
                "gate_threshold": res["threshold"], "calibration": res["calibration"],
-               "conditional": res[act] if act != "steer" else res["conditional"][str(s)],
-               "unconditional": res["unconditional"], **({"other_action": {other: res[other]}} if other else {})}
+               "conditional": view[act] if act != "steer" else res["conditional"][str(s)],
+               "unconditional": res["unconditional"], **({"other_action": {other: view[other]}} if other else {})}
         if path is not None:
             model = m.unload()
         from guard.artifacts import provenance
@@ -471,6 +475,7 @@ def report(fp: str, strength: float) -> None:
          "strength": strength, "action": rows[0].get("action", "steer"),
          "gate_data": rows[0].get("gate_data", 1), "calibration": rows[0].get("calibration", "none"),
          "gate_layer": rows[0].get("gate_layer"), "max_fpr": rows[0].get("max_fpr", 0.02),
+         "gate_reads": rows[0].get("gate_reads", "adapter"),
          "thresholds": {r["name"]: r.get("gate_threshold") for r in rows},
          "unconditional_strength": rows[0].get("unconditional_strength", strength), "base_fingerprint": fp,
          "units_commits": sorted({r["commit"] for r in rows})}

@@ -329,6 +329,8 @@ def _gate_label(d: dict, quote: str = "`") -> str:
     """Which prompt gate a conditional-lock result was measured with (rows before a field existed lack it)."""
     layer = f", layer {d['gate_layer']}" if d.get("gate_layer") else ""
     fpr = f", max fpr {d['max_fpr']}" if d.get("max_fpr") is not None else ""
+    if d.get("gate_reads") == "base":  # one threshold, the base's: no per-adapter calibration
+        return f"gate data v{d.get('gate_data', 1)}{layer}{fpr}, reading the base's states"
     return f"gate data v{d.get('gate_data', 1)}, calibration {quote}{d.get('calibration', 'none')}{quote}{layer}{fpr}"
 
 
