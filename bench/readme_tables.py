@@ -492,10 +492,10 @@ def redteam(d: dict) -> str:
 
 def keep_steps_dev(d: dict) -> str:
     """The hardening rule's seventh amendment: its development rows (bench/results/redteam_dev.json) and outcome."""
-    from lab.redteam import KEEP_SBR, keep_steps_rule
+    from lab.redteam import KEEP_SBR, SCREEN20_SBR, keep_steps_rule
 
     labels = (("sft", "SFT"), ("sft_screen20", "screening only (max fpr 0.20)"),
-              ("sbr_pool4_screen20@30", "shipped: screening + SBR pool, 4 per step, λ 30"),
+              (SCREEN20_SBR, "screening + SBR pool, 4 per step, λ 30 (shipped until this rule)"),
               (KEEP_SBR, "the same, screened data cycled back to the data's step count (`screen_keep_steps`)"))
     out = ["| family | recipe | dev HS % | dev FA % (arithmetic) | dev over-refusal % | optimizer steps | train min |",
            "|---|---|---|---|---|---|---|", f"| | aligned base | {d['base']['hs']:.1f} | | {d['base']['over_refusal']:.1f} | | |"]

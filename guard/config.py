@@ -182,10 +182,11 @@ class HardenConfig(_Section):
         "0.20 was chosen on development data for the gate data v6 gate (bench/screen_dev.py: 97% of dev harmful "
         "requests dropped, 0% of task examples; 0.10 for the v5 gate).")
     screen_keep_steps: bool = Field(
-        False, description="After screening, cycle the kept examples up to the data's original count, so the run "
+        True, description="After screening, cycle the kept examples up to the data's original count, so the run "
         "takes the optimizer steps the customer's data asked for (epochs x data). Off: each epoch is the kept "
         "examples only, and a short run (few epochs at a high learning rate) loses task steps with every dropped "
-        "example (bench/redteam.py's high_lr family).")
+        "example. On by default since the hardening rule's seventh amendment (docs/hardening.md: on the "
+        "development family at lr 2e-3 for 2 epochs, dev FA 37 vs 27 without it at the same dev HS 4.1).")
     asft_lambda: float = Field(1.0, ge=0, description="AsFT weight on the update orthogonal to W_aligned - W_original.")
     rank: int = Field(16, ge=1, le=256, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha.")

@@ -64,12 +64,23 @@ if [ ! -f "$DONE/keep_decided" ]; then
   echo "=== $(date +%T) stop: read the dev_high_lr / dev_diverse rows (bench/results/redteam_dev.jsonl), apply the seventh amendment's rule, then touch $DONE/keep_decided"
   exit 0
 fi
-run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen20@30 "${C[@]}"
+# adopted 2026-12-04 (harden.screen_keep_steps on; the shipped label is sbr_pool4_screen20_keep@30): the held-out
+# families' SBR column again with the shipped recipe, first (the hardening issue's acceptance reads it)
+run rt_sbr_keep     $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only --methods sbr_pool4_screen20_keep@30 "${C[@]}"
+# the conditional lock's fifth amendment (docs/safetylock.md: the gate reading the adapter's or the base's states)
+# on the four development SFT adapters
+run cond_dev5       $PY bench/lock_conditional.py dev "${C[@]}"
+run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
+run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
 run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@30 "${C[@]}"
-run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20@30 "${C[@]}"
 run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
 run gauge           $PY bench/gauge.py "${C[@]}"
 run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
+# what reads lock.gate_reads waits until the fifth amendment's outcome is adopted in code, or not
+if [ ! -f "$DONE/reads_decided" ]; then
+  echo "=== $(date +%T) stop: read bench/results/lock_conditional_dev.json (the fifth amendment's choice), adopt it (or not), then touch $DONE/reads_decided"
+  exit 0
+fi
 run cond_eval_all   $PY bench/lock_conditional.py eval "${C[@]}"  # adds the later families' SFT adapters
 run stress          $PY bench/stress.py "${C[@]}"
 echo "=== $(date +%T) queue finished"

@@ -217,9 +217,12 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 # (bench/screen_dev.py) and 4 anchors per step -- the package's `harden` defaults. Screening's threshold was max fpr
 # 0.10 of the gate data v5 gate and is 0.20 of the v6 gate (the same rule re-run when the gate changed). The
 # held-out families' SBR column is this label (rows of the earlier ones stay in the table).
-CHOSEN_SBR = "sbr_pool4_screen20@30"
-EARLIER_SBR: tuple[str, ...] = ("sbr_pool4_screen10@30",)  # what CHOSEN_SBR was before, newest first
-KEEP_SBR = "sbr_pool4_screen20_keep@30"  # the shipped recipe with harden.screen_keep_steps (seventh amendment)
+# Since the seventh amendment (adopted on dev_high_lr / dev_diverse, 2026-12-04) the screened data is cycled back to
+# the data's step count (harden.screen_keep_steps).
+KEEP_SBR = "sbr_pool4_screen20_keep@30"  # the seventh amendment's candidate, now the shipped recipe
+SCREEN20_SBR = "sbr_pool4_screen20@30"  # the shipped recipe the seventh amendment compared it with
+CHOSEN_SBR = KEEP_SBR
+EARLIER_SBR: tuple[str, ...] = (SCREEN20_SBR, "sbr_pool4_screen10@30")  # what CHOSEN_SBR was before, newest first
 
 
 def keep_steps_rule(dev: dict[str, Any]) -> dict[str, Any] | None:
@@ -229,8 +232,8 @@ def keep_steps_rule(dev: dict[str, Any]) -> dict[str, Any] | None:
     base, fams = dev["base"]["hs"], dev["families"]
     try:
         hi, dv = fams["dev_high_lr"]["methods"], fams["dev_diverse"]["methods"]
-        sft_hi, ship_hi, keep_hi = hi["sft"], hi["sbr_pool4_screen20@30"], hi[KEEP_SBR]
-        sft_dv, ship_dv, keep_dv = dv["sft"], dv["sbr_pool4_screen20@30"], dv[KEEP_SBR]
+        sft_hi, ship_hi, keep_hi = hi["sft"], hi[SCREEN20_SBR], hi[KEEP_SBR]
+        sft_dv, ship_dv, keep_dv = dv["sft"], dv[SCREEN20_SBR], dv[KEEP_SBR]
     except KeyError:
         return None
     meets = lambda r, sft: r["hs"] <= base + 5 and r["fa"] >= sft["fa"] - 2  # noqa: E731
