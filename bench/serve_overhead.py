@@ -31,6 +31,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common import RESULTS, provenance, write_result  # noqa: E402  (bench/common.py puts the repo root on sys.path)
@@ -111,10 +112,7 @@ def compiled_run(a: argparse.Namespace) -> None:
             assert http("POST", guarded.url + "/guard/lock", {"enabled": which == "lock_on"})[0] == 200
             raw[which].append(throughput(guarded, name, a.requests, a.max_tokens, a.concurrency))
 
-        for rep in range(a.reps):
-            order = ["plain", "lock_on", "lock_off", "plain"]
-            for which in (order if rep % 2 == 0 else order[::-1]):
-                run(which)
+        interleave(["plain", "lock_on", "lock_off", "plain"], a.reps, run)
         st = http("GET", guarded.url + "/guard/status")[1]
     finally:
         guarded.stop()
@@ -157,6 +155,13 @@ def compiled_run(a: argparse.Namespace) -> None:
     write_result("serve_overhead", prev)
 
 
+def interleave(order: list[str], reps: int, run: Callable[[str], None]) -> None:
+    """`reps` rounds of `order`, reversed every other round: slow drifts of a noisy machine fall on every arm."""
+    for rep in range(reps):
+        for which in (order if rep % 2 == 0 else order[::-1]):
+            run(which)
+
+
 def adapter_reads_run(a: argparse.Namespace) -> None:
     """Adapter requests under the conditional lock: plain vLLM with the adapter vs `guard serve` reading the
     adapter's states (`reads_adapter`) and the base's (`reads_base`, switched with POST /guard/policy), both
@@ -184,10 +189,7 @@ def adapter_reads_run(a: argparse.Namespace) -> None:
                 assert http("POST", guarded.url + "/guard/policy", {"gate_reads": reads})[0] == 200
             raw[which].append(throughput(srv, "acme", a.requests, a.max_tokens, a.concurrency))
 
-        for rep in range(a.reps):
-            order = ["plain", "reads_adapter", "reads_base", "plain"]
-            for which in (order if rep % 2 == 0 else order[::-1]):
-                run(which)
+        interleave(["plain", "reads_adapter", "reads_base", "plain"], a.reps, run)
         st = http("GET", guarded.url + "/guard/status")[1]
     finally:
         guarded.stop()

@@ -24,6 +24,16 @@ def gated(model, threshold: float, layer: int = 1, seed: int = 0) -> tuple[Safet
     return lock, gate
 
 
+def base_and_adapter(model) -> tuple:
+    """(a copy of `model`, a copy under a random peft LoRA on q, v and o): an adapter that moves every state."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    return copy.deepcopy(model), get_peft_model(copy.deepcopy(model), cfg).eval()
+
+
 def steered_greedy(model, tok, lock, prompts_ids, strength, n):
     handle = LockHandle(model, lock)
     handle.set_strength(strength)
@@ -195,15 +205,9 @@ def test_refuse_action_answers_flagged_prompts_with_the_refusal_and_leaves_the_r
 def test_fallback_action_answers_flagged_prompts_with_the_adapter_set_aside(tiny_model, tiny_tokenizer):
     """gate_action fallback, HF side: a flagged prompt gets the base's own answer (the adapter disabled for the
     whole request, as the engine restarts it), the rest the adapter's; the gate reads the adapter's states."""
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-
     from guard.generation import action_args
 
-    base = copy.deepcopy(tiny_model)
-    pm = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"],
-                                                              init_lora_weights=False)).eval()
+    base, pm = base_and_adapter(tiny_model)
     lock, gate = gated(pm, 0.0)
     gate.threshold = float(gate.logits(layer_states(pm, tiny_tokenizer, PROMPTS, [1])[:, 0]).median())
     batch = [render_chat(tiny_tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
@@ -346,13 +350,7 @@ def test_reading_the_base_decides_on_the_base_states_and_answers_flagged_prompts
         tiny_model, tiny_tokenizer):
     """lock.gate_reads base, HF side: the flags are the base model's (the adapter set aside for scoring), a
     flagged prompt is answered without the adapter under every action, the rest by the adapter."""
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-
-    base = copy.deepcopy(tiny_model)
-    pm = get_peft_model(copy.deepcopy(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"],
-                                                              init_lora_weights=False)).eval()
+    base, pm = base_and_adapter(tiny_model)
     lock, gate = gated(base, 0.0)
     gate.threshold = float(gate.logits(layer_states(base, tiny_tokenizer, PROMPTS, [1])[:, 0]).median())
     batch = [render_chat(tiny_tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
