@@ -248,12 +248,13 @@ class LockConfig(_Section):
                               "with the gate data v6 gate (a tie on over-refusal, decided by the harm cut; "
                               "docs/safetylock.md).")
     gate_reads: Literal["adapter", "base"] = Field(
-        "adapter", description="Whose states the prompt gate reads for an adapter's request: `adapter` (the request's "
+        "base", description="Whose states the prompt gate reads for an adapter's request: `adapter` (the request's "
                                "own forward, no extra cost; an attacked adapter can move that state, and the gate then "
                                "misses more of its harmful requests) or `base` (a scoring prefill on the aligned base, "
                                "which no adapter moves; the threshold is the base's, no per-adapter calibration; costs one "
                                "base prefill per gated adapter request, and a flagged one is answered without its "
-                               "adapter). Chosen by the fifth amendment of `bench/lock_conditional.py dev`.")
+                               "adapter). `base` was chosen by the fifth amendment of `bench/lock_conditional.py dev` (worst dev harm cut 94% "
+                               "vs 84% reading the adapter, same over-refusal; docs/safetylock.md).")
     refusal: str = Field("I can't help with that request.", min_length=1,
                          description="The answer a flagged request gets under gate_action `refuse`.")
     gate_calibration: Literal["none", "shift", "quantile"] = Field(

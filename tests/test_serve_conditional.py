@@ -160,6 +160,7 @@ anchors:
 lock:
   gate_layer: 6
   gate_action: fallback
+  gate_reads: adapter  # switched to base at run time below
   gate_calibration: none
 drift:
   probe_tokens: 4

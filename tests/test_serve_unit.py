@@ -375,5 +375,5 @@ def test_base_read_mark_goes_on_gated_adapter_requests_only():
     assert rid("chatcmpl-3", lora("acme", 2)) == "chatcmpl-3-abcd1234"  # steered unconditionally
     assert rid(f"{PROBE_PREFIX}-x-0", lora("tenant", 3)) == f"{PROBE_PREFIX}-x-0-abcd1234"
     assert rid(f"{FORCE_MARK}chatcmpl-4", lora("tenant", 3)) == f"{FORCE_MARK}chatcmpl-4-abcd1234"
-    svc.cfg = GuardConfig()
+    svc.cfg = GuardConfig.model_validate({"lock": {"gate_reads": "adapter"}})
     assert rid("chatcmpl-5", lora("tenant", 3)) == "chatcmpl-5-abcd1234"
