@@ -650,6 +650,11 @@ def headline() -> str:
             how = f"gate layer {cc.get('gate', {}).get('layer', '?')}, `{cc.get('gate_action', 'fallback')}`"
             rows += [(f"serving throughput, compiled, conditional lock / plain ({how})", f"{cc['ratio_guarded_lock_on']:.3f}", "≥ 0.98",
                       src("serve_overhead", {**d, "commit": cc.get("commit", d["commit"])}))]
+        if ac := d.get("adapter_conditional"):
+            # no goal of its own: the price of lock.gate_reads base (a base prefill per adapter request), eager
+            rows += [("adapter traffic, conditional lock / plain, gate reading the adapter / the base (eager, LoRA on)",
+                      f"{ac['ratio_reads_adapter']:.3f} / {ac['ratio_reads_base']:.3f}", "—",
+                      src("serve_overhead", {**d, "commit": ac["commit"]}))]
     if (d := _load("serve_overhead")) and (dc := d.get("probe_duty_cycle")) and "default_probe_interval_seconds" in dc:
         rows += [(f"live gauge's share of engine time ({dc['adapters']} adapters, default probe interval)",
                   f"{dc['duty_cycle']:.2%}", "≤ 1%", src("serve_overhead", {**d, "commit": dc["commit"]}))]

@@ -76,11 +76,14 @@ run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@3
 run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
 run gauge           $PY bench/gauge.py "${C[@]}"
 run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
-# what reads lock.gate_reads waits until the fifth amendment's outcome is adopted in code, or not
+# what reads lock.gate_reads waits until the fifth amendment's outcome is adopted in code, or not (decided
+# 2026-12-04: adopted, gate_reads base; the held-out cond_eval with it ran by hand the same day)
 if [ ! -f "$DONE/reads_decided" ]; then
   echo "=== $(date +%T) stop: read bench/results/lock_conditional_dev.json (the fifth amendment's choice), adopt it (or not), then touch $DONE/reads_decided"
   exit 0
 fi
+# the price of reading the base: adapter traffic, plain vs the conditional lock reading the adapter / the base
+run serve_reads     $PY bench/serve_overhead.py --adapter-reads --requests 48 --reps 6
 run cond_eval_all   $PY bench/lock_conditional.py eval "${C[@]}"  # adds the later families' SFT adapters
 run stress          $PY bench/stress.py "${C[@]}"
 echo "=== $(date +%T) queue finished"

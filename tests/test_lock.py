@@ -163,3 +163,16 @@ def test_head_activations_are_the_o_proj_inputs(tiny_model, tiny_tokenizer):
     head = head_activations(tiny_model, tiny_tokenizer, prompts, answers, positions=[0, 1])
     torch.testing.assert_close(head[1, 0, 1].reshape(-1), seen["x"][0, start], atol=1e-5, rtol=0)
     torch.testing.assert_close(head[1, 1, 1].reshape(-1), seen["x"][0, start + 1], atol=1e-5, rtol=0)
+
+
+def test_every_lock_knob_is_either_part_of_the_build_or_read_at_run_time():
+    """The cached lock is keyed by its build knobs only: flipping a run-time knob (gate_reads, gate_action, ...)
+    must not cost a ten-minute rebuild, and a new field must be placed in one of the two sets."""
+    from training.safetylock import BUILD_LOCK_KNOBS, RUNTIME_LOCK_KNOBS, built_with
+
+    assert not BUILD_LOCK_KNOBS & RUNTIME_LOCK_KNOBS
+    assert BUILD_LOCK_KNOBS | RUNTIME_LOCK_KNOBS == set(LockConfig.model_fields)
+    settings = LockConfig().model_dump(mode="json", include=BUILD_LOCK_KNOBS)
+    assert built_with({**settings, "gate_reads": "adapter"}, settings)  # a file keyed when it was a build knob
+    assert not built_with({**settings, "heads": settings["heads"] + 1}, settings)
+    assert not built_with({k: v for k, v in settings.items() if k != "alpha"}, settings) and not built_with(None, settings)

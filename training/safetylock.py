@@ -247,8 +247,18 @@ def write_report(out: Path, lock: SafetyLock, scores: ProbeScores) -> None:
     plt.close(fig)
 
 
-# lock settings read when the lock is applied, not when it is built: changing them must not rebuild the file
-RUNTIME_LOCK_KNOBS = {"strength", "gate_strength", "gate_action", "gate_calibration", "refusal", "path"}
+# lock settings the built file depends on (its cache key) and the ones read when the lock is applied, which must
+# not rebuild a ten-minute build when they change; every LockConfig field is in exactly one (a test checks, so a
+# new field makes its author choose)
+BUILD_LOCK_KNOBS = {"heads", "alpha", "positions", "prompts", "answer_tokens", "holdout", "gate_layer", "gate_prompts",
+                    "gate_max_fpr"}
+RUNTIME_LOCK_KNOBS = {"strength", "gate_strength", "gate_action", "gate_reads", "gate_calibration", "refusal", "path"}
+
+
+def built_with(stored: dict[str, Any] | None, settings: dict[str, Any]) -> bool:
+    """Whether a lock file whose meta says `stored` was built with `settings`; keys outside them are ignored, so a
+    file written while a run-time knob was still part of the key is reused rather than rebuilt."""
+    return stored is not None and {k: stored.get(k) for k in settings} == settings
 
 
 def ensure_lock(cfg: Any, rebuild: bool = False) -> Path:
@@ -273,11 +283,11 @@ def ensure_lock(cfg: Any, rebuild: bool = False) -> Path:
 
     # the gate's data version and its resolved layer: a lock fitted on other data or another layer is rebuilt
     n_layers = int(read_json(base / "config.json", "model config")["num_hidden_layers"])
-    settings = {**cfg.lock.model_dump(mode="json", exclude=RUNTIME_LOCK_KNOBS), "gate_data": GATE_DATA_VERSION,
+    settings = {**cfg.lock.model_dump(mode="json", include=BUILD_LOCK_KNOBS), "gate_data": GATE_DATA_VERSION,
                 "gate_layer_resolved": gate_layer_for(n_layers, cfg.lock.gate_layer)}
     if path.is_file() and not rebuild:
         try:
-            if load_lock(path, base_fingerprint=fp).meta.get("settings") == settings:
+            if built_with(load_lock(path, base_fingerprint=fp).meta.get("settings"), settings):
                 return path
         except GuardError:
             pass  # stale or broken: rebuild below
