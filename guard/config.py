@@ -253,8 +253,9 @@ class LockConfig(_Section):
                                "misses more of its harmful requests) or `base` (a scoring prefill on the aligned base, "
                                "which no adapter moves; the threshold is the base's, no per-adapter calibration; costs one "
                                "base prefill per gated adapter request, and a flagged one is answered without its "
-                               "adapter). `base` was chosen by the fifth amendment of `bench/lock_conditional.py dev` (worst dev harm cut 94% "
-                               "vs 84% reading the adapter, same over-refusal; docs/safetylock.md).")
+                               "adapter). `base` was chosen by the fifth amendment of `bench/lock_conditional.py "
+                               "dev` (worst dev harm cut 94% vs 84% reading the adapter, the same over-refusal; "
+                               "docs/safetylock.md).")
     refusal: str = Field("I can't help with that request.", min_length=1,
                          description="The answer a flagged request gets under gate_action `refuse`.")
     gate_calibration: Literal["none", "shift", "quantile"] = Field(
