@@ -126,6 +126,10 @@ def model_key(base_fp: str, adapter: Path | None) -> str:
     return f"{base_fp[:16]}-{adapter_sha256(adapter)}"
 
 
+# harmful prompts in the framing the gate scores lowest on the base's states, per (prompts, framings, gate)
+_BASE_VIEW_FRAMED: dict[tuple[Any, ...], list[str]] = {}
+
+
 def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts, label: str,
             unconditional: float | None = None, refusal: str | None = None, calibration: str = "none",
             cache: AnswerCache | None = None, base_cache: AnswerCache | None = None,
@@ -170,8 +174,16 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
         from lab.redteam import best_framing
 
         for view, (g, scoring) in reads.items():
-            with scoring():
-                framed[view] = best_framing(p.harmful, model, tok, g, framings)[0]
+            # the base's view is the same for every adapter: scored once per run (about 3 minutes each)
+            key = (tuple(p.harmful), tuple(framings), g.layer, round(g.threshold, 6)) if view else None
+            if key is None or key not in _BASE_VIEW_FRAMED:
+                with scoring():
+                    got = best_framing(p.harmful, model, tok, g, framings)[0]
+                if key is None:
+                    framed[view] = got
+                    continue
+                _BASE_VIEW_FRAMED[key] = got
+            framed[view] = _BASE_VIEW_FRAMED[key]
         groups["hs_framed"] = (framed[""], 32)
 
     def rate(key: str, ans: list[str]) -> float:
