@@ -241,7 +241,7 @@ def serve(d: dict) -> str:
                  f"plain {cc['plain_tokens_per_s']:.1f} tok/s (A/A range {min(raw['plain']):.1f}-{max(raw['plain']):.1f}); "
                  f"the same guarded engine gated vs lock off: {sum(pairs) / len(pairs):.3f} (mean of {len(pairs)} pairs); "
                  f"the gate scored {sum(g.get('scored', {}).values())} requests and flagged "
-                 f"{sum(g.get('flagged', {}).values())} (base requests: served as they are under `fallback`).")
+                 f"{sum(g.get('flagged', {}).values())} (benign prompts: nothing refused or steered).")
     text += (
         f"\n\n`bench/serve_overhead.py`: {d['requests']} requests × {d['reps']} reps at concurrency {d['concurrency']}, "
         f"{d['max_tokens']} tokens each, order {d['order']}; plain {d['plain_tokens_per_s']:.2f} tok/s "

@@ -68,6 +68,10 @@ def test_dashboard_and_manifests_parse_and_use_the_guard_series():
     docs = [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "ConfigMap"} <= kinds
+    from guard.config import GuardConfig
+
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    GuardConfig.model_validate(yaml.safe_load(cm["data"]["guard.yaml"]))  # the example config loads as shipped
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:2] == ["guard", "serve"]
