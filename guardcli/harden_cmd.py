@@ -43,7 +43,8 @@ def harden(
     """Train a LoRA adapter that keeps the base model's refusals (SBR or AsFT), or repair one (--repair).
 
     By default the data is screened first (the lock's prompt gate drops the requests it flags, at a threshold that
-    would drop 20% of its benign dev prompts) and SBR pulls 4 of its 128 training anchors back per step at
+    would drop 20% of its benign dev prompts; the examples left are cycled back up to the data's count, so the run
+    takes the optimizer steps the data asked for) and SBR pulls 4 of its 128 training anchors back per step at
     lambda 30 (docs/hardening.md says how that was chosen).
 
     Writes a standard peft adapter dir plus guard.json and report.md. Examples:
