@@ -126,8 +126,9 @@ def model_key(base_fp: str, adapter: Path | None) -> str:
     return f"{base_fp[:16]}-{adapter_sha256(adapter)}"
 
 
-# harmful prompts in the framing the gate scores lowest on the base's states, per (prompts, framings, gate)
-_BASE_VIEW_FRAMED: dict[tuple[Any, ...], list[str]] = {}
+# harmful prompts in the framing the gate scores lowest on the base's states, per (prompts, framings, gate): the
+# same for every adapter, so scored once per run rather than once per adapter (about 3 minutes each)
+_BASE_FRAMED: dict[tuple[Any, ...], list[str]] = {}
 
 
 def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts, label: str,
@@ -173,17 +174,18 @@ def measure(model: Any, tok: Any, lock: Any, strengths: list[float], p: Prompts,
     if framings:
         from lab.redteam import best_framing
 
+        def lowest(g: Any, scoring: Any) -> list[str]:
+            with scoring():
+                return best_framing(p.harmful, model, tok, g, framings)[0]
+
         for view, (g, scoring) in reads.items():
-            # the base's view is the same for every adapter: scored once per run (about 3 minutes each)
-            key = (tuple(p.harmful), tuple(framings), g.layer, round(g.threshold, 6)) if view else None
-            if key is None or key not in _BASE_VIEW_FRAMED:
-                with scoring():
-                    got = best_framing(p.harmful, model, tok, g, framings)[0]
-                if key is None:
-                    framed[view] = got
-                    continue
-                _BASE_VIEW_FRAMED[key] = got
-            framed[view] = _BASE_VIEW_FRAMED[key]
+            if not view:
+                framed[view] = lowest(g, scoring)
+                continue
+            key = (tuple(p.harmful), tuple(framings), g.layer, round(g.threshold, 6))
+            if key not in _BASE_FRAMED:  # the base's states: the same for every adapter, scored once per run
+                _BASE_FRAMED[key] = lowest(g, scoring)
+            framed[view] = _BASE_FRAMED[key]
         groups["hs_framed"] = (framed[""], 32)
 
     def rate(key: str, ans: list[str]) -> float:

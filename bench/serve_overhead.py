@@ -325,11 +325,13 @@ def main() -> None:
         result["guarded_start_seconds"] = round(time.perf_counter() - t0, 1)
         throughput(guarded, name, 4, 8, 4)
         on_tps, off_tps = [], []
-        for rep in range(a.reps):  # ABBA: on/off, then off/on, so neither state always runs first
-            for enabled in ((True, False) if rep % 2 == 0 else (False, True)):
-                assert http("POST", guarded.url + "/guard/lock", {"enabled": enabled})[0] == 200
-                (on_tps if enabled else off_tps).append(throughput(guarded, name, a.requests, a.max_tokens,
-                                                                   a.concurrency))
+
+        def run(which: str) -> None:
+            enabled = which == "on"
+            assert http("POST", guarded.url + "/guard/lock", {"enabled": enabled})[0] == 200
+            (on_tps if enabled else off_tps).append(throughput(guarded, name, a.requests, a.max_tokens, a.concurrency))
+
+        interleave(["on", "off"], a.reps, run)  # ABBA: on/off, then off/on, so neither state always runs first
         toggles, worker_ms = [], []
         for i in range(a.toggles):
             t = time.perf_counter()
