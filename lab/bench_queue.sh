@@ -70,12 +70,6 @@ run rt_sbr_keep     $PY bench/redteam.py --families diverse,stress,high_lr,rank1
 # the conditional lock's fifth amendment (docs/safetylock.md: the gate reading the adapter's or the base's states)
 # on the four development SFT adapters
 run cond_dev5       $PY bench/lock_conditional.py dev "${C[@]}"
-run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
-run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
-run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@30 "${C[@]}"
-run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
-run gauge           $PY bench/gauge.py "${C[@]}"
-run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
 # what reads lock.gate_reads waits until the fifth amendment's outcome is adopted in code, or not (decided
 # 2026-12-04: adopted, gate_reads base; the held-out cond_eval with it ran by hand the same day)
 if [ ! -f "$DONE/reads_decided" ]; then
@@ -84,6 +78,15 @@ if [ ! -f "$DONE/reads_decided" ]; then
 fi
 # the price of reading the base: adapter traffic, plain vs the conditional lock reading the adapter / the base
 run serve_reads     $PY bench/serve_overhead.py --adapter-reads --requests 48 --reps 6
+# (re-ordered 2026-12-04: the adaptive attackers and the gauge first, the long and AsFT columns after; the gauge
+# reads the rows the red-team bench wrote, so gauge_all repeats it over every adapter at the end)
+run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
+run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@30 "${C[@]}"
+run gauge           $PY bench/gauge.py "${C[@]}"
+run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
+run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
+run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
+run gauge_all       $PY bench/gauge.py "${C[@]}"
 run cond_eval_all   $PY bench/lock_conditional.py eval "${C[@]}"  # adds the later families' SFT adapters
 run stress          $PY bench/stress.py "${C[@]}"
 echo "=== $(date +%T) queue finished"
