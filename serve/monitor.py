@@ -18,11 +18,14 @@ whatever the size of the probe pool; the gauge always reports over the latest re
 adapter, a reading per anchor is kept and refreshed), so a probe of 8 anchors never makes the verdict rest on
 8 prompts.
 
-Probes are serialised (one at a time) and bounded by a stall timeout: a probe fails when none of its requests
-finishes for `timeout` seconds, not when the whole set takes longer than that, so a large calibration set on a
-slow CPU (hundreds of prefills at ~15 tokens/s in bf16 without native bf16) completes while a hung engine is
-still caught. A failing probe is counted and logged and never touches user requests (they are separate
-requests; the probe's are aborted on timeout).
+Probes are serialised (one at a time), send at most `serve.probe_concurrency` requests at once, and are bounded
+by a stall timeout: a probe fails when none of its requests finishes for `timeout` seconds, not when the whole
+set takes longer than that, so a large calibration set on a slow CPU (hundreds of prefills at ~15 tokens/s in
+bf16 without native bf16) completes while a hung engine is still caught. The window is what makes the stall
+timeout mean progress: sent all at once, a probe's requests share every step and finish together, so a slow
+engine looked hung (57 anchors under LoRA on a 2-core AMD EPYC finished none in 120 s), and user requests
+waited behind the whole burst. A failing probe is counted and logged and never touches user requests (they are
+separate requests; the probe's are aborted on timeout).
 """
 
 from __future__ import annotations
@@ -115,8 +118,9 @@ class Monitor:
     """Probes adapters through `engine_client`; keeps the in-engine reference and the latest results."""
 
     def __init__(self, engine_client: Any, workers: Any, anchor_ids: list[list[int]], drift_cfg: Any, metrics: Any,
-                 judge: RefusalJudge = DEFAULT_JUDGE, timeout: float = 120.0) -> None:
-        """`timeout`: seconds a probe may go without any of its requests finishing (see the module docstring)."""
+                 judge: RefusalJudge = DEFAULT_JUDGE, timeout: float = 120.0, concurrency: int = 8) -> None:
+        """`timeout`: seconds a probe may go without any of its requests finishing; `concurrency`: its requests in
+        flight at once (see the module docstring)."""
         self.engine = engine_client
         self.workers = workers  # serve.rpc.WorkerClient
         self.anchor_ids = anchor_ids
@@ -124,6 +128,7 @@ class Monitor:
         self.metrics = metrics
         self.judge = judge
         self.timeout = timeout
+        self.concurrency = max(1, concurrency)
         self.reference: Any = None  # torch [K, hidden] float32, in-engine base states
         self.base_refusal_ratio: float | None = None  # the base's own share of probe anchors refused, in-engine
         self.reference_check: dict[str, Any] = {}
@@ -145,12 +150,14 @@ class Monitor:
 
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         answers = [""] * len(prompts)
+        window = asyncio.Semaphore(self.concurrency)
 
         async def one(i: int, ids: list[int]) -> None:
             final = None
-            async for out in self.engine.generate({"prompt_token_ids": ids}, params, f"{prefix}-{keys[i]}",
-                                                  lora_request=lora_request):
-                final = out
+            async with window:
+                async for out in self.engine.generate({"prompt_token_ids": ids}, params, f"{prefix}-{keys[i]}",
+                                                      lora_request=lora_request):
+                    final = out
             answers[i] = final.outputs[0].text if final is not None and final.outputs else ""
 
         await self.workers.probe_arm(prefix)
@@ -161,7 +168,7 @@ class Monitor:
                 done, pending = await asyncio.wait(pending, timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     raise TimeoutError(f"no probe request finished in {self.timeout:g} s ({len(pending)} of "
-                                       f"{len(tasks)} still running)")
+                                       f"{len(tasks)} unfinished)")
                 for t in done:
                     t.result()  # a request's own error fails the probe now
         except BaseException:

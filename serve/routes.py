@@ -8,7 +8,8 @@ Routes (all behind the server's API key when one is set: vLLM's own middleware g
 - POST /guard/policy        {"vet_policy": "reject"|"lock"|"warn", "gate_action": "refuse"|"steer"|"fallback",
                             "gate_reads": "adapter"|"base"} (any of them): the vet policy for adapters loaded from
                             now on (already-served adapters keep their verdict and any forced lock); what the
-                            conditional lock does with flagged requests; whose states its gate reads
+                            conditional lock does with flagged requests; whose states its gate reads (to
+                            `adapter`: every adapter's own threshold is calibrated before the answer)
 - POST /v1/load_lora_adapter, /v1/unload_lora_adapter: vLLM's, behind the vetting gate (serve/gate.py), when
                             VLLM_ALLOW_RUNTIME_LORA_UPDATING is on
 

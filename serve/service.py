@@ -93,7 +93,8 @@ class GuardService:
         except Exception as e:
             self._fail(f"anchors unavailable, probes disabled: {e}")
             return
-        self.monitor = Monitor(self.engine, self.workers, anchor_ids, self.cfg.drift, self.metrics)
+        self.monitor = Monitor(self.engine, self.workers, anchor_ids, self.cfg.drift, self.metrics,
+                               concurrency=self.cfg.serve.probe_concurrency)
         offline = self._offline_reference(anchors, anchor_ids)
         try:
             check = await self.monitor.compute_reference(offline)

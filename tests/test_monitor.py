@@ -152,5 +152,43 @@ def test_a_slow_engine_finishes_a_large_probe_and_a_hung_one_fails_it_with_a_rea
 
     hung = SlowEngine(delay=0.0, hang_after=3)
     mon = Monitor(hung, Workers(hung), [[1, 2, i] for i in range(K)], DriftConfig(), Metrics(), timeout=0.4)
-    with pytest.raises(TimeoutError, match=r"no probe request finished in 0.4 s \(37 of 40 still running\)"):
+    with pytest.raises(TimeoutError, match=r"no probe request finished in 0.4 s \(37 of 40 unfinished\)"):
         asyncio.run(mon.gate_scores(None, prompts))
+
+
+class SharedEngine(Engine):
+    """Engine time is shared: a request takes `per_request` seconds for every request in flight when it starts
+    (a batch finishes together), and the most requests ever in flight at once are kept."""
+
+    def __init__(self, per_request: float) -> None:
+        super().__init__()
+        self.per_request, self.in_flight, self.most = per_request, 0, 0
+
+    async def generate(self, inputs, params, request_id, lora_request=None):
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0)  # every request sent in this round joins the batch first
+            await asyncio.sleep(self.per_request * self.in_flight)
+        finally:
+            self.in_flight -= 1
+        async for out in super().generate(inputs, params, request_id, lora_request):
+            yield out
+
+
+def test_a_probe_sends_a_window_of_requests_so_a_slow_batched_engine_makes_visible_progress():
+    """serve.probe_concurrency: 40 calibration prompts sent at once would share every step and finish together,
+    after longer than the stall timeout (a slow engine taken for a hung one); four at a time, requests finish
+    steadily and the probe completes, never more than four in flight."""
+    prompts = [[5, 6, j] for j in range(40)]
+    burst = SharedEngine(per_request=0.02)
+    mon = Monitor(burst, Workers(burst), [[1, 2, i] for i in range(K)], DriftConfig(), Metrics(), timeout=0.4,
+                  concurrency=len(prompts))
+    with pytest.raises(TimeoutError, match="no probe request finished"):
+        asyncio.run(mon.gate_scores(None, prompts))
+
+    windowed = SharedEngine(per_request=0.02)
+    mon = Monitor(windowed, Workers(windowed), [[1, 2, i] for i in range(K)], DriftConfig(), Metrics(), timeout=0.4,
+                  concurrency=4)
+    scores = asyncio.run(mon.gate_scores(None, prompts))
+    assert scores.tolist() == [0.5 * j for j in range(40)] and windowed.most == 4
