@@ -76,14 +76,15 @@ if [ ! -f "$DONE/reads_decided" ]; then
   echo "=== $(date +%T) stop: read bench/results/lock_conditional_dev.json (the fifth amendment's choice), adopt it (or not), then touch $DONE/reads_decided"
   exit 0
 fi
-# the price of reading the base: adapter traffic, plain vs the conditional lock reading the adapter / the base
-run serve_reads     $PY bench/serve_overhead.py --adapter-reads --requests 48 --reps 6
 # (re-ordered 2026-12-04: the adaptive attackers and the gauge first, the long and AsFT columns after; the gauge
 # reads the rows the red-team bench wrote, so gauge_all repeats it over every adapter at the end)
 run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
 run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@30 "${C[@]}"
 run gauge           $PY bench/gauge.py "${C[@]}"
 run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
+# the price of reading the base: adapter traffic, plain vs the conditional lock reading the adapter / the base
+# (an eager LoRA engine in bf16 serves ~5 tokens/s on a 2-core AVX2 box: 16 requests a turn, 4 rounds)
+run serve_reads2    $PY bench/serve_overhead.py --adapter-reads --requests 16 --reps 4
 # the live gauge's share of engine time (4 adapters, default interval) and plain compiled mode, again on this base
 # and from a clean tree (the earlier rows: 720bc16 on the previous base; 16f188a+dirty)
 run duty_cycle      $PY bench/serve_overhead.py --duty-cycle
