@@ -296,11 +296,12 @@ class ServeConfig(_Section):
     probe_batch: int | None = Field(8, ge=1, description="Probe anchors each periodic probe reads, rotating through the "
                                     "probe set (None: all of them every time). The gauge reports over the latest reading "
                                     "of every anchor; load-time vetting and POST /guard/probe read them all.")
-    probe_concurrency: int = Field(8, ge=1, description="Probe requests in flight at once (load-time vetting, POST "
+    probe_concurrency: int = Field(16, ge=1, description="Probe requests in flight at once (load-time vetting, POST "
                                    "/guard/probe, the prompt gate's calibration, the periodic probe). A probe then "
                                    "finishes request by request instead of all at once, user requests keep a share of "
                                    "the engine, and the stall timeout measures progress: on a 2-core AMD EPYC (bf16, "
-                                   "LoRA prefill on vLLM's torch ops) 57 anchors sent at once finished none in 120 s.")
+                                   "LoRA prefill on vLLM's torch ops) 57 anchors sent at once finished none in 120 s. "
+                                   "Larger: fewer decode steps per probe on fast hardware; smaller: steadier progress on slow CPUs.")
     enable_lora: bool = Field(True, description="Serve LoRA adapters (vLLM --enable-lora). vLLM's CPU backend runs "
                               "eager whenever LoRA is on; GPUs compile and use CUDA graphs either way.")
     enforce_eager: bool = Field(False, description="vLLM --enforce-eager: no torch.compile, no CUDA graphs. The lock "

@@ -118,7 +118,7 @@ class Monitor:
     """Probes adapters through `engine_client`; keeps the in-engine reference and the latest results."""
 
     def __init__(self, engine_client: Any, workers: Any, anchor_ids: list[list[int]], drift_cfg: Any, metrics: Any,
-                 judge: RefusalJudge = DEFAULT_JUDGE, timeout: float = 120.0, concurrency: int = 8) -> None:
+                 judge: RefusalJudge = DEFAULT_JUDGE, timeout: float = 120.0, concurrency: int = 16) -> None:
         """`timeout`: seconds a probe may go without any of its requests finishing; `concurrency`: its requests in
         flight at once (see the module docstring)."""
         self.engine = engine_client
