@@ -301,7 +301,8 @@ class ServeConfig(_Section):
                                    "finishes request by request instead of all at once, user requests keep a share of "
                                    "the engine, and the stall timeout measures progress: on a 2-core AMD EPYC (bf16, "
                                    "LoRA prefill on vLLM's torch ops) 57 anchors sent at once finished none in 120 s. "
-                                   "Larger: fewer decode steps per probe on fast hardware; smaller: steadier progress on slow CPUs.")
+                                   "Larger: fewer decode steps per probe on fast hardware; smaller: steadier progress "
+                                   "on slow CPUs.")
     enable_lora: bool = Field(True, description="Serve LoRA adapters (vLLM --enable-lora). vLLM's CPU backend runs "
                               "eager whenever LoRA is on; GPUs compile and use CUDA graphs either way.")
     enforce_eager: bool = Field(False, description="vLLM --enforce-eager: no torch.compile, no CUDA graphs. The lock "
