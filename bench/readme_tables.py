@@ -213,10 +213,12 @@ def serve(d: dict) -> str:
            f"| one probe of {d['probe_anchors']} anchors, one adapter ({d['probe_tokens']} greedy tokens) | {d['probe_seconds']:.1f} s | |",
            f"| in-engine base anchor states vs offline HF cache (max rel L2) | {d['reference_offline_max_deviation']:.4f} | |"]
     if (dc := d.get("probe_duty_cycle")) and "default_probe_interval_seconds" in dc:
+        stretched = (f"; the interval alone: {dc['duty_cycle_at_interval']:.2%}, so serve.probe_max_share waits "
+                     f"{dc['wait_seconds']:.0f} s" if dc.get("wait_seconds", 0) > dc["default_probe_interval_seconds"] else "")
         out.append(f"| live gauge's share of engine time, {dc['adapters']} adapters, probe every "
                    f"{dc['default_probe_interval_seconds']:.0f} s ({dc['probe_batch']} anchors × {dc['probe_tokens']} "
                    f"tokens per probe, {dc['seconds_per_probe']:.1f} s each; {dc['duty_cycle_measured']:.1%} measured at "
-                   f"{dc['probe_interval_seconds']:.0f} s, {dc['commit']}) | **{dc['duty_cycle']:.2%}** | ≤ 1% |")
+                   f"{dc['probe_interval_seconds']:.0f} s{stretched}; {dc['commit']}) | **{dc['duty_cycle']:.2%}** | ≤ 1% |")
     text = "\n".join(out)
     if c:
         raw = c["raw"]

@@ -45,6 +45,7 @@ lock:
   strength: 1.0
 serve:
   probe_interval_seconds: {probe}
+  probe_max_share: null  # probe at the interval whatever a round costs: the churn is the point
   vet_policy: reject
   enable_lora: {lora}
   max_loras: 4

@@ -292,10 +292,15 @@ class ServeConfig(_Section):
         "weights do not change while it is served, so the periodic probe is a health check (engine, numerics, lock "
         "state), not the vetting, which reads every anchor at load. 40 min keeps the probes at <= 1% of engine time "
         "with 4 adapters on 2 CPU cores (one probe of 8 anchors x 24 tokens took 5.7 s there: "
-        "bench/serve_overhead.py --duty-cycle).")
+        "bench/serve_overhead.py --duty-cycle); probe_max_share stretches the wait where a round costs more.")
     probe_batch: int | None = Field(8, ge=1, description="Probe anchors each periodic probe reads, rotating through the "
                                     "probe set (None: all of them every time). The gauge reports over the latest reading "
                                     "of every anchor; load-time vetting and POST /guard/probe read them all.")
+    probe_max_share: float | None = Field(
+        0.01, gt=0, le=1, description="Most of the engine's time the periodic probe may take: after a round of "
+        "probes that took t seconds the next round waits at least t / share - t (None: exactly "
+        "probe_interval_seconds). The interval's 1% assumes a fast CPU; on a slow one (bf16 without native bf16) a "
+        "round takes several times longer, and the wait stretches instead of the probe eating traffic's time.")
     probe_concurrency: int = Field(16, ge=1, description="Probe requests in flight at once (load-time vetting, POST "
                                    "/guard/probe, the prompt gate's calibration, the periodic probe). A probe then "
                                    "finishes request by request instead of all at once, user requests keep a share of "

@@ -106,6 +106,15 @@ class AnchorReadings:
         return out
 
 
+def next_probe_delay(interval: float, spent: float, max_share: float | None) -> float:
+    """Seconds to wait before the next periodic round, given the configured interval and the last round's wall
+    time: at least the interval, and long enough that probing stays within `max_share` of the time
+    (`serve.probe_max_share`: spent / (spent + wait) <= max_share)."""
+    if not max_share or spent <= 0:
+        return interval
+    return max(interval, spent / max_share - spent)
+
+
 def request_index(engine_request_id: str, prefix: str) -> int | None:
     """Anchor index of an engine request id `<prefix>-<i>-<8 hex>` (vLLM appends the random suffix)."""
     if not engine_request_id.startswith(prefix + "-"):

@@ -45,6 +45,7 @@ class GuardService:
         self.worker_info: list[dict[str, Any]] = []
         self.worker_state: list[dict[str, Any]] = []
         self._seen_step_errors = 0
+        self.probe_delay = float(cfg.serve.probe_interval_seconds)  # the periodic probe's next wait (probe_max_share)
         self._refusal_cache: list[list[float]] | None = None
         self._seen_gate: dict[int, tuple[int, ...]] = {}  # lora id -> (scored, flagged, judged, answered) counted
         self.lock_info: dict[str, Any] | None = None
@@ -333,16 +334,25 @@ class GuardService:
         return out
 
     async def _probe_loop(self) -> None:
-        interval = self.cfg.serve.probe_interval_seconds
+        from serve.monitor import next_probe_delay
+
+        serve_cfg = self.cfg.serve
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.probe_delay)
+            t0 = time.perf_counter()
             try:
-                await self.probe_all(self.cfg.serve.probe_batch)
+                await self.probe_all(serve_cfg.probe_batch)
                 await self.refresh_worker_state()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the loop die
                 log.exception("safety-guard probe loop")
+            delay = next_probe_delay(serve_cfg.probe_interval_seconds, time.perf_counter() - t0,
+                                     serve_cfg.probe_max_share)
+            if delay > serve_cfg.probe_interval_seconds and delay > 1.5 * self.probe_delay:
+                log.warning("safety-guard: a probe round took %.1f s; the next waits %.0f s (serve.probe_max_share "
+                            "%.3g)", time.perf_counter() - t0, delay, serve_cfg.probe_max_share)
+            self.probe_delay = delay
 
     # -- status --------------------------------------------------------------------------------------
     async def refresh_worker_state(self) -> None:
@@ -400,6 +410,7 @@ class GuardService:
                            "refusal_drop_fail": self.cfg.drift.refusal_drop_fail,
                            "min_refusal_ratio": self.cfg.drift.min_refusal_ratio},
             "probe_interval_seconds": self.cfg.serve.probe_interval_seconds,
+            "probe_next_wait_seconds": round(self.probe_delay, 1),  # stretched by serve.probe_max_share
             "reference": mon.reference_check if mon else None,
             "adapters": adapters,
         }

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("vllm")
 
 from guard.config import DriftConfig  # noqa: E402
-from serve.monitor import Monitor  # noqa: E402
+from serve.monitor import Monitor, next_probe_delay  # noqa: E402
 
 K, HIDDEN = 10, 4
 
@@ -192,3 +192,12 @@ def test_a_probe_sends_a_window_of_requests_so_a_slow_batched_engine_makes_visib
                   concurrency=4)
     scores = asyncio.run(mon.gate_scores(None, prompts))
     assert scores.tolist() == [0.5 * j for j in range(40)] and windowed.most == 4
+
+
+def test_the_periodic_probe_waits_longer_when_a_round_would_take_more_than_its_share():
+    """serve.probe_max_share: a 5 s round at the 2400 s default is far under 1% and keeps the interval; a 40 s
+    round (a slow CPU, four adapters) would be 1.7%, so the next waits 3960 s, and the share is then exactly 1%."""
+    assert next_probe_delay(2400.0, 5.0, 0.01) == 2400.0
+    wait = next_probe_delay(2400.0, 40.0, 0.01)
+    assert wait == pytest.approx(3960.0) and 40.0 / (40.0 + wait) == pytest.approx(0.01)
+    assert next_probe_delay(2400.0, 40.0, None) == 2400.0  # unset: the configured interval, whatever a round costs
