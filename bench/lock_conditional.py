@@ -499,7 +499,45 @@ def report(fp: str, strength: float) -> None:
             fr = f"{r[mode]['hs_framed']:.1f}" if "hs_framed" in r[mode] else "–"
             lines.append(f"| {r['name']} | {mode} | {r[mode]['hs']:.1f} | {fr} | {r[mode]['fa']:.1f} | {r[mode]['over']:.1f} |")
     (RESULTS / "lock_conditional.md").write_text("\n".join(lines) + "\n")
+    plot(rows, RESULTS / "lock_conditional.png")
     write_result("lock_conditional", d)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per model, lock off / conditional / unconditional: held-out HS, task accuracy and over-refusal side by side
+    (what the conditional lock buys and what the unconditional one costs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"].split("/sbr")[0] + "/SBR" if "/sbr" in r["name"] else r["name"] for r in rows]
+    modes = (("off", "lock off", "C7"), ("conditional", "conditional", "C2"), ("unconditional", "all", "C3"))
+    panels = (("hs", "HS % (StrongREJECT, held out)"), ("fa", "task accuracy %"),
+              ("over", "over-refusal % (held-out templates)"))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    width = 0.27
+    for ax, (key, title) in zip(axes, panels):
+        for i, (mode, label, color) in enumerate(modes):
+            ax.bar([j + (i - 1) * width for j in range(len(rows))], [r[mode][key] for r in rows], width,
+                   label=label, color=color)
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.set(title=title, ylim=(0, 100))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="upper left")
+    axes[1].set_xlabel("(base and harmful_only: no task)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@app.command("report")
+def report_cmd() -> None:
+    """Re-write lock_conditional.json/.md/.png from the rows in lock_conditional.jsonl (no model is loaded)."""
+    rows = [json.loads(line) for line in (RESULTS / "lock_conditional.jsonl").read_text().splitlines() if line]
+    if not rows:
+        raise typer.BadParameter("no rows in bench/results/lock_conditional.jsonl: run `eval` first")
+    report(rows[0]["base_fingerprint"], rows[0]["strength"])
 
 
 if __name__ == "__main__":
