@@ -82,6 +82,12 @@ class LockTable:
         self.overrides.pop(adapter, None)
         self.thresholds.pop(adapter, None)
 
+    def uncalibrated(self, names: list[str]) -> list[str]:
+        """The names with no calibrated gate threshold (never calibrated, or a calibration that failed): what
+        switching the gate to read each adapter's own states has to calibrate. A threshold stays valid until the
+        lock changes (cleared) or its adapter is unloaded (`forget`)."""
+        return [n for n in names if self.thresholds.get(n) is None]
+
     def strengths(self, names: list[str]) -> dict[str, float]:
         """Effective strength of the base model and each named adapter."""
         return {n: self.strength_of(n) for n in [self.base_name, *names]}

@@ -9,7 +9,7 @@ Routes (all behind the server's API key when one is set: vLLM's own middleware g
                             "gate_reads": "adapter"|"base"} (any of them): the vet policy for adapters loaded from
                             now on (already-served adapters keep their verdict and any forced lock); what the
                             conditional lock does with flagged requests; whose states its gate reads (to
-                            `adapter`: every adapter's own threshold is calibrated before the answer)
+                            `adapter`: adapters without a threshold of their own are calibrated before the answer)
 - POST /v1/load_lora_adapter, /v1/unload_lora_adapter: vLLM's, behind the vetting gate (serve/gate.py), when
                             VLLM_ALLOW_RUNTIME_LORA_UPDATING is on
 
@@ -165,7 +165,7 @@ def build_router(runtime_lora_updating: bool) -> Any:
             lock.gate_reads = change.gate_reads or old_reads
             try:
                 if lock.gate_reads == "adapter" and old_reads == "base":
-                    await svc.calibrate_gate()  # each adapter's own threshold again (not read while on the base)
+                    await svc.calibrate_missing()  # each adapter's own threshold (not read while on the base)
                 await svc.push_lock()
             except GuardError as e:  # the workers kept their previous state; so does the config
                 lock.gate_action, lock.gate_reads = old_action, old_reads

@@ -217,6 +217,13 @@ class GuardService:
                            f"steered unconditionally")
                 self.metrics.count_error("gate_calibration")
 
+    async def calibrate_missing(self) -> None:
+        """Calibrate the base and every loaded adapter that has no threshold yet (`gate_reads` switched to
+        `adapter`: the ones read before stay valid, so flipping back and forth does not recalibrate each time)."""
+        if self.table is not None:
+            if names := self.table.uncalibrated([self.base_name, *self.models.lora_requests]):
+                await self.calibrate_gate(names)
+
     def _lora_request(self, name: str) -> Any:
         """An adapter's LoRARequest, also while vetting hides it from the served table."""
         lr = self.models.lora_requests.get(name) or self.gate.hidden.get(name)

@@ -51,6 +51,9 @@ def test_calibrated_thresholds_go_to_the_workers_by_lora_id_and_a_failed_one_fai
     assert a["ungated"] == [2] and t.gated("x") and not t.gated("y")  # steered unconditionally, not uncalibrated
     t.forget("y")
     assert "y" not in t.thresholds and t.gated("y")
+    # what switching the gate to read the adapters' own states calibrates: the missing and the failed, not x again
+    t.thresholds["z"] = None
+    assert t.uncalibrated(["base", "x", "y", "z"]) == ["y", "z"]
 
 
 def test_lock_policy_all_steers_everything_with_one_strength():
