@@ -88,7 +88,7 @@ run serve_reads2    $PY bench/serve_overhead.py --adapter-reads --requests 16 --
 # the live gauge's share of engine time (4 adapters, default interval) and plain compiled mode, again on this base
 # and from a clean tree (the earlier rows: 720bc16 on the previous base; 16f188a+dirty)
 run duty_cycle      $PY bench/serve_overhead.py --duty-cycle
-run serve_compiled  $PY bench/serve_overhead.py --compiled --requests 48 --reps 6
+run serve_compiled  $PY bench/serve_overhead.py --compiled --requests 16 --reps 4
 run serve_eager     $PY bench/serve_overhead.py
 run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
 run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
