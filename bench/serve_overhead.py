@@ -85,6 +85,12 @@ def bench_setup(prefix: str) -> tuple[Path, Path, Path, Path]:
 SECTIONS = ("compiled", "compiled_conditional", "adapter_conditional", "probe_duty_cycle")  # one per run mode
 
 
+def previous() -> dict:
+    """serve_overhead.json as the last run left it: each mode rewrites its own part and keeps the others."""
+    path = RESULTS / "serve_overhead.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def compiled_run(a: argparse.Namespace) -> None:
     """vLLM's default compiled mode (no LoRA: the CPU backend compiles only then), plain vs guarded.
 
@@ -134,8 +140,7 @@ def compiled_run(a: argparse.Namespace) -> None:
         "order": "both servers up; per rep plain, lock on, lock off, plain (reversed every other rep)",
         "raw": raw,
     }
-    path = RESULTS / "serve_overhead.json"
-    prev = json.loads(path.read_text()) if path.is_file() else {}
+    prev = previous()
     if "commit" in prev:  # the eager numbers keep the commit and machine they were measured on
         prev.setdefault("eager_commit", prev.pop("commit"))
         prev.setdefault("eager_machine", prev.pop("machine", None))
@@ -213,8 +218,7 @@ def adapter_reads_run(a: argparse.Namespace) -> None:
            "order": "both servers up (LoRA on: eager on CPU); per rep plain, reads adapter, reads base, plain "
                     "(reversed every other rep); requests to one random adapter, benign prompts"}
     out.update({k: v for k, v in provenance().items() if k in ("commit", "machine")})
-    path = RESULTS / "serve_overhead.json"
-    prev = json.loads(path.read_text()) if path.is_file() else {}
+    prev = previous()
     prev.pop("versions", None)
     prev["adapter_conditional"] = out
     write_result("serve_overhead", prev)
@@ -260,8 +264,7 @@ def duty_cycle_run(a: argparse.Namespace) -> None:
         elapsed = time.perf_counter() - t0
     finally:
         srv.stop()
-    path = RESULTS / "serve_overhead.json"
-    prev = json.loads(path.read_text()) if path.is_file() else {}
+    prev = previous()
     per_probe = (s1 - s0) / max(1.0, n1 - n0)
     round_s = a.adapters * per_probe  # one periodic round: every adapter probed once
     interval_d = cfg.serve.probe_interval_seconds
@@ -382,8 +385,7 @@ def main() -> None:
         "note": "2-core box shared with other jobs: expect noise of +-10% between repetitions",
     })
     # the other modes' sections were measured by other runs (each with its own commit and machine): kept
-    path = RESULTS / "serve_overhead.json"
-    prev = json.loads(path.read_text()) if path.is_file() else {}
+    prev = previous()
     result.update({k: prev[k] for k in SECTIONS if k in prev})
     write_result("serve_overhead", result)
 

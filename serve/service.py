@@ -354,11 +354,11 @@ class GuardService:
                 raise
             except Exception:  # never let the loop die
                 log.exception("safety-guard probe loop")
-            delay = next_probe_delay(serve_cfg.probe_interval_seconds, time.perf_counter() - t0,
-                                     serve_cfg.probe_max_share)
+            spent = time.perf_counter() - t0
+            delay = next_probe_delay(serve_cfg.probe_interval_seconds, spent, serve_cfg.probe_max_share)
             if delay > serve_cfg.probe_interval_seconds and delay > 1.5 * self.probe_delay:
                 log.warning("safety-guard: a probe round took %.1f s; the next waits %.0f s (serve.probe_max_share "
-                            "%.3g)", time.perf_counter() - t0, delay, serve_cfg.probe_max_share)
+                            "%.3g)", spent, delay, serve_cfg.probe_max_share)
             self.probe_delay = delay
 
     # -- status --------------------------------------------------------------------------------------
