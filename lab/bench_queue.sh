@@ -81,18 +81,19 @@ fi
 run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
 run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@30 "${C[@]}"
 run gauge           $PY bench/gauge.py "${C[@]}"
-run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
-# the price of reading the base: adapter traffic, plain vs the conditional lock reading the adapter / the base
-# (an eager LoRA engine in bf16 serves ~5 tokens/s on a 2-core AVX2 box: 16 requests a turn, 4 rounds)
-run serve_reads2    $PY bench/serve_overhead.py --adapter-reads --requests 16 --reps 4
-# the live gauge's share of engine time (4 adapters, default interval) and plain compiled mode, again on this base
-# and from a clean tree (the earlier rows: 720bc16 on the previous base; 16f188a+dirty)
+# (re-ordered 2026-12-04, session 26: what the open issues' acceptance reads first — the probe's duty cycle, the
+# 20-epoch family and the AsFT column, then the gauge over all of them; the serving re-measurements after)
+# the live gauge's share of engine time (4 adapters, default interval), again on this base and from a clean tree
 run duty_cycle      $PY bench/serve_overhead.py --duty-cycle
-run serve_compiled  $PY bench/serve_overhead.py --compiled --requests 16 --reps 4
-run serve_eager     $PY bench/serve_overhead.py
 run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
 run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
 run gauge_all       $PY bench/gauge.py "${C[@]}"
+run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
 run cond_eval_all   $PY bench/lock_conditional.py eval "${C[@]}"  # adds the later families' SFT adapters
+# the price of reading the base: adapter traffic, plain vs the conditional lock reading the adapter / the base
+# (an eager LoRA engine in bf16 serves ~5 tokens/s on a 2-core AVX2 box: 16 requests a turn, 4 rounds)
+run serve_reads2    $PY bench/serve_overhead.py --adapter-reads --requests 16 --reps 4
+run serve_compiled  $PY bench/serve_overhead.py --compiled --requests 16 --reps 4
+run serve_eager     $PY bench/serve_overhead.py
 run stress          $PY bench/stress.py "${C[@]}"
 echo "=== $(date +%T) queue finished"
