@@ -81,11 +81,11 @@ fi
 run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
 run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@30 "${C[@]}"
 run gauge           $PY bench/gauge.py "${C[@]}"
-# (re-ordered 2026-12-04, session 26: what the open issues' acceptance reads first — the probe's duty cycle, the
-# 20-epoch family and the AsFT column, then the gauge over all of them; the serving re-measurements after)
+# (re-ordered 2026-12-04, session 26: what the open issues' acceptance reads first — the 20-epoch family, the
+# probe's duty cycle and the AsFT column, then the gauge over all of them; the serving re-measurements after)
+run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
 # the live gauge's share of engine time (4 adapters, default interval), again on this base and from a clean tree
 run duty_cycle      $PY bench/serve_overhead.py --duty-cycle
-run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
 run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
 run gauge_all       $PY bench/gauge.py "${C[@]}"
 run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
