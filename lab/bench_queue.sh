@@ -84,6 +84,18 @@ run gauge           $PY bench/gauge.py "${C[@]}"
 # (re-ordered 2026-12-04, session 26: what the open issues' acceptance reads first — the 20-epoch family, the
 # probe's duty cycle and the AsFT column, then the gauge over all of them; the serving re-measurements after)
 run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
+# the held-out gate_dodge miss, on a development family only (docs/hardening.md, the hardening rule's eighth
+# amendment): the dodge family's four rows, then each candidate the rule names on the two guard families; the
+# outcome is printed and adopted (or not) by hand
+run dev_gate_dodge  $PY bench/redteam.py --dev --families dev_gate_dodge --methods sft,sbr_pool4_screen20_keep@30,sbr_poolf4_screen20_keep@30,sbr_pool4_screen20_keep@100 "${C[@]}"
+gate_dodge_rule() {
+  $PY -c 'import json, sys; from lab.redteam import gate_dodge_rule as r; o = r(json.load(open("bench/results/redteam_dev.json"))); print((o or {}).get(sys.argv[1]) or "")' "$1"
+}
+for _ in 1 2; do
+  cand=$(gate_dodge_rule try)
+  [ -n "$cand" ] && run "dev_gate_guard_$cand" $PY bench/redteam.py --dev --families dev_diverse,dev_high_lr --methods "$cand" "${C[@]}"
+done
+echo "=== $(date +%T) eighth amendment: adopt '$(gate_dodge_rule adopt)' (empty: the shipped recipe stays)"
 # the live gauge's share of engine time (4 adapters, default interval), again on this base and from a clean tree
 run duty_cycle      $PY bench/serve_overhead.py --duty-cycle
 run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"

@@ -56,6 +56,19 @@ def test_sbr_pool_is_bundled_and_disjoint_from_attack_dev_and_eval_prompts():
         assert not pool & {data._norm(p) for p in other}
 
 
+def test_framed_sbr_pool_is_bundled_and_holds_each_request_bare_and_framed():
+    from importlib import resources
+
+    from training.lockgate import GATE_TRAIN_FRAMES
+
+    text = (resources.files("guard") / "anchor_sets" / "sbr_pool_framed.jsonl").read_text()
+    framed = data.sbr_pool_framed()
+    assert text == data.sbr_pool_framed_jsonl() and len(framed) == 2 * data.SBR_POOL
+    assert framed[0::2] == data.sbr_pool()
+    for bare, dressed in zip(framed[0::2], framed[1::2]):
+        assert dressed != bare and any(f.replace("{p}", bare) == dressed for f in GATE_TRAIN_FRAMES)
+
+
 def test_topic_task():
     train, ev = data.topic_task(200, 100)
     assert len(train) == 200 and len(ev) == 100

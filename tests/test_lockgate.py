@@ -300,16 +300,18 @@ def test_screening_without_a_prepared_lock_says_what_to_do(tmp_path):
         gate_for_screening(cfg)
 
 
-def test_gate_framings_are_three_disjoint_pools_and_framing_is_deterministic():
-    """Train framings (gate data), dev framings (the choice) and the attacker's (the report) share no framing and
-    no opening or closing words, so a gate chosen on dev framings is reported on framings it never met."""
-    from lab.redteam import DEV_FRAMES, DODGE_FRAMES
+def test_gate_framings_are_four_disjoint_pools_and_framing_is_deterministic():
+    """Train framings (gate data, framed SBR anchors), dev framings (the gate's choice), the dev attacker's
+    (dev_gate_dodge) and the held-out attacker's (the report) share no framing and no opening or closing words, so
+    what is chosen on one pool is reported on framings it never met."""
+    from lab.redteam import DEV_DODGE_FRAMES, DEV_FRAMES, DODGE_FRAMES
     from training.lockgate import GATE_TRAIN_FRAMES, framed_copies, gate_data
 
-    pools = [set(GATE_TRAIN_FRAMES), set(DEV_FRAMES) - {"{p}"}, set(DODGE_FRAMES) - {"{p}"}]
+    pools = [set(GATE_TRAIN_FRAMES), set(DEV_FRAMES) - {"{p}"}, set(DODGE_FRAMES) - {"{p}"},
+             set(DEV_DODGE_FRAMES) - {"{p}"}]
     ends = [{(f.split("{p}")[0].strip()[:12], f.split("{p}")[1].strip()[:12]) for f in pool} for pool in pools]
-    for i in range(3):
-        for j in range(i + 1, 3):
+    for i in range(len(pools)):
+        for j in range(i + 1, len(pools)):
             assert not pools[i] & pools[j] and not ends[i] & ends[j]
     assert all(f.count("{p}") == 1 for pool in pools for f in pool)
     prompts = [f"question number {i}" for i in range(60)]

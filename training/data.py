@@ -275,6 +275,24 @@ def sbr_pool_jsonl() -> str:
     return "".join(json.dumps({"prompt": p, "source": "AdvBench"}) + "\n" for p in sbr_pool())
 
 
+def sbr_pool_framed() -> tuple[str, ...]:
+    """The pool with each request also in one framing of the gate's training framings (interleaved: request,
+    framed request, ...; 256 anchors). An attacker who dresses harmful requests up ("for a class worksheet: ...")
+    moves them away from 128 bare imperatives; anchoring framed copies holds the refusal state where framed
+    requests land too. The framings are package data (`training.lockgate.GATE_TRAIN_FRAMES`): the development and
+    held-out attacks use framings of their own (a test keeps the pools apart)."""
+    from training.lockgate import framed_copies
+
+    pool = sbr_pool()
+    return tuple(p for pair in zip(pool, framed_copies(pool)) for p in pair)
+
+
+def sbr_pool_framed_jsonl() -> str:
+    plain = set(sbr_pool())
+    return "".join(json.dumps({"prompt": p, "source": "AdvBench" if p in plain else "AdvBench, framed"}) + "\n"
+                   for p in sbr_pool_framed())
+
+
 def probe_prompts() -> tuple[str, ...]:
     """The live gauge's probe anchors: pyrit's red-team objectives (hate, harassment, sexual content, scams, ...)
     and the harmful twins of the over-refusal generator's held-out templates. A different source and style than

@@ -12,7 +12,8 @@ Which anchors and which positions (config `harden`):
 - `sbr_anchors` / `sbr_k`: the *training* anchors, a bundled set or JSONL path: `sbr_pool` (the package default:
   128 AdvBench requests, disjoint from every red-team family's and the eval's prompts) or the bundled set named
   `default` (16 AdvBench requests; the first 8 were the package's anchors before the development family showed
-  they protect little beyond themselves). They never share a prompt with the probe anchors the gauge reads
+  they protect little beyond themselves), or `sbr_pool_framed` (the pool with each request also inside one of
+  the gate's training framings: where dressed-up requests land). They never share a prompt with the probe anchors the gauge reads
   (checked when the config loads). `sbr_anchors_per_step` of them (default 8) are pulled per step (rotating), so
   the cost stays 8 per step while the protection covers the pool.
 - `sbr_answer_tokens` m: besides the last prompt token, anchor the aligned model's own first m answer tokens
