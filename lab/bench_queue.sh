@@ -81,12 +81,11 @@ fi
 run rt_adaptive     $PY bench/redteam.py --families probe_dodge,gate_dodge --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
 run rt_attacker_sbr $PY bench/redteam.py --families diverse --methods sbr_pool@30 "${C[@]}"
 run gauge           $PY bench/gauge.py "${C[@]}"
-# (re-ordered 2026-12-04, session 26: what the open issues' acceptance reads first — the 20-epoch family, the
-# probe's duty cycle and the AsFT column, then the gauge over all of them; the serving re-measurements after)
-run rt_long         $PY bench/redteam.py --families long --methods sft,sbr_pool4_screen20_keep@30 "${C[@]}"
+# (re-ordered 2026-12-04, session 26: the eighth amendment first — what it adopts decides the recipe the
+# 20-epoch family's SBR column trains — then what does not depend on it: the 20-epoch family's SFT, the AsFT
+# column, the probe's duty cycle; the queue stops there until the outcome is adopted in code, or not)
 # the held-out gate_dodge miss, on a development family only (docs/hardening.md, the hardening rule's eighth
-# amendment): the dodge family's four rows, then each candidate the rule names on the two guard families; the
-# outcome is printed and adopted (or not) by hand
+# amendment): the dodge family's four rows, then each candidate the rule names on the two guard families
 run dev_gate_dodge  $PY bench/redteam.py --dev --families dev_gate_dodge --methods sft,sbr_pool4_screen20_keep@30,sbr_poolf4_screen20_keep@30,sbr_pool4_screen20_keep@100 "${C[@]}"
 gate_dodge_rule() {
   $PY -c 'import json, sys; from lab.redteam import gate_dodge_rule as r; o = r(json.load(open("bench/results/redteam_dev.json"))); print((o or {}).get(sys.argv[1]) or "")' "$1"
@@ -96,9 +95,16 @@ for _ in 1 2; do
   [ -n "$cand" ] && run "dev_gate_guard_$cand" $PY bench/redteam.py --dev --families dev_diverse,dev_high_lr --methods "$cand" "${C[@]}"
 done
 echo "=== $(date +%T) eighth amendment: adopt '$(gate_dodge_rule adopt)' (empty: the shipped recipe stays)"
+run rt_long_sft     $PY bench/redteam.py --families long --methods sft "${C[@]}"
+run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
 # the live gauge's share of engine time (4 adapters, default interval), again on this base and from a clean tree
 run duty_cycle      $PY bench/serve_overhead.py --duty-cycle
-run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
+if [ ! -f "$DONE/gate_dodge_decided" ]; then
+  echo "=== $(date +%T) stop: adopt the eighth amendment's outcome (printed above; lab.redteam.gate_dodge_rule) in code, or not, set SHIPPED below, then touch $DONE/gate_dodge_decided"
+  exit 0
+fi
+SHIPPED=sbr_pool4_screen20_keep@30  # lab.redteam.CHOSEN_SBR
+run rt_long         $PY bench/redteam.py --families long --methods "sft,$SHIPPED" "${C[@]}"
 run gauge_all       $PY bench/gauge.py "${C[@]}"
 run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
 run cond_eval_all   $PY bench/lock_conditional.py eval "${C[@]}"  # adds the later families' SFT adapters
