@@ -530,6 +530,40 @@ def keep_steps_dev(d: dict) -> str:
         f"Base {d['base']['base_fingerprint'][:8]}, {d.get('machine', '')}."
 
 
+def gate_dodge_dev(d: dict) -> str:
+    """The hardening rule's eighth amendment: its development rows (bench/results/redteam_dev.json) and outcome."""
+    from lab.redteam import FRAMED_SBR, GATE_DODGE_CANDIDATES, GUARD_FAMILIES, KEEP_SBR, LAMBDA_SBR, gate_dodge_rule
+
+    what = {"sft": "SFT", KEEP_SBR: "shipped: screening + SBR pool, 4 per step, λ 30, keep steps",
+            FRAMED_SBR: "the same with the framed pool (`sbr_pool_framed`)", LAMBDA_SBR: "the same at λ 100"}
+    out = ["| family | recipe | dev HS % | dev FA % (arithmetic) | dev over-refusal % | harmful examples passing the screen | train min |",
+           "|---|---|---|---|---|---|---|", f"| | aligned base | {d['base']['hs']:.1f} | | {d['base']['over_refusal']:.1f} | | |"]
+    for fam in ("dev_gate_dodge", *GUARD_FAMILIES):
+        methods = d["families"].get(fam, {}).get("methods", {})
+        for label in ("sft", KEEP_SBR, *GATE_DODGE_CANDIDATES):
+            m = methods.get(label)
+            if m is None:
+                if fam == "dev_gate_dodge":
+                    out.append(f"| `{fam}` | {what[label]} | pending | | | | |")
+                continue
+            sc = m.get("screened") or (m.get("config") or {}).get("screened")
+            passing = f"{sc['harmful'] - sc['harmful_dropped']} of {sc['harmful']}" if sc else ""
+            out.append(f"| `{fam}` | {what[label]} | {m['hs']:.1f} | {m.get('fa', 0.0):.0f} | {m['over_refusal']:.1f} | "
+                       f"{passing} | {m.get('train_seconds', 0) / 60:.1f} |")
+    rule = gate_dodge_rule(d)
+    if rule is None:
+        verdict = "pending (a dev_gate_dodge row has not finished)"
+    else:
+        verdict = (f"shipped recipe holds on dev_gate_dodge: {rule['shipped_holds']}; qualified: "
+                   f"{', '.join(f'`{c}`' for c in rule['qualified']) or 'none'}; rejected on the guard families: "
+                   f"{', '.join(f'`{c}`' for c in rule['rejected']) or 'none'}; "
+                   + (f"**adopt `{rule['adopt']}`**" if rule["adopt"] else
+                      f"next to train on the guard families: `{rule['try']}`" if rule["try"] else
+                      "**the shipped recipe stays**"))
+    return "\n".join(out) + f"\n\nThe eighth amendment's rule on these rows: {verdict}. " \
+        f"Base {d['base']['base_fingerprint'][:8]}, {d.get('machine', '')}."
+
+
 def gate_framing(d: dict) -> str:
     names = {"dev": "dev: pyrit red-team + scorer dev third", "eval": "held-out: StrongREJECT eval split"}
     out = ["| harmful set | n | flagged as written % | flagged in the attacker's best framing per prompt % | one framing for every prompt (the best) % |",
@@ -569,11 +603,16 @@ def gate_dev_v6(d: dict) -> str:
     return "\n".join(out)
 
 
-TABLES: dict[str, Callable[[dict], str]] = {"lock_gate_dev_v6": gate_dev_v6, "redteam_dev": keep_steps_dev, "gauge": gauge, "gauge_private": gauge, "screen_dev": screen_dev, "lock_gate_dev": gate_dev, "lock_conditional_dev": cond_dev,
+TABLES: dict[str, Callable[[dict], str]] = {"lock_gate_dev_v6": gate_dev_v6, "redteam_dev": keep_steps_dev,
+                                            "redteam_dev_gate_dodge": gate_dodge_dev, "gauge": gauge, "gauge_private": gauge, "screen_dev": screen_dev, "lock_gate_dev": gate_dev, "lock_conditional_dev": cond_dev,
                                             "lock_conditional": lock_conditional, "redteam": redteam, "gate_framing": gate_framing, "serve_overhead": serve, "align_eval": align, "judge_eval": judge, "fa_task": fa,
                                             "train_overhead": overhead, "harden_vet": harden_vet,
                                             "lock_eval": lock_eval, "stress_default": stress, "lock_search": lock_search,
                                             "stress_short": stress, "stress_asft": stress}
+
+
+# A table read from another table's result file (one file, two markers).
+SOURCES = {"redteam_dev_gate_dodge": "redteam_dev"}
 
 
 # Results measured on the aligned base before recipe v3 (they are keyed to no fingerprint; see docs/results.md).
@@ -682,7 +721,7 @@ def main() -> None:
     files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     renders: dict[str, Callable[[], str]] = {"headline": headline}
     for name, render in TABLES.items():
-        if (d := _load(name)) is not None:
+        if (d := _load(SOURCES.get(name, name))) is not None:
             renders[name] = lambda r=render, d=d: r(d)
     for path in files:
         text = path.read_text()
