@@ -95,8 +95,14 @@ for _ in 1 2; do
   [ -n "$cand" ] && run "dev_gate_guard_$cand" $PY bench/redteam.py --dev --families dev_diverse,dev_high_lr --methods "$cand" "${C[@]}"
 done
 echo "=== $(date +%T) eighth amendment: adopt '$(gate_dodge_rule adopt)' (empty: the shipped recipe stays)"
+# the operator's private probe set over the adapters so far (the gauge issue; cheap: no training)
+run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
 run rt_long_sft     $PY bench/redteam.py --families long --methods sft "${C[@]}"
+run gauge2          $PY bench/gauge.py "${C[@]}"  # seconds: the bench took the numbers while training
+run gauge_private2  $PY bench/gauge.py --private-probes "${C[@]}"  # only the new adapters (earlier ones cached)
 run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
+run gauge3          $PY bench/gauge.py "${C[@]}"
+run gauge_private3  $PY bench/gauge.py --private-probes "${C[@]}"
 # the live gauge's share of engine time (4 adapters, default interval), again on this base and from a clean tree
 run duty_cycle      $PY bench/serve_overhead.py --duty-cycle
 if [ ! -f "$DONE/gate_dodge_decided" ]; then
@@ -106,7 +112,6 @@ fi
 SHIPPED=sbr_pool4_screen20_keep@30  # lab.redteam.CHOSEN_SBR
 run rt_long         $PY bench/redteam.py --families long --methods "sft,$SHIPPED" "${C[@]}"
 run gauge_all       $PY bench/gauge.py "${C[@]}"
-run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
 run cond_eval_all   $PY bench/lock_conditional.py eval "${C[@]}"  # adds the later families' SFT adapters
 # the price of reading the base: adapter traffic, plain vs the conditional lock reading the adapter / the base
 # (an eager LoRA engine in bf16 serves ~5 tokens/s on a 2-core AVX2 box: 16 requests a turn, 4 rounds)
