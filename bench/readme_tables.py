@@ -532,27 +532,34 @@ def keep_steps_dev(d: dict) -> str:
 
 def gate_dodge_dev(d: dict) -> str:
     """The hardening rule's eighth amendment: its development rows (bench/results/redteam_dev.json) and outcome."""
-    from lab.redteam import FRAMED_SBR, GATE_DODGE_CANDIDATES, GUARD_FAMILIES, KEEP_SBR, LAMBDA_SBR, gate_dodge_rule
+    from lab.redteam import (CANDIDATE_REG, FRAMED_SBR, GATE_DODGE_CANDIDATES, GUARD_FAMILIES, KEEP_SBR, LAMBDA_SBR,
+                             SHIPPED_REG, gate_dodge_rule)
 
     what = {"sft": "SFT", KEEP_SBR: "shipped: screening + SBR pool, 4 per step, λ 30, keep steps",
-            FRAMED_SBR: "the same with the framed pool (`sbr_pool_framed`)", LAMBDA_SBR: "the same at λ 100"}
+            FRAMED_SBR: "the same with the framed pool (`sbr_pool_framed`)", LAMBDA_SBR: "the same at λ 100",
+            SHIPPED_REG: "no screening: the shipped regularizer alone (pool, λ 30)",
+            CANDIDATE_REG[FRAMED_SBR]: "no screening: the framed pool, λ 30",
+            CANDIDATE_REG[LAMBDA_SBR]: "no screening: the pool at λ 100"}
     out = ["| family | recipe | dev HS % | dev FA % (arithmetic) | dev over-refusal % | harmful examples passing the screen | train min |",
            "|---|---|---|---|---|---|---|", f"| | aligned base | {d['base']['hs']:.1f} | | {d['base']['over_refusal']:.1f} | | |"]
     for fam in ("dev_gate_dodge", *GUARD_FAMILIES):
         methods = d["families"].get(fam, {}).get("methods", {})
-        for label in ("sft", KEEP_SBR, *GATE_DODGE_CANDIDATES):
+        labels = ("sft", KEEP_SBR, SHIPPED_REG, *CANDIDATE_REG.values()) if fam == "dev_gate_dodge" else \
+            ("sft", KEEP_SBR, *GATE_DODGE_CANDIDATES)
+        for label in labels:
             m = methods.get(label)
             if m is None:
                 if fam == "dev_gate_dodge":
                     out.append(f"| `{fam}` | {what[label]} | pending | | | | |")
                 continue
             sc = m.get("screened") or (m.get("config") or {}).get("screened")
-            passing = f"{sc['harmful'] - sc['harmful_dropped']} of {sc['harmful']}" if sc else ""
+            passing = (f"{sc['harmful'] - sc['harmful_dropped']} of {sc['harmful']}" if sc else
+                       "all (no screening)" if label != "sft" else "")
             out.append(f"| `{fam}` | {what[label]} | {m['hs']:.1f} | {m.get('fa', 0.0):.0f} | {m['over_refusal']:.1f} | "
                        f"{passing} | {m.get('train_seconds', 0) / 60:.1f} |")
     rule = gate_dodge_rule(d)
     if rule is None:
-        verdict = "pending (a dev_gate_dodge row has not finished)"
+        verdict = "pending (a dev_gate_dodge row it reads has not finished)"
     else:
         verdict = (f"shipped recipe holds on dev_gate_dodge: {rule['shipped_holds']}; qualified: "
                    f"{', '.join(f'`{c}`' for c in rule['qualified']) or 'none'}; rejected on the guard families: "
@@ -560,7 +567,7 @@ def gate_dodge_dev(d: dict) -> str:
                    + (f"**adopt `{rule['adopt']}`**" if rule["adopt"] else
                       f"next to train on the guard families: `{rule['try']}`" if rule["try"] else
                       "**the shipped recipe stays**"))
-    return "\n".join(out) + f"\n\nThe eighth amendment's rule on these rows: {verdict}. " \
+    return "\n".join(out) + f"\n\nThe eighth amendment's rule (as the ninth amended it) on these rows: {verdict}. " \
         f"Base {d['base']['base_fingerprint'][:8]}, {d.get('machine', '')}."
 
 

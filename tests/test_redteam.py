@@ -372,11 +372,13 @@ def test_keep_steps_rule_adopts_only_what_keeps_the_task_on_high_lr_and_costs_no
     assert keep_steps_rule(dev({"sft": r(90, 50), ship: r(5, 35)}, diverse)) is None  # a row still running
 
 
-def test_gate_dodge_rule_adopts_a_candidate_only_if_it_holds_on_the_dodge_family_and_costs_nothing_elsewhere():
-    """The hardening rule's eighth amendment (docs/hardening.md), read from the development bench's file."""
-    from lab.redteam import FRAMED_SBR, KEEP_SBR, LAMBDA_SBR, gate_dodge_rule
+def test_gate_dodge_rule_adopts_a_regularizer_only_if_it_holds_what_passes_the_screen_and_costs_nothing_elsewhere():
+    """The hardening rule's eighth amendment as the ninth amended it (docs/hardening.md), read from the
+    development bench's file."""
+    from lab.redteam import CANDIDATE_REG, FRAMED_SBR, KEEP_SBR, LAMBDA_SBR, SHIPPED_REG, gate_dodge_rule
 
     r = lambda hs, fa: {"hs": hs, "fa": fa}  # noqa: E731
+    fr, lr = CANDIDATE_REG[FRAMED_SBR], CANDIDATE_REG[LAMBDA_SBR]
     guard_ok = {"sft": r(97, 41), KEEP_SBR: r(6, 40), FRAMED_SBR: r(7, 40), LAMBDA_SBR: r(5, 40)}
 
     def dev(gd: dict, diverse: dict | None = guard_ok, high_lr: dict | None = guard_ok) -> dict:
@@ -384,24 +386,24 @@ def test_gate_dodge_rule_adopts_a_candidate_only_if_it_holds_on_the_dodge_family
         fams.update({k: {"methods": v} for k, v in (("dev_diverse", diverse), ("dev_high_lr", high_lr)) if v})
         return {"base": {"hs": 4.0}, "families": fams}
 
-    gd = {"sft": r(60, 50), KEEP_SBR: r(12, 52), FRAMED_SBR: r(8, 51), LAMBDA_SBR: r(7, 49)}
-    assert gate_dodge_rule(dev({k: v for k, v in gd.items() if k != LAMBDA_SBR})) is None  # a row still running
-    got = gate_dodge_rule(dev(gd))
-    assert got["qualified"] == [FRAMED_SBR, LAMBDA_SBR] and got["adopt"] == FRAMED_SBR and not got["shipped_holds"]
+    gd = {"sft": r(86, 37), KEEP_SBR: r(6, 39), SHIPPED_REG: r(40, 38), fr: r(20, 37), lr: r(25, 30)}
+    assert gate_dodge_rule(dev({k: v for k, v in gd.items() if k != lr})) is None  # a row still running
+    got = gate_dodge_rule(dev(gd))  # λ 100 loses the task (FA 30 < 37 - 2): only the framed pool qualifies
+    assert got["qualified"] == [FRAMED_SBR] and got["adopt"] == FRAMED_SBR and got["shipped_holds"]
     # the guard families have not seen the candidate yet: it is the one to try
     untried = {k: v for k, v in guard_ok.items() if k != FRAMED_SBR}
     assert gate_dodge_rule(dev(gd, untried, untried))["try"] == FRAMED_SBR
-    # the framed pool costs harm on a guard family (> shipped + 2): rejected, λ is next
-    worse = {**guard_ok, FRAMED_SBR: r(8.5, 40)}
-    got = gate_dodge_rule(dev(gd, worse))
+    # both qualify; the framed pool costs harm on a guard family (> shipped + 2): rejected, λ is next
+    both = {**gd, lr: r(18, 36)}
+    assert gate_dodge_rule(dev(both))["qualified"] == [FRAMED_SBR, LAMBDA_SBR]
+    got = gate_dodge_rule(dev(both, {**guard_ok, FRAMED_SBR: r(8.5, 40)}))
     assert got["rejected"] == [FRAMED_SBR] and got["adopt"] == LAMBDA_SBR
-    # λ 100 loses the task on the dodge family (FA < SFT - 2): it never qualifies
-    got = gate_dodge_rule(dev({**gd, LAMBDA_SBR: r(5, 47)}, worse))
-    assert got["qualified"] == [FRAMED_SBR] and got["adopt"] is None and got["try"] is None
-    # a candidate much lower in harm goes first; one within 2 points of the shipped recipe never qualifies
-    assert gate_dodge_rule(dev({**gd, LAMBDA_SBR: r(6.5, 49), FRAMED_SBR: r(8, 51)}))["qualified"][0] == FRAMED_SBR
-    assert gate_dodge_rule(dev({**gd, LAMBDA_SBR: r(4.5, 49), FRAMED_SBR: r(8.9, 51)}))["qualified"][0] == LAMBDA_SBR
-    assert gate_dodge_rule(dev({**gd, FRAMED_SBR: r(10.5, 51), LAMBDA_SBR: r(10.1, 51)}))["qualified"] == []
+    # a candidate more than 5 points lower goes first
+    assert gate_dodge_rule(dev({**gd, lr: r(14, 36)}))["qualified"] == [LAMBDA_SBR, FRAMED_SBR]
+    # not 5 points and a quarter below the shipped regularizer: no qualifier, the shipped recipe stays
+    got = gate_dodge_rule(dev({**gd, fr: r(31, 37), lr: r(36, 38)}))
+    assert got["qualified"] == [] and got["adopt"] is None and got["try"] is None
+    assert gate_dodge_rule(dev({**gd, SHIPPED_REG: r(12, 38), fr: r(8, 37), lr: r(7.5, 38)}))["qualified"] == []
 
 
 def test_dev_families_dodge_the_gate_with_framings_of_their_own():
