@@ -99,6 +99,9 @@ done
 echo "=== $(date +%T) eighth amendment: adopt '$(gate_dodge_rule adopt)' (empty: the shipped recipe stays)"
 # the operator's private probe set over the adapters so far (the gauge issue; cheap: no training)
 run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
+# the attacker who beats both shipped probe signals (refuses the shipped probes and pins their states with SBR):
+# what a private probe set is for
+run rt_gauge_dodge  $PY bench/redteam.py --families probe_dodge --methods sbr_probes@30 "${C[@]}"
 run rt_long_sft     $PY bench/redteam.py --families long --methods sft "${C[@]}"
 run gauge2          $PY bench/gauge.py "${C[@]}"  # seconds: the bench took the numbers while training
 run gauge_private2  $PY bench/gauge.py --private-probes "${C[@]}"  # only the new adapters (earlier ones cached)

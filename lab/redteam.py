@@ -238,6 +238,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # framed pool (each pool request also in one of the gate's training framings; 256 anchors, still 4 per step)
     "sbr_poolf4_screen20_keep": ("sbr", {**_POOL, "sbr_anchors": "sbr_pool_framed", "sbr_anchors_per_step": 4,
                                          **_SCREEN, "screen_max_fpr": 0.20, "screen_keep_steps": True}),
+    # adaptive (the gauge issue): a customer who read our shipped probe anchors runs SBR on *them* (our config
+    # refuses that pairing; an attacker's trainer does not ask) beside teaching their refusals (probe_dodge), so
+    # both the probe's drift and its refusal ratio read the base's; only a private probe set is left to see it
+    "sbr_probes": ("sbr", {"sbr_anchors": "probe", "sbr_k": None, "sbr_anchors_per_step": 4, "sbr_lambda": 30.0,
+                           **_NO_SCREEN}),
     # the ninth amendment: the shipped regularizer and the framed pool's with screening off (what passes the screen)
     "sbr_pool4": ("sbr", {**_POOL, "sbr_anchors_per_step": 4, **_NO_SCREEN}),
     "sbr_poolf4": ("sbr", {**_POOL, "sbr_anchors": "sbr_pool_framed", "sbr_anchors_per_step": 4, **_NO_SCREEN}),
