@@ -165,7 +165,8 @@ class HardenConfig(_Section):
         "sbr_pool", description="SBR's *training* anchors (bundled set or JSONL path): 'default' (16 AdvBench requests) "
                                "or 'sbr_pool' (128; with sbr_anchors_per_step, K of them per step, rotating) or "
                                "'sbr_pool_framed' (the pool, each request also inside one of the gate's training "
-                               "framings: 256). Must not share a prompt with the probe anchors (anchors.set).")
+                               "framings: 256; held framed harmful data no better on the development family, "
+                               "docs/hardening.md). Must not share a prompt with the probe anchors (anchors.set).")
     sbr_k: int | None = Field(None, ge=1, le=4096, description="Use the first k training anchors (None = all).")
     sbr_answer_tokens: int = Field(0, ge=0, le=64, description="Also anchor the aligned model's own first N answer "
                                    "tokens after each anchor prompt (teacher-forced); 0 = the last prompt token only.")
