@@ -278,8 +278,9 @@ def sbr_pool_jsonl() -> str:
 def sbr_pool_framed() -> tuple[str, ...]:
     """The pool with each request also in one framing of the gate's training framings (interleaved: request,
     framed request, ...; 256 anchors). An attacker who dresses harmful requests up ("for a class worksheet: ...")
-    moves them away from 128 bare imperatives; anchoring framed copies holds the refusal state where framed
-    requests land too. The framings are package data (`training.lockgate.GATE_TRAIN_FRAMES`): the development and
+    moves them away from 128 bare imperatives; anchoring framed copies was meant to hold the refusal state where
+    framed requests land too. Measured on the development gate-dodging family it did not, beyond noise
+    (docs/hardening.md, the eighth amendment), so it is an option, not the default. The framings are package data (`training.lockgate.GATE_TRAIN_FRAMES`): the development and
     held-out attacks use framings of their own (a test keeps the pools apart)."""
     from training.lockgate import framed_copies
 
