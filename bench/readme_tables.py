@@ -552,7 +552,7 @@ def gate_dodge_dev(d: dict) -> str:
                 if fam == "dev_gate_dodge":
                     out.append(f"| `{fam}` | {what[label]} | pending | | | | |")
                 continue
-            sc = m.get("screened") or (m.get("config") or {}).get("screened")
+            sc = m.get("screened")
             passing = (f"{sc['harmful'] - sc['harmful_dropped']} of {sc['harmful']}" if sc else
                        "all (no screening)" if label != "sft" else "")
             out.append(f"| `{fam}` | {what[label]} | {m['hs']:.1f} | {m.get('fa', 0.0):.0f} | {m['over_refusal']:.1f} | "
