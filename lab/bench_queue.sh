@@ -6,6 +6,9 @@
 # an interruption continues where it stopped.
 #
 #   bash lab/bench_queue.sh [CONFIG]      # run from the repository root; log to a file of your choice
+#
+# On a new machine (the data dir and its markers gone) touch the markers of the units whose results are committed
+# first; the red-team units skip finished rows by themselves, the other benches would run again.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -102,20 +105,17 @@ run gauge_private   $PY bench/gauge.py --private-probes "${C[@]}"
 # the attacker who beats both shipped probe signals (refuses the shipped probes and pins their states with SBR):
 # what a private probe set is for
 run rt_gauge_dodge  $PY bench/redteam.py --families probe_dodge --methods sbr_probes@30 "${C[@]}"
-run rt_long_sft     $PY bench/redteam.py --families long --methods sft "${C[@]}"
+# (re-ordered 2026-12-04, session 27, on a new machine with the data dir gone: the 20-epoch family's two columns
+# first — the hardening issue's acceptance reads them — then what reads their adapters, then the AsFT column)
+SHIPPED=sbr_pool4_screen20_keep@30  # lab.redteam.CHOSEN_SBR (the eighth amendment kept it: gate_dodge_decided)
+run rt_long         $PY bench/redteam.py --families long --methods "sft,$SHIPPED" "${C[@]}"
 run gauge2          $PY bench/gauge.py "${C[@]}"  # seconds: the bench took the numbers while training
-run gauge_private2  $PY bench/gauge.py --private-probes "${C[@]}"  # only the new adapters (earlier ones cached)
+run gauge_private2  $PY bench/gauge.py --private-probes "${C[@]}"  # only the new adapters (earlier ones read from gauge_private.json)
 run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
 run gauge3          $PY bench/gauge.py "${C[@]}"
 run gauge_private3  $PY bench/gauge.py --private-probes "${C[@]}"
 # the live gauge's share of engine time (4 adapters, default interval), again on this base and from a clean tree
 run duty_cycle      $PY bench/serve_overhead.py --duty-cycle
-if [ ! -f "$DONE/gate_dodge_decided" ]; then
-  echo "=== $(date +%T) stop: adopt the eighth amendment's outcome (printed above; lab.redteam.gate_dodge_rule) in code, or not, set SHIPPED below, then touch $DONE/gate_dodge_decided"
-  exit 0
-fi
-SHIPPED=sbr_pool4_screen20_keep@30  # lab.redteam.CHOSEN_SBR
-run rt_long         $PY bench/redteam.py --families long --methods "sft,$SHIPPED" "${C[@]}"
 run gauge_all       $PY bench/gauge.py "${C[@]}"
 run cond_eval_all   $PY bench/lock_conditional.py eval "${C[@]}"  # adds the later families' SFT adapters
 # the price of reading the base: adapter traffic, plain vs the conditional lock reading the adapter / the base
