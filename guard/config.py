@@ -142,6 +142,12 @@ class AlignConfig(_Section):
                                           "in a harmful request), so refusals follow the intent, not the word.")
     answer_tokens: int = Field(32, ge=8, le=1024, description="Max tokens of each self-distilled benign answer (the "
                                                               "refusal decision is made in the first few).")
+    refusal_repeat: int = Field(1, ge=1, le=8, description="Times each harmful prompt (-> refusal) is seen per epoch. "
+                                "With epochs 1 and 2 here the refusal side gets two passes and the self-distillation "
+                                "side one: the original's own answers are nearly learned already, so their second "
+                                "pass buys little of the training time it takes.")
+    seed: int = Field(0, ge=0, description="LoRA initialisation and data order. Two seeds of one recipe differ by a "
+                      "few prompts on every rate (docs/alignment.md), which is why recipes are compared over two.")
 
 
 class HardenConfig(_Section):

@@ -176,6 +176,18 @@ def test_every_align_field_reaches_the_base_key():
     assert set(AlignConfig.model_fields) == set(_TRAINING_FIELDS) | selection | how
 
 
+def test_later_align_fields_change_the_key_only_away_from_their_default():
+    """seed and refusal_repeat came after the bundled release: at their defaults the key is the one it was made
+    with (test_release checks that key), elsewhere each makes another base."""
+    from guard.config import AlignConfig
+    from training.align import align_key
+
+    fp = "0" * 64
+    keys = {align_key(fp, AlignConfig(**kw)) for kw in ({}, {"seed": 1}, {"refusal_repeat": 2})}
+    assert len(keys) == 3
+    assert align_key(fp, AlignConfig(seed=0, refusal_repeat=1)) == align_key(fp, AlignConfig())
+
+
 def test_generations_add_train_templates_without_moving_the_first():
     """Generation 1 is what the shipped base was trained on: newer templates must not change it (nor its samples)."""
     from guard.config import AlignConfig

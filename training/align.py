@@ -130,12 +130,17 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
 
 # What the training itself depends on; the data-selection fields (harmful, benign, contrast, scorer, twins, ...)
 # enter the key through the prompt lists they select, so two configs that pick the same prompts share a base.
-_TRAINING_FIELDS = ("rank", "alpha", "targets", "lr", "epochs", "batch_size", "max_len", "answer_tokens", "contrast_repeat")
+_TRAINING_FIELDS = ("rank", "alpha", "targets", "lr", "epochs", "batch_size", "max_len", "answer_tokens", "contrast_repeat",
+                    "refusal_repeat", "seed")
+# Fields added after the bundled release was made enter the key only away from their default, so every recipe
+# from before them (the release's among them) keeps its key.
+_LATER_FIELDS = {"refusal_repeat": 1, "seed": 0}
 
 
 def align_key(original_fp: str, cfg: AlignConfig) -> str:
     p = alignment_prompts(cfg)
-    hp = json.dumps({k: getattr(cfg, k) for k in _TRAINING_FIELDS}, sort_keys=True)
+    hp = json.dumps({k: getattr(cfg, k) for k in _TRAINING_FIELDS
+                     if not (k in _LATER_FIELDS and getattr(cfg, k) == _LATER_FIELDS[k])}, sort_keys=True)
     return sha256_text("align/v5", original_fp, hp, "\x00harmful", *p["harmful"], "\x00benign", *p["benign"],
                        "\x00contrast", *p["contrast"], *REFUSALS)
 
@@ -203,13 +208,13 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
     from guard.judge import DEFAULT_JUDGE
 
     kept = [(p, a, fin) for p, (a, fin) in zip(benign, answers) if not DEFAULT_JUDGE.is_refusal(a)]
-    examples = [encode(tok, p, refusal_for(p), cfg.max_len) for p in harmful]
+    examples = [encode(tok, p, refusal_for(p), cfg.max_len) for p in harmful] * cfg.refusal_repeat
     examples += [encode(tok, p, a, cfg.max_len, end_turn=fin) for p, a, fin in kept]
     if cfg.contrast_repeat > 1:  # the contrast prompts weigh more: each is seen contrast_repeat times an epoch
         rep = set(prompts["contrast"])
         examples += [encode(tok, p, a, cfg.max_len, end_turn=fin) for p, a, fin in kept if p in rep] * (cfg.contrast_repeat - 1)
     hp = LoraHParams(rank=cfg.rank, alpha=cfg.alpha, targets=list(cfg.targets), lr=cfg.lr, epochs=cfg.epochs,
-                     batch_size=cfg.batch_size, seed=0)
+                     batch_size=cfg.batch_size, seed=cfg.seed)
     peft_model = add_lora(model, hp)
     log = train_lora(peft_model, examples, hp, pad_id=tok.pad_token_id, desc="align (refusal SFT)")
     from training.evaluate import refusal_rate
