@@ -39,7 +39,7 @@ as `guard align --retrain` on a new machine). The qualifier with the highest mea
 points) to the lower mean dev_edgy; if none qualifies the released base stays (`choose_v4`). The variants keep
 SB2T's prompts and change only how often each side is seen: one epoch in which every harmful prompt (-> refusal)
 is seen twice (R2E1) or three times (R3E1) and every benign prompt (-> the original's own answer, nearly learned
-already) once, ~2/3 of SB2T's tokens; R2E1L is R2E1 at twice the learning rate.
+already) once: 68% (R2E1) and 85% (R3E1) of SB2T's example passes; R2E1L is R2E1 at twice the learning rate.
 
     python -m lab.align_dev --out bench/results/align_dev.jsonl [--only NAME ...] [--remeasure]
 """
