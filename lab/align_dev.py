@@ -48,16 +48,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from guard.artifacts import provenance, read_json
 from guard.config import load_config
 from guard.judge import DEFAULT_JUDGE
-from guard.models import load_causal_lm, resolve_threads
+from guard.models import fingerprint_dir, load_causal_lm, resolve_threads
 from guard.workspace import Workspace
 from training import data, overrefusal
-from training.align import ALIGN_META, align, alignment_prompts
+from training.align import ALIGN_META, align, align_key, alignment_prompts, self_distill_cache
 from training.evaluate import answers
 
 VARIANTS: dict[str, dict | None] = {
@@ -167,8 +166,6 @@ def adopt(ws: Workspace, cfg, name: str) -> None:
     import shutil
 
     from guard.artifacts import write_json_atomic
-    from guard.models import fingerprint_dir
-    from training.align import align_key
 
     src = ws.home / "work" / "align-dev" / name
     override = VARIANTS.get(name)
@@ -223,18 +220,13 @@ def main() -> None:
                 continue  # --remeasure: never trained
             minutes = float(read_json(out / ALIGN_META, "align metadata")["seconds"]) / 60
         else:
-            if RULE == 4 and not (out / ALIGN_META).is_file():
+            if not (out / ALIGN_META).is_file():
                 # a cold run, as `guard align --retrain` on a new machine: the original's answers made anew
-                from guard.models import fingerprint_dir
-
-                cache = ws.home / "work" / f"self-distill-{fingerprint_dir(ws.original())[:16]}-{acfg.answer_tokens}.jsonl"
-                cache.unlink(missing_ok=True)
-            t0 = time.perf_counter()
+                self_distill_cache(ws.home / "work", fingerprint_dir(ws.original()), acfg.answer_tokens).unlink(missing_ok=True)
             align(ws.original(), out, acfg, ws.home / "work", threads=cfg.runtime.threads)
-            minutes = (time.perf_counter() - t0) / 60
-            if RULE == 4:  # align's own clock (from loading the original to the trained LoRA), kept in the metadata,
-                # so a variant trained before an interruption keeps the minutes it took
-                minutes = float(read_json(out / ALIGN_META, "align metadata")["seconds"]) / 60
+            # align's own clock (loading the original to the trained LoRA), kept in its metadata: a variant trained
+            # before an interruption keeps the minutes it took
+            minutes = float(read_json(out / ALIGN_META, "align metadata")["seconds"]) / 60
         model, tok = load_causal_lm(out, "bfloat16")
         row: dict = {"variant": name, "override": override, "align_minutes": round(minutes, 2)}
         for key, prompts in dev_sets(acfg).items():

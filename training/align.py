@@ -137,6 +137,12 @@ _TRAINING_FIELDS = ("rank", "alpha", "targets", "lr", "epochs", "batch_size", "m
 _LATER_FIELDS = {"refusal_repeat": 1, "seed": 0}
 
 
+def self_distill_cache(work: Path, original_fp: str, answer_tokens: int) -> Path:
+    """Where the original's own answers to the benign prompts are kept between trainings (they depend on nothing
+    else); removing it makes the next training a cold one."""
+    return work / f"self-distill-{original_fp[:16]}-{answer_tokens}.jsonl"
+
+
 def align_key(original_fp: str, cfg: AlignConfig) -> str:
     p = alignment_prompts(cfg)
     hp = json.dumps({k: getattr(cfg, k) for k in _TRAINING_FIELDS
@@ -202,7 +208,7 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
     harmful, benign = prompts["harmful"], prompts["benign"]
     work.mkdir(parents=True, exist_ok=True)
     answers = self_distilled_answers(model, tok, benign, cfg.answer_tokens,
-                                     work / f"self-distill-{original_fp[:16]}-{cfg.answer_tokens}.jsonl")
+                                     self_distill_cache(work, original_fp, cfg.answer_tokens))
     # The original deflects some benign prompts ("as a chatbot I can't ..."): distilling those would teach refusals
     # on exactly the prompts this half is for, so benign prompts whose own answer the judge calls a refusal go.
     from guard.judge import DEFAULT_JUDGE
