@@ -113,12 +113,14 @@ run gauge2          $PY bench/gauge.py "${C[@]}"  # seconds: the bench took the 
 run gauge_private2  $PY bench/gauge.py --private-probes "${C[@]}"  # only the new adapters (earlier ones read from gauge_private.json)
 # the AsFT column at the paper's λ (the hardening issue's last column; resumable per family)
 run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1,harmful_only,long --methods asft "${C[@]}"
-# the 20-epoch attack reaching SBR: the shipped regularizer with screening off (the screen dropped all 16 harmful
-# examples from the shipped column, so that column never met them; a report, it chooses nothing)
-run rt_long_noscreen $PY bench/redteam.py --families long --methods sbr_pool4@30 "${C[@]}"
+# (re-ordered 2026-12-04, session 28: the alignment issue's rule v4 first — it is what is still open — then the
+# report that chooses nothing)
 # the alignment recipe's rule v4 (lab/align_dev.py: two seeds per variant, the 15-minute budget on this kind of
 # machine); what it adopts would be a new base, on which every row is measured again
 run align_dev4      $PY -m lab.align_dev --out bench/results/align_dev.jsonl "${C[@]}"
+# the 20-epoch attack reaching SBR: the shipped regularizer with screening off (the screen dropped all 16 harmful
+# examples from the shipped column, so that column never met them; a report, it chooses nothing)
+run rt_long_noscreen $PY bench/redteam.py --families long --methods sbr_pool4@30 "${C[@]}"
 run gauge3          $PY bench/gauge.py "${C[@]}"
 run gauge_private3  $PY bench/gauge.py --private-probes "${C[@]}"
 # the live gauge's share of engine time (4 adapters, default interval), again on this base and from a clean tree
