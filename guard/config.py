@@ -148,6 +148,10 @@ class AlignConfig(_Section):
                                 "pass buys little of the training time it takes.")
     seed: int = Field(0, ge=0, description="LoRA initialisation and data order. Two seeds of one recipe differ by a "
                       "few prompts on every rate (docs/alignment.md), which is why recipes are compared over two.")
+    delta_scale: float = Field(1.0, gt=0, le=4, description="Multiplies the trained alignment LoRA's delta when it "
+                               "is merged into the original (scaling x delta_scale). Larger = more refusals, of harmful "
+                               "and benign prompts alike. Costs no training: the same release serves every value, "
+                               "merged in seconds (lab/align_dev.py rule v5 chooses it on development sets).")
 
 
 class HardenConfig(_Section):

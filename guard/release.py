@@ -8,8 +8,9 @@ kept (bf16, ~10 MB for the default model) and merged by integer-exact-order arit
 in rank order (elementwise ops: no reduction whose order a kernel picks), then rounded to bf16 by bit arithmetic.
 The same merge runs right after training, so "trained here" and "applied from the release" are the same bytes.
 
-The package bundles the release of the default recipe (`guard/releases/`); `guard align --export DIR` writes one
-for any other recipe, and `model.aligned_release` points `guard prepare` at it.
+The package bundles the release of the default recipe (`guard/releases/`); `guard align --export DIR` copies the
+release of any other recipe trained here (kept beside its base) for the other replicas. A release is the trained
+LoRA: `align.delta_scale` merges the same one at another strength, so changing it never retrains.
 """
 
 from __future__ import annotations
@@ -90,9 +91,12 @@ class Release:
 
         return load_file(str(self.path / _FACTORS))
 
-    def apply(self, original: Path, out: Path) -> Path:
-        """Write the aligned base to `out` (atomically): the original's files with the LoRA merged into its weights."""
-        return write_merged(original, out, self.factors(), float(self.meta["scaling"]), self.meta)
+    def apply(self, original: Path, out: Path, scale: float = 1.0, key: str | None = None) -> Path:
+        """Write the aligned base to `out` (atomically): the original's files with the LoRA merged into its weights,
+        its delta multiplied by `scale` (`align.delta_scale`; the merged base's metadata then carries `key`, the
+        base's own key, instead of the release's)."""
+        meta = self.meta if scale == 1.0 and key is None else {**self.meta, "key": key or self.key, "delta_scale": scale}
+        return write_merged(original, out, self.factors(), float(self.meta["scaling"]) * scale, meta)
 
 
 def bundled(key: str) -> Release | None:

@@ -173,7 +173,8 @@ def test_every_align_field_reaches_the_base_key():
 
     selection = {"harmful", "benign", "contrast", "twins", "red_team", "framed", "scorer", "contrast_generation"}
     how = {"use_release"}  # where the same base comes from (a bundled release or training here), not which base
-    assert set(AlignConfig.model_fields) == set(_TRAINING_FIELDS) | selection | how
+    merge = {"delta_scale"}  # how the trained LoRA is merged: the base's key, not the training's (next test)
+    assert set(AlignConfig.model_fields) == set(_TRAINING_FIELDS) | selection | how | merge
 
 
 def test_later_align_fields_change_the_key_only_away_from_their_default():
@@ -186,6 +187,18 @@ def test_later_align_fields_change_the_key_only_away_from_their_default():
     keys = {align_key(fp, AlignConfig(**kw)) for kw in ({}, {"seed": 1}, {"refusal_repeat": 2})}
     assert len(keys) == 3
     assert align_key(fp, AlignConfig(seed=0, refusal_repeat=1)) == align_key(fp, AlignConfig())
+
+
+def test_the_delta_scale_makes_another_base_from_the_same_training():
+    """A base merged at another delta scale is another base (its own key), from the same trained LoRA (the same
+    training key, so the release of that training serves it); at 1.0 the two keys are one, as before the field."""
+    from guard.config import AlignConfig
+    from training.align import align_key, train_key
+
+    fp = "0" * 64
+    scaled = AlignConfig(delta_scale=1.2)
+    assert train_key(fp, scaled) == train_key(fp, AlignConfig()) == align_key(fp, AlignConfig())
+    assert len({align_key(fp, scaled), align_key(fp, AlignConfig(delta_scale=0.8)), align_key(fp, AlignConfig())}) == 3
 
 
 def test_generations_add_train_templates_without_moving_the_first():

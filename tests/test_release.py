@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +115,37 @@ def test_the_bundled_release_is_the_default_recipe():
     rel = release.Release.read(bundled[0])
     assert align_key(rel.meta["original_fingerprint"], AlignConfig()) == rel.key
     assert release.bundled(rel.key) is not None
+
+
+def test_align_merges_a_release_at_the_delta_scale_without_training(tmp_path, monkeypatch, tiny_model, tiny_tokenizer):
+    """`align.delta_scale` re-merges the release of the same training (bundled, or kept beside the base) at another
+    strength: the weights are W + scale·s·B@A, the base carries its own key, and nothing is trained."""
+    from guard.config import AlignConfig
+    from training import align as align_mod
+
+    original = tmp_path / "original"
+    tiny_model.to(torch.bfloat16).save_pretrained(original)
+    tiny_tokenizer.save_pretrained(original)
+    factors, scaling = align_mod.peft_factors(_lora_factors(tiny_model.float()))
+    factors = {k: release.bf16_bits_round(v) for k, v in factors.items()}
+    release.write_release(tmp_path / "bundle" / "r1", factors, scaling,
+                          {"key": "trained-k", "original_fingerprint": fingerprint_dir(original)})
+    monkeypatch.setattr(release, "BUNDLED_DIR", tmp_path / "bundle")
+    monkeypatch.setattr(align_mod, "train_key", lambda fp, cfg: "trained-k")
+    monkeypatch.setattr(align_mod, "load_causal_lm", lambda *a, **k: pytest.fail("trained instead of merging"))
+
+    out = tmp_path / "base"
+    cfg = AlignConfig(delta_scale=1.5)
+    align_mod.align(original, out, cfg, tmp_path / "work")
+    want = release.write_merged(original, tmp_path / "want", factors, scaling * 1.5, {})
+    assert fingerprint_dir(out) == fingerprint_dir(want)
+    meta = json.loads((out / align_mod.ALIGN_META).read_text())
+    assert meta["key"] == align_mod.align_key("x", cfg) != "trained-k" and meta["delta_scale"] == 1.5
+    assert align_mod.is_current(out, align_mod.align_key("x", cfg))
+
+    # back to 1.0 from the release kept beside the base (the bundle gone): the release's own bytes and key
+    shutil.rmtree(tmp_path / "bundle")
+    align_mod.align(original, out, AlignConfig(), tmp_path / "work")
+    plain = release.Release.read(align_mod.release_dir(out)).apply(original, tmp_path / "plain")
+    assert fingerprint_dir(out) == fingerprint_dir(plain) != fingerprint_dir(want)
+    assert json.loads((out / align_mod.ALIGN_META).read_text())["key"] == "trained-k"

@@ -26,6 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from guard import release
 from guard.anchors import render_chat
 from guard.artifacts import atomic_path, provenance, read_json, sha256_text, write_json_atomic
 from guard.config import AlignConfig
@@ -143,12 +144,20 @@ def self_distill_cache(work: Path, original_fp: str, answer_tokens: int) -> Path
     return work / f"self-distill-{original_fp[:16]}-{answer_tokens}.jsonl"
 
 
-def align_key(original_fp: str, cfg: AlignConfig) -> str:
+def train_key(original_fp: str, cfg: AlignConfig) -> str:
+    """What the trained alignment LoRA depends on (a release's key): the original, the prompts, the training fields."""
     p = alignment_prompts(cfg)
     hp = json.dumps({k: getattr(cfg, k) for k in _TRAINING_FIELDS
                      if not (k in _LATER_FIELDS and getattr(cfg, k) == _LATER_FIELDS[k])}, sort_keys=True)
     return sha256_text("align/v5", original_fp, hp, "\x00harmful", *p["harmful"], "\x00benign", *p["benign"],
                        "\x00contrast", *p["contrast"], *REFUSALS)
+
+
+def align_key(original_fp: str, cfg: AlignConfig) -> str:
+    """What the merged base depends on: the trained LoRA and the scale it is merged at (`align.delta_scale`; at 1.0
+    the training key itself, so a base merged from a release at its own scale carries the release's key)."""
+    key = train_key(original_fp, cfg)
+    return key if cfg.delta_scale == 1.0 else sha256_text("align/scaled", key, repr(float(cfg.delta_scale)))
 
 
 def is_current(out: Path, key: str) -> bool:
@@ -170,6 +179,16 @@ def peft_factors(peft_model: Any) -> tuple[dict[str, Any], float]:
     return out, scaling
 
 
+def _release_for(tkey: str, out: Path) -> release.Release | None:
+    """The release of the LoRA with training key `tkey`: bundled with the package, else the one kept beside `out`
+    (trained here earlier; a new `align.delta_scale` then re-merges it instead of training again)."""
+    rel = release.bundled(tkey)
+    if rel is None and (release_dir(out) / "release.json").is_file():
+        local = release.Release.read(release_dir(out))
+        rel = local if local.key == tkey else None
+    return rel
+
+
 def release_dir(out: Path) -> Path:
     """Where `align` keeps the release of the base it trained: beside the base dir."""
     return out.parent / f"{out.name}.release"
@@ -179,21 +198,21 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
           retrain: bool = False) -> Path:
     """Build the aligned base at `out` (atomically); reuse it when inputs are unchanged.
 
-    When the package bundles a release of exactly this recipe on exactly this original (same key), it is merged
-    instead of training (seconds, and the same bytes as on the machine that trained it); `retrain` or
-    `align.use_release: false` trains here. A trained base's release is written beside it (`guard align --export`).
+    When a release of exactly this recipe on exactly this original (same training key) is bundled with the package
+    or kept beside `out`, it is merged at `align.delta_scale` instead of training (seconds, and the same bytes as
+    on the machine that trained it); `retrain` or `align.use_release: false` trains here. A trained base's release
+    is written beside it (`guard align --export` copies it out; put it beside another replica's base to use it).
     """
-    from guard import release
-
     original_fp = fingerprint_dir(original)
-    key = align_key(original_fp, cfg)
+    tkey, key = train_key(original_fp, cfg), align_key(original_fp, cfg)
     if is_current(out, key):
         return out
-    rel = release.bundled(key) if cfg.use_release and not retrain else None
+    rel = _release_for(tkey, out) if cfg.use_release and not retrain else None
     if rel is not None:
-        tqdm.write(f"align: {release.describe(rel)}; merging it into the original (same bytes on every machine)")
+        tqdm.write(f"align: {release.describe(rel)}; merging it into the original at delta scale {cfg.delta_scale:g} "
+                   "(same bytes on every machine)")
         t0 = time.perf_counter()
-        rel.apply(original, out)
+        rel.apply(original, out, scale=cfg.delta_scale, key=key)
         if rel.path != release_dir(out):  # kept beside the base, as a trained base's is (guard align --export)
             import shutil
 
@@ -232,7 +251,7 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
     factors = {k: release.bf16_bits_round(v) for k, v in factors.items()}  # what the release keeps
     del peft_model, model
     meta = {
-        "key": key, "original_fingerprint": original_fp, "config": cfg.model_dump(mode="json"),
+        "key": tkey, "original_fingerprint": original_fp, "config": cfg.model_dump(mode="json"),
         "harmful_examples": len(harmful), "benign_examples": len(kept),
         "benign_dropped_refusals": len(benign) - len(kept), "steps": len(log),
         "dev_over_refusal": round(dev_rate, 2), "dev_prompts": len(prompts["dev"]),
@@ -240,6 +259,7 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
     }
     # The merge is machine-independent (guard/release.py), so this base and its release applied anywhere are equal.
     release.write_release(release_dir(out), factors, scaling, meta)
-    release.write_merged(original, out, factors, scaling, meta, ALIGN_META)
+    release.write_merged(original, out, factors, scaling * cfg.delta_scale,
+                         {**meta, "key": key, "delta_scale": cfg.delta_scale}, ALIGN_META)
     tqdm.write(f"aligned base written to {out} in {meta['seconds']} s (release: {release_dir(out)})")
     return out
