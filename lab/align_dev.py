@@ -62,13 +62,14 @@ import argparse
 import json
 from pathlib import Path
 
+from guard import release
 from guard.artifacts import provenance, read_json
 from guard.config import load_config
 from guard.judge import DEFAULT_JUDGE
 from guard.models import fingerprint_dir, load_causal_lm, resolve_threads
 from guard.workspace import Workspace
 from training import data, overrefusal
-from training.align import ALIGN_META, align, align_key, alignment_prompts, self_distill_cache
+from training.align import ALIGN_META, align, align_key, alignment_prompts, release_dir, self_distill_cache
 from training.evaluate import answers
 
 VARIANTS: dict[str, dict | None] = {
@@ -122,7 +123,6 @@ VARIANTS: dict[str, dict | None] = {
 }
 
 
-RULE = 4
 V4_BUDGET_MINUTES = 15.0
 
 
@@ -153,6 +153,21 @@ def choose_v4(rows: list[dict]) -> dict:
         top = summary[best[0]]["ood"]
         best = sorted((n for n in best if summary[n]["ood"] >= top - 3), key=lambda n: summary[n]["dev_edgy"])
     return {"chosen": best[0] if best else None, "base_ood": base_ood, "variants": summary}
+
+
+V5_SCALES = (0.8, 0.9, 1.0, 1.1, 1.2, 1.35, 1.5)
+
+
+def choose_v5(rows: list[dict]) -> dict:
+    """Rule v5 (module docstring) over the v5 rows: {"chosen": delta scale or None, "scales": per-scale summary}."""
+    rs = {r["delta_scale"]: r for r in rows if r.get("rule") == 5}
+    summary = {s: {"ood": r["ood"], "dev_edgy": r["dev_edgy"], "qualifies": _meets_v3(r)} for s, r in sorted(rs.items())}
+    ok = [s for s, v in summary.items() if v["qualifies"]]
+    if not ok:
+        return {"chosen": None, "scales": summary}
+    top = max(summary[s]["ood"] for s in ok)
+    near = sorted((s for s in ok if summary[s]["ood"] >= top - 3), key=lambda s: (summary[s]["dev_edgy"], abs(s - 1)))
+    return {"chosen": near[0], "scales": summary}
 
 
 def dev_sets(cfg_align) -> dict[str, list[str]]:
@@ -200,10 +215,60 @@ def adopt(ws: Workspace, cfg, name: str) -> None:
     print(f"aligned base <- variant {name} ({meta['seconds'] / 60:.1f} min to train); fingerprint {fingerprint_dir(target)}")
 
 
+def measure(model_dir: Path, acfg, name: str, tokens: int) -> dict:
+    """v3's development measures of one model (bf16 greedy, as served): the row every rule from v3 on compares."""
+    model, tok = load_causal_lm(model_dir, "bfloat16")
+    row: dict = {}
+    for key, prompts in dev_sets(acfg).items():
+        outs = answers(model, tok, prompts, tokens, f"{name}:{key}")
+        refused = [DEFAULT_JUDGE.is_refusal(o) for o in outs]
+        if key == "dev_templates":
+            row.update(template_rates(refused))
+        else:
+            row[key] = round(100.0 * sum(refused) / len(refused), 2)
+            row[f"n_{key}"] = len(prompts)
+    n = row["n_ood_harmful"] + row["n_scorer_dev"]
+    row["ood"] = round((row["ood_harmful"] * row["n_ood_harmful"] + row["scorer_dev"] * row["n_scorer_dev"]) / n, 2)
+    return row
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _append(path: Path, row: dict) -> None:
+    row = {**row, **provenance()}
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def run_v5(ws: Workspace, cfg, out_path: Path, tokens: int) -> None:
+    """Rule v5: the base's own release merged at each scale of V5_SCALES, measured (resumable per scale)."""
+    import shutil
+
+    base = ws.base()
+    rel = release.Release.read(release_dir(base))
+    done = {r["delta_scale"] for r in _rows(out_path) if r.get("rule") == 5}
+    for s in V5_SCALES:
+        if s in done:
+            continue
+        target = ws.home / "work" / "align-dev" / f"scale-{s:g}"
+        rel.apply(ws.original(), target, scale=s, key=f"align-dev scale {s:g}")
+        row = measure(target, cfg.align, f"x{s:g}", tokens)
+        _append(out_path, {"variant": f"{rel.path.name}@{s:g}", "delta_scale": s, "release_key": rel.key,
+                           "release_minutes": round(float(rel.meta.get("seconds", 0)) / 60, 2),
+                           "base_fingerprint": fingerprint_dir(target), **row, "rule": 5})
+        shutil.rmtree(target)  # 270 MB each; the release and the scale make it again in seconds
+    print(json.dumps(choose_v5(_rows(out_path))), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None)
     ap.add_argument("--out", type=Path, default=Path("bench/results/align_dev.jsonl"))
+    ap.add_argument("--rule", type=int, choices=(4, 5), default=5,
+                    help="4: train and measure the two-seed recipe variants; 5: the base's release at each delta scale")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--remeasure", action="store_true",
@@ -218,12 +283,14 @@ def main() -> None:
     if args.adopt:
         adopt(ws, cfg, args.adopt)
         return
-    rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
-    done = {r["variant"] for r in rows if r.get("rule") == RULE}
+    if args.rule == 5:
+        run_v5(ws, cfg, args.out, args.tokens)
+        return
+    done = {r["variant"] for r in _rows(args.out) if r.get("rule") == 4}
     for name, override in VARIANTS.items():
-        if name in done or (args.only and name not in args.only) or name == "C2":  # C2 was C measured again
+        if name in done or (args.only and name not in args.only):
             continue
-        if RULE == 4 and "." not in name:  # v4 compares its own two-seed variants (and the released base)
+        if "." not in name:  # v4 compares its own two-seed variants (and the released base)
             continue
         acfg = cfg.align.model_copy(update=override or {})
         out = ws.base() if override is None else ws.home / "work" / "align-dev" / name
@@ -239,25 +306,9 @@ def main() -> None:
             # align's own clock (loading the original to the trained LoRA), kept in its metadata: a variant trained
             # before an interruption keeps the minutes it took
             minutes = float(read_json(out / ALIGN_META, "align metadata")["seconds"]) / 60
-        model, tok = load_causal_lm(out, "bfloat16")
-        row: dict = {"variant": name, "override": override, "align_minutes": round(minutes, 2)}
-        for key, prompts in dev_sets(acfg).items():
-            outs = answers(model, tok, prompts, args.tokens, f"{name}:{key}")
-            refused = [DEFAULT_JUDGE.is_refusal(o) for o in outs]
-            if key == "dev_templates":
-                row.update(template_rates(refused))
-            else:
-                row[key] = round(100.0 * sum(refused) / len(refused), 2)
-                row[f"n_{key}"] = len(prompts)
-        n = row["n_ood_harmful"] + row["n_scorer_dev"]
-        row["ood"] = round((row["ood_harmful"] * row["n_ood_harmful"] + row["scorer_dev"] * row["n_scorer_dev"]) / n, 2)
-        row["rule"] = RULE
-        row.update(provenance())
-        with args.out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-    if RULE == 4:
-        print(json.dumps(choose_v4([json.loads(line) for line in args.out.read_text().splitlines()])), flush=True)
+        row = measure(out, acfg, name, args.tokens)
+        _append(args.out, {"variant": name, "override": override, "align_minutes": round(minutes, 2), **row, "rule": 4})
+    print(json.dumps(choose_v4(_rows(args.out))), flush=True)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,14 @@ run rt_asft1        $PY bench/redteam.py --families diverse,stress,high_lr,rank1
 # report that chooses nothing)
 # the alignment recipe's rule v4 (lab/align_dev.py: two seeds per variant, the 15-minute budget on this kind of
 # machine); what it adopts would be a new base, on which every row is measured again
-run align_dev4      $PY -m lab.align_dev --out bench/results/align_dev.jsonl "${C[@]}"
+run align_dev4      $PY -m lab.align_dev --rule 4 --out bench/results/align_dev.jsonl "${C[@]}"
+# rule v5 (lab/align_dev.py: the base's release merged at seven delta scales; minutes, no training): the queue
+# stops after it until its outcome is adopted in code (align.delta_scale), or not, and marked decided
+run align_dev5      $PY -m lab.align_dev --rule 5 --out bench/results/align_dev.jsonl "${C[@]}"
+if [ ! -f "$DONE/scale_decided" ]; then
+  echo "=== $(date +%T) stop: read rule v5's choice (the last line of align_dev5's log), set align.delta_scale (or not), then touch $DONE/scale_decided"
+  exit 0
+fi
 # the 20-epoch attack reaching SBR: the shipped regularizer with screening off (the screen dropped all 16 harmful
 # examples from the shipped column, so that column never met them; a report, it chooses nothing)
 run rt_long_noscreen $PY bench/redteam.py --families long --methods sbr_pool4@30 "${C[@]}"

@@ -1,9 +1,10 @@
-"""lab/align_dev.py's rule v4 as code: two seeds each within the constraints and the budget, at least the released
-base's dev harmful refusal, then the most of it."""
+"""lab/align_dev.py's rules v4 and v5 as code. v4: two seeds each within the constraints and the budget, at least
+the released base's dev harmful refusal, then the most of it. v5: the delta scale with the most dev harmful refusal
+among those within the constraints."""
 
 from __future__ import annotations
 
-from lab.align_dev import VARIANTS, choose_v4
+from lab.align_dev import V5_SCALES, VARIANTS, choose_v4, choose_v5
 from training import overrefusal
 
 
@@ -42,3 +43,24 @@ def test_v4_variants_come_in_seed_pairs_that_differ_only_by_the_seed():
         if ".s" in name and override is not None:
             pairs.setdefault(name.split(".s")[0], []).append({k: v for k, v in override.items() if k != "seed"})
     assert pairs and all(len(p) == 2 and p[0] == p[1] for p in pairs.values())
+
+
+def scaled(s: float, ood: float, **kw) -> dict:
+    return {**row(f"r@{s}", ood, **kw), "rule": 5, "delta_scale": s}
+
+
+def test_v5_takes_the_most_harmful_refusal_within_the_constraints():
+    rows = [scaled(0.9, 80.0, edgy=2.0), scaled(1.0, 84.0, edgy=3.0), scaled(1.2, 90.0, edgy=6.0),
+            scaled(1.35, 93.0, edgy=9.0),  # over dev_edgy 8
+            scaled(1.5, 96.0, edgy=5.0, everyday=4.2),  # refuses everyday chat
+            row("R2E1.s0", 99.0)]  # a v4 row: not a scale
+    out = choose_v5(rows)
+    assert out["chosen"] == 1.2 and set(out["scales"]) == {0.9, 1.0, 1.2, 1.35, 1.5}
+    assert [s for s, v in out["scales"].items() if v["qualifies"]] == [0.9, 1.0, 1.2]
+
+
+def test_v5_ties_go_to_less_over_refusal_then_to_the_scale_nearer_one_and_none_when_nothing_qualifies():
+    assert choose_v5([scaled(1.0, 85.0, edgy=4.0), scaled(1.1, 87.0, edgy=3.0), scaled(1.2, 88.0, edgy=5.0)])["chosen"] == 1.1
+    assert choose_v5([scaled(0.9, 87.0, edgy=4.0), scaled(1.2, 88.0, edgy=4.0)])["chosen"] == 0.9
+    assert choose_v5([scaled(1.0, 85.0, lock=94.0), scaled(1.2, 88.0, worst=16.0)])["chosen"] is None
+    assert 1.0 in V5_SCALES and list(V5_SCALES) == sorted(V5_SCALES)
