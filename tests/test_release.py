@@ -108,12 +108,13 @@ def test_the_bundled_release_is_the_default_recipe():
     records; a change to AlignConfig's defaults or to the alignment data without a new release would silently turn
     a 6-second merge into 10-20 minutes of training on every fresh machine. This fails first."""
     from guard.config import AlignConfig
-    from training.align import align_key
+    from training.align import train_key
 
     bundled = [d for d in sorted(release.BUNDLED_DIR.iterdir()) if d.is_dir()]
     assert bundled, "no release bundled in guard/releases"
     rel = release.Release.read(bundled[0])
-    assert align_key(rel.meta["original_fingerprint"], AlignConfig()) == rel.key
+    # the training's key: the default align.delta_scale merges this same release at another strength
+    assert train_key(rel.meta["original_fingerprint"], AlignConfig()) == rel.key
     assert release.bundled(rel.key) is not None
 
 
