@@ -196,9 +196,9 @@ def test_the_delta_scale_makes_another_base_from_the_same_training():
     from training.align import align_key, train_key
 
     fp = "0" * 64
-    scaled = AlignConfig(delta_scale=1.2)
-    assert train_key(fp, scaled) == train_key(fp, AlignConfig()) == align_key(fp, AlignConfig())
-    assert len({align_key(fp, scaled), align_key(fp, AlignConfig(delta_scale=0.8)), align_key(fp, AlignConfig())}) == 3
+    scaled, one = AlignConfig(delta_scale=1.2), AlignConfig(delta_scale=1.0)
+    assert train_key(fp, scaled) == train_key(fp, one) == align_key(fp, one)
+    assert len({align_key(fp, scaled), align_key(fp, AlignConfig(delta_scale=0.8)), align_key(fp, one)}) == 3
 
 
 def test_generations_add_train_templates_without_moving_the_first():

@@ -146,7 +146,7 @@ def test_align_merges_a_release_at_the_delta_scale_without_training(tmp_path, mo
 
     # back to 1.0 from the release kept beside the base (the bundle gone): the release's own bytes and key
     shutil.rmtree(tmp_path / "bundle")
-    align_mod.align(original, out, AlignConfig(), tmp_path / "work")
+    align_mod.align(original, out, AlignConfig(delta_scale=1.0), tmp_path / "work")
     plain = release.Release.read(align_mod.release_dir(out)).apply(original, tmp_path / "plain")
     assert fingerprint_dir(out) == fingerprint_dir(plain) != fingerprint_dir(want)
     assert json.loads((out / align_mod.ALIGN_META).read_text())["key"] == "trained-k"
