@@ -259,6 +259,7 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
     }
     # The merge is machine-independent (guard/release.py), so this base and its release applied anywhere are equal.
     release.write_release(release_dir(out), factors, scaling, meta)
+    # (the in-loop dev check above read the trained LoRA at its own scale; lab/align_dev.py measures other scales)
     release.write_merged(original, out, factors, scaling * cfg.delta_scale,
                          {**meta, "key": key, "delta_scale": cfg.delta_scale}, ALIGN_META)
     tqdm.write(f"aligned base written to {out} in {meta['seconds']} s (release: {release_dir(out)})")
