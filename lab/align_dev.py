@@ -120,6 +120,12 @@ VARIANTS: dict[str, dict | None] = {
     "R3E1.s1": {"epochs": 1, "refusal_repeat": 3, "seed": 1},
     "R2E1L.s0": {"epochs": 1, "refusal_repeat": 2, "lr": 1e-3},
     "R2E1L.s1": {"epochs": 1, "refusal_repeat": 2, "lr": 1e-3, "seed": 1},
+    # after R2E1 / R3E1 / R2E1L failed on over-refusal (one benign pass is too few) and rule v5 kept scale 1.0;
+    # written before its rows: SB2T's data and passes, each benign answer distilled to 16 tokens instead of 32. The
+    # refusal decision is made in an answer's first few tokens, the benign answers are most of SB2T's tokens, and a
+    # step's cost follows its tokens: the cheaper step, not fewer passes, is what may bring SB2T under the budget.
+    "A16.s0": {"answer_tokens": 16},
+    "A16.s1": {"answer_tokens": 16, "seed": 1},
 }
 
 
