@@ -281,7 +281,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--remeasure", action="store_true",
-                    help="measure every variant already trained (model on disk) under the current rule; no training")
+                    help="with --rule 4: measure every variant already trained (model on disk) again; no training")
     ap.add_argument("--adopt", default=None, metavar="NAME",
                     help="put variant NAME's model in place as the aligned base, when the configured recipe selects "
                          "the same prompts and hyper-parameters (checked: same align key); no re-training")
