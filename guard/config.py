@@ -126,7 +126,11 @@ class AlignConfig(_Section):
                                              "refused, from their train part (218; the dev third is the recipe's "
                                              "development harmful set). 0 = none.")
     framed: bool = Field(False, description="Also refuse each harmful prompt inside a framing (a story, a claimed role, "
-                                            "a hypothetical), as real requests arrive.")
+                                            "a hypothetical), as real requests arrive, beside as many benign prompts "
+                                            "inside the same framings (-> the original's answers).")
+    framed_pairs: int = Field(0, ge=0, description="Like `framed`, for only the first N align-split harmful prompts "
+                              "and N benign ones (a framing is then no refusal signal, at a fraction of `framed`'s "
+                              "training time). 0 = none; ignored when `framed` is on.")
     benign: int = Field(344, ge=1, description="Benign prompts from the benchmark wheels (-> the original model's own "
                                                "answers) for self-distillation.")
     contrast: int = Field(2000, ge=0, description="Benign-but-edgy and everyday prompts from the over-refusal generator's "

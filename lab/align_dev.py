@@ -126,6 +126,13 @@ VARIANTS: dict[str, dict | None] = {
     # step's cost follows its tokens: the cheaper step, not fewer passes, is what may bring SB2T under the budget.
     "A16.s0": {"answer_tokens": 16},
     "A16.s1": {"answer_tokens": 16, "seed": 1},
+    # after A16 (within the budget, 12.7 min; fails on nonsense-discrimination 25%) and the frontier picture (every
+    # stronger point fails first on edgy words inside fiction/game contexts): written before its rows. A16 plus 64
+    # framed pairs (`align.framed_pairs`): 64 align-split harmful requests inside a story / claimed role /
+    # hypothetical framing -> refusal, beside 64 benchmark benign prompts inside the same framings -> the original's
+    # answer, so a framing carries no refusal signal; ~32 more steps, paid for by A16's cheaper step.
+    "A16F.s0": {"answer_tokens": 16, "framed_pairs": 64},
+    "A16F.s1": {"answer_tokens": 16, "framed_pairs": 64, "seed": 1},
 }
 
 

@@ -171,7 +171,8 @@ def test_every_align_field_reaches_the_base_key():
     from guard.config import AlignConfig
     from training.align import _TRAINING_FIELDS
 
-    selection = {"harmful", "benign", "contrast", "twins", "red_team", "framed", "scorer", "contrast_generation"}
+    selection = {"harmful", "benign", "contrast", "twins", "red_team", "framed", "framed_pairs", "scorer",
+                 "contrast_generation"}
     how = {"use_release"}  # where the same base comes from (a bundled release or training here), not which base
     merge = {"delta_scale"}  # how the trained LoRA is merged: the base's key, not the training's (next test)
     assert set(AlignConfig.model_fields) == set(_TRAINING_FIELDS) | selection | how | merge
@@ -221,3 +222,14 @@ def test_generations_add_train_templates_without_moving_the_first():
     assert set(p1["benign"]) < set(p2["benign"]) and set(p1["harmful"]) < set(p2["harmful"])
     with pytest.raises(ValueError, match="generation"):
         contrast_prompts("train", generation=ov.GENERATIONS + 1)
+
+
+def test_framed_pairs_add_as_many_framed_benign_as_framed_harmful_prompts():
+    from guard.config import AlignConfig
+    from training.align import alignment_prompts, framed
+
+    plain, some = alignment_prompts(AlignConfig()), alignment_prompts(AlignConfig(framed_pairs=30))
+    assert len(some["harmful"]) == len(plain["harmful"]) + 30 and len(some["benign"]) == len(plain["benign"]) + 30
+    assert framed(plain["harmful"][0]) in some["harmful"]
+    every = alignment_prompts(AlignConfig(framed=True, framed_pairs=30))  # framed wins: every harmful prompt
+    assert len(every["harmful"]) - len(plain["harmful"]) == AlignConfig().harmful

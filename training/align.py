@@ -117,9 +117,10 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
                                                                  generation=gen)]
             usable = [p for p in pool if not _is_dev(p)][: cfg.contrast]
         benign += usable
-    if cfg.framed:
-        benign += [framed(p) for p in data._hash_order(list(s.benign_align))[: len(harmful)]]
-        harmful += [framed(p) for p in harmful]
+    n_framed = len(harmful) if cfg.framed else min(cfg.framed_pairs, len(harmful))
+    if n_framed:  # a framing beside both answers: the request inside decides, not the story or the claimed role
+        benign += [framed(p) for p in data._hash_order(list(s.benign_align))[:n_framed]]
+        harmful += [framed(p) for p in harmful[:n_framed]]
     if cfg.twins:
         harmful += [t.text for t in overrefusal.harmful_twins("train", generation=gen)]
     if cfg.scorer:
