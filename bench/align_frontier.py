@@ -11,17 +11,16 @@ joined by a line. No held-out number is read here: this is the picture the recip
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import common  # noqa: F401  (puts the repo root on sys.path)
 
 from lab.align_dev import _meets_v3
+from lab.redteam import read_rows
 
 
 def load(rows_path: Path) -> list[dict]:
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("rule") in (3, 4, 5) and "dev_edgy" in r]
+    return [r for r in read_rows(rows_path) if r.get("rule") in (3, 4, 5) and "dev_edgy" in r]
 
 
 def plot(rows: list[dict], out: Path) -> Path:

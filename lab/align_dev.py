@@ -68,6 +68,7 @@ from guard.config import load_config
 from guard.judge import DEFAULT_JUDGE
 from guard.models import fingerprint_dir, load_causal_lm, resolve_threads
 from guard.workspace import Workspace
+from lab.redteam import read_rows
 from training import data, overrefusal
 from training.align import ALIGN_META, align, align_key, alignment_prompts, release_dir, self_distill_cache
 from training.evaluate import answers
@@ -248,10 +249,6 @@ def measure(model_dir: Path, acfg, name: str, tokens: int) -> dict:
     return row
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 def _append(path: Path, row: dict) -> None:
     row = {**row, **provenance()}
     with path.open("a") as f:
@@ -265,7 +262,7 @@ def run_v5(ws: Workspace, cfg, out_path: Path, tokens: int) -> None:
 
     base = ws.base()
     rel = release.Release.read(release_dir(base))
-    done = {r["delta_scale"] for r in _rows(out_path) if r.get("rule") == 5}
+    done = {r["delta_scale"] for r in read_rows(out_path) if r.get("rule") == 5}
     for s in V5_SCALES:
         if s in done:
             continue
@@ -276,7 +273,7 @@ def run_v5(ws: Workspace, cfg, out_path: Path, tokens: int) -> None:
                            "release_minutes": round(float(rel.meta.get("seconds", 0)) / 60, 2),
                            "base_fingerprint": fingerprint_dir(target), **row, "rule": 5})
         shutil.rmtree(target)  # 270 MB each; the release and the scale make it again in seconds
-    print(json.dumps(choose_v5(_rows(out_path))), flush=True)
+    print(json.dumps(choose_v5(read_rows(out_path))), flush=True)
 
 
 def main() -> None:
@@ -302,7 +299,7 @@ def main() -> None:
     if args.rule == 5:
         run_v5(ws, cfg, args.out, args.tokens)
         return
-    done = {r["variant"] for r in _rows(args.out) if r.get("rule") == 4}
+    done = {r["variant"] for r in read_rows(args.out) if r.get("rule") == 4}
     for name, override in VARIANTS.items():
         if name in done or (args.only and name not in args.only):
             continue
@@ -324,7 +321,7 @@ def main() -> None:
             minutes = float(read_json(out / ALIGN_META, "align metadata")["seconds"]) / 60
         row = measure(out, acfg, name, args.tokens)
         _append(args.out, {"variant": name, "override": override, "align_minutes": round(minutes, 2), **row, "rule": 4})
-    print(json.dumps(choose_v4(_rows(args.out))), flush=True)
+    print(json.dumps(choose_v4(read_rows(args.out))), flush=True)
 
 
 if __name__ == "__main__":
