@@ -1,10 +1,10 @@
-"""lab/align_dev.py's rules v4 and v5 as code. v4: two seeds each within the constraints and the budget, at least
+"""lab/align_dev.py's rules v4, v5 and v6 as code. v4: two seeds each within the constraints and the budget, at least
 the released base's dev harmful refusal, then the most of it. v5: the delta scale with the most dev harmful refusal
-among those within the constraints."""
+among those within the constraints. v6: v5's choice of scale made over two seeds with v4's bar."""
 
 from __future__ import annotations
 
-from lab.align_dev import V5_SCALES, VARIANTS, choose_v4, choose_v5
+from lab.align_dev import V5_SCALES, V6_BASE_OOD, V6_SCALES, V6_SEEDS, VARIANTS, choose_v4, choose_v5, choose_v6
 from training import overrefusal
 
 
@@ -64,3 +64,24 @@ def test_v5_ties_go_to_less_over_refusal_then_to_the_scale_nearer_one_and_none_w
     assert choose_v5([scaled(0.9, 87.0, edgy=4.0), scaled(1.2, 88.0, edgy=4.0)])["chosen"] == 0.9
     assert choose_v5([scaled(1.0, 85.0, lock=94.0), scaled(1.2, 88.0, worst=16.0)])["chosen"] is None
     assert 1.0 in V5_SCALES and list(V5_SCALES) == sorted(V5_SCALES)
+
+
+def seeded(seed: str, s: float, ood: float, **kw) -> dict:
+    return {**row(f"{seed}@{s}", ood, **kw), "rule": 6, "delta_scale": s, "seed_variant": seed}
+
+
+def test_v6_needs_both_seeds_within_everything_at_a_scale_and_the_base_s_ood():
+    a, b = V6_SEEDS
+    rows = [seeded(a, 1.0, 89.0, everyday=16.7), seeded(b, 1.0, 90.0),  # seed 0 over-refuses everyday chat
+            seeded(a, 0.95, 88.0), seeded(b, 0.95, 87.0, minutes=15.2),  # seed 1 over the budget
+            seeded(a, 0.9, 87.0, edgy=5.0), seeded(b, 0.9, 86.0, edgy=5.0),  # qualifies, mean 86.5
+            seeded(a, 0.85, 86.0, edgy=3.0), seeded(b, 0.85, 85.0, edgy=2.0),  # qualifies, mean 85.5, less edgy
+            seeded(a, 0.8, V6_BASE_OOD - 1, edgy=1.0), seeded(b, 0.8, V6_BASE_OOD - 1, edgy=1.0),  # below the base
+            scaled(0.9, 99.0)]  # a v5 row: not A16F's
+    out = choose_v6(rows)
+    assert [s for s, v in out["scales"].items() if v["qualifies"]] == [0.85, 0.9]
+    assert out["chosen"] == 0.85  # within 3 points of 86.5: the lower mean dev_edgy
+    assert choose_v6([seeded(a, 0.9, 88.0), seeded(a, 0.95, 89.0)])["chosen"] is None  # one seed only
+    assert choose_v6([seeded(a, 0.9, 88.0, edgy=4.0), seeded(b, 0.9, 88.0, edgy=4.0),
+                      seeded(a, 1.0, 88.0, edgy=4.0), seeded(b, 1.0, 88.0, edgy=4.0)])["chosen"] == 1.0
+    assert 1.0 in V6_SCALES and list(V6_SCALES) == sorted(V6_SCALES)
