@@ -150,6 +150,9 @@ class AlignConfig(_Section):
                                 "With epochs 1 and 2 here the refusal side gets two passes and the self-distillation "
                                 "side one: the original's own answers are nearly learned already, so their second "
                                 "pass buys little of the training time it takes.")
+    average_epochs: int = Field(0, ge=0, le=100, description="Average the LoRA weights over every optimizer step of "
+                                "the last N epochs (Polyak / tail averaging) and keep the mean, not the last step: "
+                                "two seeds of one recipe then differ less. 0 = the last step (must be <= epochs).")
     seed: int = Field(0, ge=0, description="LoRA initialisation and data order. Two seeds of one recipe differ by a "
                       "few prompts on every rate (docs/alignment.md), which is why recipes are compared over two.")
     delta_scale: float = Field(1.0, gt=0, le=4, description="Multiplies the trained alignment LoRA's delta when it "

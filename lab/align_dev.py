@@ -66,6 +66,16 @@ lower mean dev_edgy, then to the scale nearer 1 (`choose_v6`). If one qualifies,
 with `delta_scale` = that scale, the release of seed 0 adopted (the seed the docs' recipe names); if none does,
 the released base stays.
 
+Rule v7 (2026-12-05, written before any of its rows; known then: no v6 scale qualifies — A16F's seed 0 refuses
+12.5-16.7% of dev everyday prompts at every scale, seed 1 30-40% of dev figurative ones at every scale, at mean ood
+86-91). Why: the two seeds of one recipe fail on different templates, and a weaker merge fixes neither, so what
+fails is not the recipe's strength but the run's noise — the last SGD iterate of 2 epochs at batch 8 lands
+somewhere along its path. The average of the iterates (Polyak / tail averaging) is the textbook cure for that and
+costs no training time. Candidate: A16FA = A16F with `align.average_epochs` 1 (the LoRA weights averaged over every
+step of the second epoch; the average is the trained LoRA). Criteria: rule v4's, unchanged (both seeds, cold, alone,
+on the AMD EPYC, meet v3's constraints and train in <= 15 min; mean ood >= the released base's 83.82), scale 1.0.
+If it qualifies it becomes the shipped recipe; otherwise the released base stays.
+
     python -m lab.align_dev --out bench/results/align_dev.jsonl [--rule 4|5|6] [--only NAME ...] [--remeasure]
 """
 
@@ -147,6 +157,9 @@ VARIANTS: dict[str, dict | None] = {
     # answer, so a framing carries no refusal signal; ~32 more steps, paid for by A16's cheaper step.
     "A16F.s0": {"answer_tokens": 16, "framed_pairs": 64},
     "A16F.s1": {"answer_tokens": 16, "framed_pairs": 64, "seed": 1},
+    # rule v7 (docstring): A16F with the LoRA iterates of the second epoch averaged
+    "A16FA.s0": {"answer_tokens": 16, "framed_pairs": 64, "average_epochs": 1},
+    "A16FA.s1": {"answer_tokens": 16, "framed_pairs": 64, "average_epochs": 1, "seed": 1},
 }
 
 

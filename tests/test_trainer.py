@@ -56,3 +56,39 @@ def test_example_weighted_ce_is_the_mean_of_each_examples_own_mean(tiny_tokenize
     assert torch.allclose(example, (alone[0] + alone[1]) / 2, atol=1e-5)
     assert torch.allclose(token, (alone[0] * n[0] + alone[1] * n[1]) / sum(n), atol=1e-5)
     assert n[0] < n[1] and not torch.allclose(token, example)
+
+
+def test_tail_averaging_keeps_the_mean_of_the_last_epochs_iterates_and_survives_a_resume(tiny_tokenizer, tmp_path):
+    from peft import get_peft_model_state_dict
+
+    examples = [encode(tiny_tokenizer, f"Question {i}: how do I bake bread?", f"Answer {i}: flour and water.", 64)
+                for i in range(6)]
+    hp = LoraHParams(rank=4, alpha=8, targets=["v_proj", "o_proj"], lr=1e-2, epochs=3, batch_size=2, average_epochs=2)
+
+    def lora_state(model):
+        return {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+
+    model = add_lora(make_tiny_llama(len(tiny_tokenizer), initializer_range=0.2), hp)
+    iterates: list[dict] = []
+    train_lora(model, examples, hp, pad_id=2, desc="test", on_step=lambda step: iterates.append(lora_state(model)))
+    assert len(iterates) == 9  # 3 epochs of 3 steps; the last 2 epochs are averaged
+    averaged = lora_state(model)
+    mean = {k: sum(it[k].double() for it in iterates[3:]) / 6 for k in averaged}
+    assert all(torch.allclose(averaged[k].double(), mean[k], atol=1e-6) for k in averaged)
+    assert not all(torch.allclose(averaged[k], iterates[-1][k]) for k in averaged)  # not the last step
+
+    # killed in the second epoch, resumed from the first epoch's checkpoint: the same mean
+    model = add_lora(make_tiny_llama(len(tiny_tokenizer), initializer_range=0.2), hp)
+
+    def die(step: int) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    try:
+        train_lora(model, examples, hp, pad_id=2, desc="test", checkpoint_dir=tmp_path, on_step=die)
+    except KeyboardInterrupt:
+        pass
+    model = add_lora(make_tiny_llama(len(tiny_tokenizer), initializer_range=0.2), hp)
+    train_lora(model, examples, hp, pad_id=2, desc="test", checkpoint_dir=tmp_path, resume=True)
+    resumed = lora_state(model)
+    assert all(torch.allclose(resumed[k], averaged[k], atol=1e-6) for k in averaged)

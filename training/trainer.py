@@ -40,6 +40,10 @@ class LoraHParams:
     # bf16 autocast pays only on CPUs with native bf16 (avx512_bf16/AMX); on AVX2-only CPUs it is ~30x slower.
     bf16: bool = False
     ce_weighting: str = "token"  # "token" | "example" (see HardenConfig.ce_weighting)
+    # Polyak (tail) averaging: the LoRA weights returned are the mean over every optimizer step of the last N epochs,
+    # not the last step's. The last iterate of a short run at a small batch sits wherever the noise left it; the
+    # mean of its final epoch is a steadier point of the same path, for the price of one running sum.
+    average_epochs: int = 0
 
 
 # A regularizer gets the peft model and returns (loss term, logged scalars); None is plain SFT.
@@ -79,6 +83,10 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
     micro_per_epoch = math.ceil(len(examples) / hp.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / hp.grad_accum)
     start_epoch, step = 0, 0
+    if not 0 <= hp.average_epochs <= hp.epochs:
+        raise GuardError(f"average_epochs {hp.average_epochs} must be between 0 and epochs ({hp.epochs})")
+    avg: dict[str, Any] = {}  # running sum of the trainable weights over the averaged steps, and their count
+    avg_steps = 0
     ckpt = checkpoint_dir / CHECKPOINT if checkpoint_dir is not None else None
     if resume and ckpt is not None and ckpt.is_file():
         # the checkpoint is one dict: weights, optimizer, data order, and what made it
@@ -89,6 +97,7 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
         opt.load_state_dict(state["optimizer"])
         rng.setstate(state["rng"])
         start_epoch, step = state["epoch"], state["step"]
+        avg, avg_steps = state.get("average", {}), state.get("average_steps", 0)
         if log_path is not None and log_path.is_file():  # drop rows of the interrupted epoch
             rows = [r for r in log_path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
             log_path.write_text("".join(r + "\n" for r in rows))
@@ -110,6 +119,9 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
                    **optimizer_step(model, opt, [[examples[i] for i in idx] for idx in micro[s : s + hp.grad_accum]],
                                     pad_id, regularizer, hp.bf16, hp.ce_weighting)}
             step += 1
+            if hp.average_epochs and epoch >= hp.epochs - hp.average_epochs:
+                _accumulate(model, avg)
+                avg_steps += 1
             row["seconds"] = round(time.perf_counter() - t0, 3)
             log.append(row)
             if log_path is not None:
@@ -133,12 +145,37 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
         if ckpt is not None:
             state = {"epoch": epoch + 1, "step": step, "lora": get_peft_model_state_dict(model),
                      "optimizer": opt.state_dict(), "rng": rng.getstate(), "hparams": asdict(hp),
-                     "commit": git_commit()}
+                     "average": avg, "average_steps": avg_steps, "commit": git_commit()}
             with atomic_path(ckpt) as tmp:
                 torch.save(state, tmp)
     bar.close()
+    if avg_steps:
+        _load_average(model, avg, avg_steps)
     model.eval()
     return log
+
+
+def _accumulate(model: Any, total: dict[str, Any]) -> None:
+    """Add the current trainable weights to the running sum `total` (float64, so a long sum loses nothing)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                if name in total:
+                    total[name] += p.detach().to(torch.float64)
+                else:
+                    total[name] = p.detach().to(torch.float64).clone()
+
+
+def _load_average(model: Any, total: dict[str, Any], n: int) -> None:
+    """Set the trainable weights to the mean of the `n` summed iterates."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in total:
+                p.copy_((total[name] / n).to(p.dtype))
 
 
 def optimizer_step(model: Any, opt: Any, micro_batches: list[list[Example]], pad_id: int,
