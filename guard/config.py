@@ -150,6 +150,8 @@ class AlignConfig(_Section):
                                 "With epochs 1 and 2 here the refusal side gets two passes and the self-distillation "
                                 "side one: the original's own answers are nearly learned already, so their second "
                                 "pass buys little of the training time it takes.")
+    lr_schedule: Literal["constant", "linear"] = Field("constant", description="The learning rate over the run: "
+                                                        "`constant`, or `linear` (falls from lr to ~0 by the last step).")
     average_epochs: int = Field(0, ge=0, le=100, description="Average the LoRA weights over every optimizer step of "
                                 "the last N epochs (Polyak / tail averaging) and keep the mean, not the last step: "
                                 "two seeds of one recipe then differ less. 0 = the last step (must be <= epochs).")

@@ -76,6 +76,16 @@ step of the second epoch; the average is the trained LoRA). Criteria: rule v4's,
 on the AMD EPYC, meet v3's constraints and train in <= 15 min; mean ood >= the released base's 83.82), scale 1.0.
 If it qualifies it becomes the shipped recipe; otherwise the released base stays.
 
+Rule v8 (2026-12-05, written before any of its rows; known then: A16FA.s0 fails — 13.5 min, ood 89.7, everyday
+0%, but dev edgy 16.0% with figurative 40%, safe contexts 30%, nonsense discrimination 25%; its second seed was
+stopped unmeasured). Why: the mean of epoch 2 is the weights of about the middle of epoch 2, and there A16F's seed
+0 over-refuses edgy prompts it no longer refuses at the last step: over-refusal is still falling when the run ends,
+so stepping back along the path is the wrong way. A falling learning rate keeps going forward while the steps
+shrink, so the run ends near where its trend points instead of where the last batches' noise pushed it (the usual
+schedule for short fine-tunes). Candidate: A16FD = A16F with `align.lr_schedule` linear from 1e-3 (the same mean
+rate as A16F's constant 5e-4). Criteria: rule v4's, unchanged (both seeds, cold, alone, on the AMD EPYC, meet v3's
+constraints and train in <= 15 min; mean ood >= 83.82), scale 1.0; a failing first seed ends the round.
+
     python -m lab.align_dev --out bench/results/align_dev.jsonl [--rule 4|5|6] [--only NAME ...] [--remeasure]
 """
 
@@ -160,6 +170,9 @@ VARIANTS: dict[str, dict | None] = {
     # rule v7 (docstring): A16F with the LoRA iterates of the second epoch averaged
     "A16FA.s0": {"answer_tokens": 16, "framed_pairs": 64, "average_epochs": 1},
     "A16FA.s1": {"answer_tokens": 16, "framed_pairs": 64, "average_epochs": 1, "seed": 1},
+    # rule v8 (docstring): A16F with a linearly falling learning rate of the same mean
+    "A16FD.s0": {"answer_tokens": 16, "framed_pairs": 64, "lr": 1e-3, "lr_schedule": "linear"},
+    "A16FD.s1": {"answer_tokens": 16, "framed_pairs": 64, "lr": 1e-3, "lr_schedule": "linear", "seed": 1},
 }
 
 

@@ -92,3 +92,28 @@ def test_tail_averaging_keeps_the_mean_of_the_last_epochs_iterates_and_survives_
     train_lora(model, examples, hp, pad_id=2, desc="test", checkpoint_dir=tmp_path, resume=True)
     resumed = lora_state(model)
     assert all(torch.allclose(resumed[k], averaged[k], atol=1e-6) for k in averaged)
+
+
+def test_linear_schedule_shrinks_the_steps_to_nearly_nothing_and_unknown_schedules_are_refused(tiny_tokenizer):
+    import pytest
+    from peft import get_peft_model_state_dict
+
+    from guard.errors import GuardError
+
+    examples = [encode(tiny_tokenizer, f"Question {i}?", f"Answer {i}.", 64) for i in range(4)]
+
+    def step_sizes(schedule: str) -> list[float]:
+        hp = LoraHParams(rank=4, alpha=8, targets=["v_proj"], lr=1e-2, epochs=5, batch_size=2, lr_schedule=schedule)
+        model = add_lora(make_tiny_llama(len(tiny_tokenizer), initializer_range=0.2), hp)
+        flat = lambda: torch.cat([v.flatten() for v in get_peft_model_state_dict(model).values()])  # noqa: E731
+        seen = [flat()]
+        train_lora(model, examples, hp, pad_id=2, desc="test", on_step=lambda step: seen.append(flat()))
+        return [float((b - a).norm()) for a, b in zip(seen, seen[1:])]
+
+    linear, constant = step_sizes("linear"), step_sizes("constant")
+    assert len(linear) == len(constant) == 10
+    # Adam's step is about lr per weight: the last of ten linear steps is lr/10, the constant one stays lr
+    assert linear[-1] < 0.25 * linear[1] and constant[-1] > 0.5 * constant[1]
+    with pytest.raises(GuardError, match="lr_schedule"):
+        train_lora(add_lora(make_tiny_llama(len(tiny_tokenizer)), LoraHParams()), examples,
+                   LoraHParams(lr_schedule="cosine"), pad_id=2)

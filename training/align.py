@@ -133,10 +133,10 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
 # What the training itself depends on; the data-selection fields (harmful, benign, contrast, scorer, twins, ...)
 # enter the key through the prompt lists they select, so two configs that pick the same prompts share a base.
 _TRAINING_FIELDS = ("rank", "alpha", "targets", "lr", "epochs", "batch_size", "max_len", "answer_tokens", "contrast_repeat",
-                    "refusal_repeat", "seed", "average_epochs")
+                    "refusal_repeat", "seed", "average_epochs", "lr_schedule")
 # Fields added after the bundled release was made enter the key only away from their default, so every recipe
 # from before them (the release's among them) keeps its key.
-_LATER_FIELDS = {"refusal_repeat": 1, "seed": 0, "average_epochs": 0}
+_LATER_FIELDS = {"refusal_repeat": 1, "seed": 0, "average_epochs": 0, "lr_schedule": "constant"}
 
 
 def self_distill_cache(work: Path, original_fp: str, answer_tokens: int) -> Path:
@@ -240,7 +240,8 @@ def align(original: Path, out: Path, cfg: AlignConfig, work: Path, threads: int 
         rep = set(prompts["contrast"])
         examples += [encode(tok, p, a, cfg.max_len, end_turn=fin) for p, a, fin in kept if p in rep] * (cfg.contrast_repeat - 1)
     hp = LoraHParams(rank=cfg.rank, alpha=cfg.alpha, targets=list(cfg.targets), lr=cfg.lr, epochs=cfg.epochs,
-                     batch_size=cfg.batch_size, seed=cfg.seed, average_epochs=cfg.average_epochs)
+                     batch_size=cfg.batch_size, seed=cfg.seed, average_epochs=cfg.average_epochs,
+                     lr_schedule=cfg.lr_schedule)
     peft_model = add_lora(model, hp)
     log = train_lora(peft_model, examples, hp, pad_id=tok.pad_token_id, desc="align (refusal SFT)")
     from training.evaluate import refusal_rate

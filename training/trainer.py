@@ -44,6 +44,9 @@ class LoraHParams:
     # not the last step's. The last iterate of a short run at a small batch sits wherever the noise left it; the
     # mean of its final epoch is a steadier point of the same path, for the price of one running sum.
     average_epochs: int = 0
+    # "constant", or "linear": the rate falls linearly from `lr` to ~0 over the run, so the last steps move the
+    # weights little and the run ends where its trend points, not where the last batches' noise pushed it.
+    lr_schedule: str = "constant"
 
 
 # A regularizer gets the peft model and returns (loss term, logged scalars); None is plain SFT.
@@ -83,6 +86,8 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
     micro_per_epoch = math.ceil(len(examples) / hp.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / hp.grad_accum)
     start_epoch, step = 0, 0
+    if hp.lr_schedule not in ("constant", "linear"):
+        raise GuardError(f"lr_schedule {hp.lr_schedule!r}: expected 'constant' or 'linear'")
     if not 0 <= hp.average_epochs <= hp.epochs:
         raise GuardError(f"average_epochs {hp.average_epochs} must be between 0 and epochs ({hp.epochs})")
     avg: dict[str, Any] = {}  # running sum of the trainable weights over the averaged steps, and their count
@@ -115,6 +120,9 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
         for s in range(0, len(micro), hp.grad_accum):
             if hasattr(regularizer, "at_step"):  # step-dependent terms (SBR's anchor rotation) follow the step
                 regularizer.at_step(step)
+            if hp.lr_schedule == "linear":  # from the step count alone, so a resumed run takes the same rates
+                for group in opt.param_groups:
+                    group["lr"] = hp.lr * (1 - step / (steps_per_epoch * hp.epochs))
             row = {"step": step + 1, "epoch": epoch + 1,
                    **optimizer_step(model, opt, [[examples[i] for i in idx] for idx in micro[s : s + hp.grad_accum]],
                                     pad_id, regularizer, hp.bf16, hp.ce_weighting)}
