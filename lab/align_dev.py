@@ -86,7 +86,14 @@ schedule for short fine-tunes). Candidate: A16FD = A16F with `align.lr_schedule`
 rate as A16F's constant 5e-4). Criteria: rule v4's, unchanged (both seeds, cold, alone, on the AMD EPYC, meet v3's
 constraints and train in <= 15 min; mean ood >= 83.82), scale 1.0; a failing first seed ends the round.
 
+A diagnostic, not a rule (2026-12-05, after rule v8's first seed failed like A16FA's and A16F's second, on the
+same templates): `--soup A B ...` measures the mean of trained variants' alignment deltas (the LoRA factors side by
+side, each at 1/n: the weight-space average of the runs, a "model soup"). It trains nothing and chooses nothing —
+a soup of n runs costs n trainings, over the budget for n >= 2 — it asks whether the seed-to-seed failures are
+noise that averaging removes (rows `rule: "soup"`).
+
     python -m lab.align_dev --out bench/results/align_dev.jsonl [--rule 4|5|6] [--only NAME ...] [--remeasure]
+    python -m lab.align_dev --soup A16F.s0 A16F.s1
 """
 
 from __future__ import annotations
@@ -170,6 +177,10 @@ VARIANTS: dict[str, dict | None] = {
     # rule v7 (docstring): A16F with the LoRA iterates of the second epoch averaged
     "A16FA.s0": {"answer_tokens": 16, "framed_pairs": 64, "average_epochs": 1},
     "A16FA.s1": {"answer_tokens": 16, "framed_pairs": 64, "average_epochs": 1, "seed": 1},
+    # after rule v8 and the soups (the A16F family's typical run over-refuses dev edgy prompts; A16F.s0 was its
+    # outlier): the released recipe's second seed, to learn whether SB2T's dev row is a robust recipe's or a lucky
+    # draw too. A measurement for the next round, not a candidate (SB2T's first seed took 18.0 min here).
+    "SB2T.s1": {"seed": 1},
     # rule v8 (docstring): A16F with a linearly falling learning rate of the same mean
     "A16FD.s0": {"answer_tokens": 16, "framed_pairs": 64, "lr": 1e-3, "lr_schedule": "linear"},
     "A16FD.s1": {"answer_tokens": 16, "framed_pairs": 64, "lr": 1e-3, "lr_schedule": "linear", "seed": 1},
@@ -191,7 +202,7 @@ def choose_v4(rows: list[dict]) -> dict:
     for r in rows:
         if r.get("rule") == 4:
             by.setdefault(r["variant"].split(".s")[0], []).append(r)
-    base = by.pop("SB2T", [])
+    base = [r for r in by.pop("SB2T", []) if r["variant"] == "SB2T.s0"]  # SB2T.s1 is a measurement, not a candidate
     base_ood = base[0]["ood"] if base else None
     summary = {}
     for name, rs in by.items():
@@ -370,6 +381,30 @@ def run_v6(ws: Workspace, cfg, out_path: Path, tokens: int) -> None:
     print(json.dumps(choose_v6(read_rows(out_path))), flush=True)
 
 
+def run_soup(ws: Workspace, cfg, out_path: Path, names: list[str], tokens: int) -> None:
+    """The mean of the named variants' alignment deltas, measured once (the module docstring's diagnostic)."""
+    import shutil
+
+    import torch
+
+    rels = [release.Release.read(release_dir(ws.home / "work" / "align-dev" / n)) for n in names]
+    scalings = {float(r.meta["scaling"]) for r in rels}
+    if len(scalings) != 1:
+        raise SystemExit(f"the releases have different LoRA scalings {sorted(scalings)}: not one family")
+    parts = [r.factors() for r in rels]
+    # sum_i B_i A_i / n is one LoRA of rank n*r: A's stacked by rows, B's by columns, merged at scale 1/n
+    factors = {k: torch.cat([f[k] for f in parts], dim=0 if k.endswith("lora_A") else 1) for k in parts[0]}
+    target = ws.home / "work" / "align-dev" / "soup"
+    release.write_merged(ws.original(), target, factors, scalings.pop() / len(names), {"soup": names}, ALIGN_META)
+    try:
+        row = measure(target, cfg.align, "soup", tokens)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+    _append(out_path, {"variant": "soup(" + "+".join(names) + ")", "soup": names, "base_fingerprint": None,
+                       "align_minutes": round(sum(float(r.meta["seconds"]) for r in rels) / 60, 2), **row,
+                       "rule": "soup"})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None)
@@ -381,6 +416,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--remeasure", action="store_true",
                     help="with --rule 4: measure every variant already trained (model on disk) again; no training")
+    ap.add_argument("--soup", nargs="+", default=None, metavar="NAME",
+                    help="measure the mean of these trained variants' deltas (a diagnostic: trains and chooses nothing)")
     ap.add_argument("--adopt", default=None, metavar="NAME",
                     help="put variant NAME's model in place as the aligned base, when the configured recipe selects "
                          "the same prompts and hyper-parameters (checked: same align key); no re-training")
@@ -390,6 +427,9 @@ def main() -> None:
     ws = Workspace(cfg)
     if args.adopt:
         adopt(ws, cfg, args.adopt)
+        return
+    if args.soup:
+        run_soup(ws, cfg, args.out, args.soup, args.tokens)
         return
     if args.rule in (5, 6):
         (run_v5 if args.rule == 5 else run_v6)(ws, cfg, args.out, args.tokens)

@@ -35,12 +35,15 @@ def test_v4_ties_within_three_points_go_to_less_over_refusal_and_none_keeps_the_
     assert choose_v4(rows)["chosen"] == "B"
     assert choose_v4([row("SB2T.s0", 80.0), row("A.s0", 92.0, worst=16.0), row("A.s1", 92.0)])["chosen"] is None
     assert choose_v4([row("A.s0", 92.0), row("A.s1", 92.0)])["chosen"] is None  # no base row: nothing to beat
+    # the released recipe's second seed is measured beside it but is neither the bar nor a candidate
+    out = choose_v4([row("SB2T.s0", 80.0), row("SB2T.s1", 95.0), row("A.s0", 85.0), row("A.s1", 85.0)])
+    assert out["chosen"] == "A" and out["base_ood"] == 80.0 and "SB2T" not in out["variants"]
 
 
 def test_v4_variants_come_in_seed_pairs_that_differ_only_by_the_seed():
     pairs: dict[str, list[dict]] = {}
     for name, override in VARIANTS.items():
-        if ".s" in name and override is not None:
+        if ".s" in name and override is not None and not name.startswith("SB2T."):  # SB2T: the base, measured
             pairs.setdefault(name.split(".s")[0], []).append({k: v for k, v in override.items() if k != "seed"})
     assert pairs and all(len(p) == 2 and p[0] == p[1] for p in pairs.values())
 
