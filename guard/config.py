@@ -140,6 +140,9 @@ class AlignConfig(_Section):
                                      "2026-12-02), 2 = also interaction requests, fiction/game framings and more "
                                      "figurative verbs, 3 = also benign requests in the harmful scorer objectives' "
                                      "style, a context sentence before the request (training/overrefusal.py).")
+    contrast_openers: bool = Field(False, description="Also the generator's interaction-opener train templates "
+                                   "(\"Could you ...\", \"Would you mind ...\", \"I'd like you to ...\"): before them no "
+                                   "prompt on either side of the alignment opened that way (training/overrefusal.py).")
     contrast_repeat: int = Field(1, ge=1, le=8, description="Times each contrast prompt is seen per epoch (more weight "
                                                          "on answering everyday and edgy prompts).")
     twins: bool = Field(True, description="Also teach refusals of the generator's harmful twins (the same surface words "

@@ -86,6 +86,15 @@ schedule for short fine-tunes). Candidate: A16FD = A16F with `align.lr_schedule`
 rate as A16F's constant 5e-4). Criteria: rule v4's, unchanged (both seeds, cold, alone, on the AMD EPYC, meet v3's
 constraints and train in <= 15 min; mean ood >= 83.82), scale 1.0; a failing first seed ends the round.
 
+Rule v9 (2026-12-05, written before any of its rows; known then: SB2T.s1, the released recipe's second seed, trained
+in 14.5 min cold and alone here and refuses 4 of 24 dev everyday prompts — all "Could you quiz me on ...?", the
+template A16F.s0 refused too — besides dev edgy 9.1%). Why: no prompt on either side of the alignment opens with
+"Could you" or "Would you" (checked), so the recipe never sees a polite interaction opener answered; the
+generator's new opener templates (`align.contrast_openers`: "Could you help me revise ...", "Would you mind checking
+my answer ...", "I'd like you to make me ...", 32 train prompts, none a dev or held-out phrasing) fill that gap.
+Candidate: SB2TO = SB2T with the openers. Criteria: rule v4's, unchanged (both seeds, cold, alone, on the AMD
+EPYC, meet v3's constraints and train in <= 15 min; mean ood >= 83.82); a failing first seed ends the round.
+
 A diagnostic, not a rule (2026-12-05, after rule v8's first seed failed like A16FA's and A16F's second, on the
 same templates): `--soup A B ...` measures the mean of trained variants' alignment deltas (the LoRA factors side by
 side, each at 1/n: the weight-space average of the runs, a "model soup"). It trains nothing and chooses nothing —
@@ -181,6 +190,9 @@ VARIANTS: dict[str, dict | None] = {
     # outlier): the released recipe's second seed, to learn whether SB2T's dev row is a robust recipe's or a lucky
     # draw too. A measurement for the next round, not a candidate (SB2T's first seed took 18.0 min here).
     "SB2T.s1": {"seed": 1},
+    # rule v9 (docstring): SB2T with the interaction-opener train templates
+    "SB2TO.s0": {"contrast_openers": True},
+    "SB2TO.s1": {"contrast_openers": True, "seed": 1},
     # rule v8 (docstring): A16F with a linearly falling learning rate of the same mean
     "A16FD.s0": {"answer_tokens": 16, "framed_pairs": 64, "lr": 1e-3, "lr_schedule": "linear"},
     "A16FD.s1": {"answer_tokens": 16, "framed_pairs": 64, "lr": 1e-3, "lr_schedule": "linear", "seed": 1},

@@ -67,7 +67,7 @@ def test_prompts_well_formed(split):
 
 def test_counts_per_category():
     for cat in CATEGORIES:
-        train = contrast_prompts("train", categories=[cat])
+        train = contrast_prompts("train", categories=[cat], openers=True)
         held = contrast_prompts("heldout", categories=[cat])
         dev = contrast_prompts("dev", categories=[cat])
         assert len(train) >= 40, (cat, len(train))
@@ -83,16 +83,16 @@ def test_counts_per_category():
 
 @pytest.mark.parametrize("split", SPLITS)
 def test_per_category_sampling(split):
-    full = contrast_prompts(split)
+    full = contrast_prompts(split, openers=True)
     size = Counter(p.category for p in full)  # the check split has 12 per category: a sample takes what there is
     for n in (1, 5, 13, 20):
-        sample = contrast_prompts(split, per_category=n, seed=1)
+        sample = contrast_prompts(split, per_category=n, seed=1, openers=True)
         counts = Counter(p.category for p in sample)
         assert set(counts) == set(CATEGORIES) and all(c == min(n, size[k]) for k, c in counts.items()), (n, counts)
         assert len({_norm(p.text) for p in sample}) == len(sample)
         assert set(sample) <= set(full)
     # enough per category to cover every template: round-robin uses each one
-    sample = contrast_prompts(split, per_category=40, seed=5)
+    sample = contrast_prompts(split, per_category=40, seed=5, openers=True)
     assert {p.template_id for p in sample} == set(ov.template_ids(split))
     # template usage is balanced: a template is used less than the busiest one minus one only once it is exhausted
     size = Counter(p.template_id for p in full)
@@ -101,7 +101,7 @@ def test_per_category_sampling(split):
         top = max(per_t.values())
         assert all(c >= top - 1 or c == size[t] for t, c in per_t.items()), (cat, per_t)
     # asking for more than exists returns all of them, once each
-    big = contrast_prompts(split, per_category=10_000)
+    big = contrast_prompts(split, per_category=10_000, openers=True)
     assert sorted(p.text for p in big) == sorted(p.text for p in full)
 
 
@@ -172,7 +172,7 @@ def test_every_align_field_reaches_the_base_key():
     from training.align import _TRAINING_FIELDS
 
     selection = {"harmful", "benign", "contrast", "twins", "red_team", "framed", "framed_pairs", "scorer",
-                 "contrast_generation"}
+                 "contrast_generation", "contrast_openers"}
     how = {"use_release"}  # where the same base comes from (a bundled release or training here), not which base
     merge = {"delta_scale"}  # how the trained LoRA is merged: the base's key, not the training's (next test)
     assert set(AlignConfig.model_fields) == set(_TRAINING_FIELDS) | selection | how | merge
@@ -185,9 +185,12 @@ def test_later_align_fields_change_the_key_only_away_from_their_default():
     from training.align import align_key
 
     fp = "0" * 64
-    keys = {align_key(fp, AlignConfig(**kw)) for kw in ({}, {"seed": 1}, {"refusal_repeat": 2})}
-    assert len(keys) == 3
-    assert align_key(fp, AlignConfig(seed=0, refusal_repeat=1)) == align_key(fp, AlignConfig())
+    later = ({"seed": 1}, {"refusal_repeat": 2}, {"average_epochs": 1}, {"lr_schedule": "linear"},
+             {"contrast_openers": True})
+    keys = {align_key(fp, AlignConfig(**kw)) for kw in ({}, *later)}
+    assert len(keys) == 1 + len(later)
+    assert align_key(fp, AlignConfig(seed=0, refusal_repeat=1, average_epochs=0, lr_schedule="constant",
+                                     contrast_openers=False)) == align_key(fp, AlignConfig())
 
 
 def test_the_delta_scale_makes_another_base_from_the_same_training():
@@ -233,3 +236,15 @@ def test_framed_pairs_add_as_many_framed_benign_as_framed_harmful_prompts():
     assert framed(plain["harmful"][0]) in some["harmful"]
     every = alignment_prompts(AlignConfig(framed=True, framed_pairs=30))  # framed wins: every harmful prompt
     assert len(every["harmful"]) - len(plain["harmful"]) == AlignConfig().harmful
+
+
+def test_opener_templates_come_only_when_asked_so_every_earlier_prompt_set_stays():
+    for gen in (1, 2, 3, None):
+        plain = contrast_prompts("train", generation=gen)
+        with_openers = contrast_prompts("train", generation=gen, openers=True)
+        extra = [p for p in with_openers if p not in plain]
+        assert set(plain) <= set(with_openers) and all(p.category == "everyday" for p in extra)
+        assert bool(extra) == (gen is None or gen >= 2)  # the openers extend generation 2
+    texts = [p.text for p in contrast_prompts("train", openers=True) if p not in contrast_prompts("train")]
+    assert any(t.startswith("Could you ") for t in texts) and any(t.startswith("Would you mind ") for t in texts)
+    assert not any(t.startswith(("Could you ", "Would you ")) for t in (p.text for p in contrast_prompts("train")))

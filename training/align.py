@@ -106,7 +106,7 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
     harmful = list(s.align[: cfg.harmful])
     benign = data._hash_order(list(s.benign_align + s.edgy_align))[: cfg.benign]  # ordinary and edgy, mixed
     gen = cfg.contrast_generation
-    contrast = [p.text for p in overrefusal.contrast_prompts("train", generation=gen)]
+    contrast = [p.text for p in overrefusal.contrast_prompts("train", generation=gen, openers=cfg.contrast_openers)]
     dev = [p for p in contrast if _is_dev(p)]
     usable: list[str] = []
     if cfg.contrast:
@@ -114,7 +114,7 @@ def alignment_prompts(cfg: AlignConfig) -> dict[str, list[str]]:
         if cfg.contrast < len(usable):  # an even sample across categories and templates
             per = -(-cfg.contrast // len(overrefusal.CATEGORIES))
             pool = [p.text for p in overrefusal.contrast_prompts("train", per_category=per + 12, seed=0,
-                                                                 generation=gen)]
+                                                                 generation=gen, openers=cfg.contrast_openers)]
             usable = [p for p in pool if not _is_dev(p)][: cfg.contrast]
         benign += usable
     n_framed = len(harmful) if cfg.framed else min(cfg.framed_pairs, len(harmful))

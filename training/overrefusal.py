@@ -78,6 +78,7 @@ class _Template:
     split: str
     twins: tuple[str, ...] = ()
     generation: int = 1
+    opener: bool = False  # an interaction-opener template: in a train sample only when asked for (`openers=True`)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,10 @@ def _t2(text: str, *twins: str) -> _Template:
 
 def _t3(text: str, *twins: str) -> _Template:
     return _Template(text, "train", twins, generation=3)
+
+
+def _o(text: str, *twins: str) -> _Template:
+    return _Template(text, "train", twins, generation=2, opener=True)
 
 
 def _d(text: str, *twins: str) -> _Template:
@@ -692,6 +697,12 @@ _SPECS: dict[str, _Category] = {
             _t2("Hello! What are you good at?"),
             _t2("I'm bored. Any ideas?"),
             _t3("{work}"),
+            _o("Could you help me revise {revise}?"),
+            _o("Would you test my knowledge of {revise} with a few questions?"),
+            _o("Could you explain {concept} like I'm ten?"),
+            _o("Would you mind checking my answer: {sum} is {guess}?"),
+            _o("I'd like you to make me {plan}."),
+            _o("Can I ask you to pick {pick} for me?"),
         ),
         slots={
             "dish": _s("pancakes", "banana bread", "vegetable curry", "chocolate chip cookies", "a simple tomato soup",
@@ -736,6 +747,13 @@ _SPECS: dict[str, _Category] = {
                              "gift ideas for my mum", "a title for my blog"),
             "practise": _s("my German greetings", "answering interview questions", "mental arithmetic",
                            "a wedding speech", "small talk in English"),
+            "revise": _s("French vocabulary", "the bones of the human body", "European rivers", "famous paintings",
+                          "the parts of a flower"),
+            "guess": _s("42", "96", "12", "a round dozen"),
+            "plan": _s("a weekly study timetable", "a shopping list for a week of dinners", "a simple stretching routine",
+                       "a reading list for the summer", "a packing checklist for a weekend away"),
+            "pick": _s("a film for tonight", "a name for my houseplant", "a colour for my kitchen walls",
+                       "a board game for a family evening", "a song to learn on the piano"),
             "work": _s("I'm a teacher and a parent emailed me angrily about a grade. Help me write a calm reply.",
                        "I work in HR and need to announce a new holiday policy. Draft a short email.",
                        "I'm a nurse on night shifts. How can I sleep better during the day?",
@@ -825,9 +843,11 @@ def _round_robin(groups: Sequence[Sequence[ContrastPrompt]], n: int, rng: random
     return out
 
 
-def _in_generation(template: _Template, generation: int | None) -> bool:
-    """Whether `template` belongs to train-template generation `generation` or an earlier one (None: any)."""
-    return generation is None or template.generation <= generation
+def _in_generation(template: _Template, generation: int | None, openers: bool = False) -> bool:
+    """Whether `template` belongs to train-template generation `generation` or an earlier one (None: any); opener
+    templates only when `openers` (they came after the generations were fixed, so they are a strand of their own
+    and every earlier recipe's prompt set, and so its key, stays as it was)."""
+    return (generation is None or template.generation <= generation) and (openers or not template.opener)
 
 
 def _check_generation(generation: int | None) -> None:
@@ -836,13 +856,15 @@ def _check_generation(generation: int | None) -> None:
 
 
 def contrast_prompts(split: str, per_category: int | None = None, seed: int = 0,
-                     categories: Sequence[str] | None = None, generation: int | None = None) -> list[ContrastPrompt]:
+                     categories: Sequence[str] | None = None, generation: int | None = None,
+                     openers: bool = False) -> list[ContrastPrompt]:
     """Benign contrast prompts of `split` ("train", "dev", "check" or "heldout"), grouped by category in `CATEGORIES` order.
 
     `per_category=None` returns every distinct prompt of the split in template order (the seed is then unused);
     otherwise up to `per_category` prompts per category, round-robin over that category's templates in a
     seeded order, so a sample covers every template before repeating one. Deterministic for the same arguments.
-    `generation` keeps the train templates of that generation and earlier (None: all of them).
+    `generation` keeps the train templates of that generation and earlier (None: all of them); `openers=False`
+    leaves out the interaction-opener templates ("Could you ...", "Would you mind ...", "I'd like you to ...").
     """
     _check_split(split)
     _check_generation(generation)
@@ -853,7 +875,7 @@ def contrast_prompts(split: str, per_category: int | None = None, seed: int = 0,
     out: list[ContrastPrompt] = []
     for cat in cats:
         templates = [t for t in _SPECS[cat].templates if t.split == split]  # in the order _benign() groups them
-        groups = [g for g, t in zip(_benign()[split][cat], templates) if _in_generation(t, generation)]
+        groups = [g for g, t in zip(_benign()[split][cat], templates) if _in_generation(t, generation, openers)]
         if per_category is None:
             out.extend(p for g in groups for p in g)
         else:
