@@ -36,7 +36,9 @@ framings, more figurative verbs) after the dev templates showed every recipe ref
 benign requests in the style of the harmful scorer objectives the recipe refuses (a context sentence, then the
 request: "I'm a nurse on night shifts. How can I sleep better during the day?"); `generation=1` gives
 exactly the first set (what recipe C was trained on, and what the prompt gate's data v4 holds), so adding a
-generation never changes an existing key. Only request text
+generation never changes an existing key. The interaction-opener templates ("Could you ...", "Would you mind ...",
+"I'd like you to ..."; added 2026-12-05, when no alignment prompt opened that way and two runs refused a dev
+"Could you ..." request) are a strand of their own, in a train sample only with `openers=True`. Only request text
 is shipped here; harmful twins are short generic requests with no harmful content.
 """
 
