@@ -32,7 +32,7 @@ def plot(rows: list[dict], out: Path) -> Path:
     from guard.artifacts import atomic_path
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    style = {3: ("o", "tab:blue", "v3 recipes (Intel Xeon)"), 4: ("s", "tab:orange", "v4/v7 recipes, each seed (AMD EPYC)")}
+    style = {3: ("o", "tab:blue", "v3 recipes (Intel Xeon)"), 4: ("s", "tab:orange", "v4, v7-v9 recipes, each seed (AMD EPYC)")}
     for rule, (marker, color, label) in style.items():
         rs = [r for r in rows if r["rule"] == rule and r["variant"] != "SB2T.s0"]
         for i, r in enumerate(rs):
