@@ -117,3 +117,16 @@ def test_linear_schedule_shrinks_the_steps_to_nearly_nothing_and_unknown_schedul
     with pytest.raises(GuardError, match="lr_schedule"):
         train_lora(add_lora(make_tiny_llama(len(tiny_tokenizer)), LoraHParams()), examples,
                    LoraHParams(lr_schedule="cosine"), pad_id=2)
+
+
+def test_a_checkpoint_from_before_new_fields_resumes_when_they_are_at_their_defaults():
+    from dataclasses import asdict
+
+    from training.trainer import _same_hparams
+
+    hp = LoraHParams(rank=4, lr=1e-3)
+    older = {k: v for k, v in asdict(hp).items() if k not in ("average_epochs", "lr_schedule")}  # written before them
+    assert _same_hparams(older, hp) and _same_hparams(asdict(hp), hp)
+    assert not _same_hparams(older, LoraHParams(rank=4, lr=1e-3, lr_schedule="linear"))  # not what that run used
+    assert not _same_hparams({**older, "lr": 5e-4}, hp)
+    assert not _same_hparams({**asdict(hp), "gone": 1}, hp)  # a field this version does not know

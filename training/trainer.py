@@ -96,7 +96,7 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
     if resume and ckpt is not None and ckpt.is_file():
         # the checkpoint is one dict: weights, optimizer, data order, and what made it
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["hparams"] != asdict(hp):
+        if not _same_hparams(state["hparams"], hp):
             raise GuardError(f"{ckpt}: was made with other hyper-parameters; start over without --resume")
         set_peft_model_state_dict(model, state["lora"])
         opt.load_state_dict(state["optimizer"])
@@ -161,6 +161,18 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
         _load_average(model, avg, avg_steps)
     model.eval()
     return log
+
+
+def _same_hparams(saved: dict[str, Any], hp: LoraHParams) -> bool:
+    """Whether a checkpoint's hyper-parameters are `hp`'s. A field added after the checkpoint was written is absent
+    from it and matches when `hp` holds that field's default (what the run that wrote it used), so a long run
+    checkpointed before an upgrade still resumes."""
+    from dataclasses import MISSING, fields
+
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+                for f in fields(LoraHParams)}
+    now = asdict(hp)
+    return all(saved.get(k, defaults[k]) == v for k, v in now.items()) and set(saved) <= set(now)
 
 
 def _accumulate(model: Any, total: dict[str, Any]) -> None:
