@@ -165,6 +165,12 @@ class AlignConfig(_Section):
                                "and benign prompts alike. Costs no training: the same release serves every value, "
                                "merged in seconds (lab/align_dev.py rule v5 chooses it on development sets).")
 
+    @model_validator(mode="after")
+    def _averaged_within_the_run(self) -> AlignConfig:
+        if self.average_epochs > self.epochs:  # caught here, not minutes into `guard align`
+            raise ValueError(f"average_epochs ({self.average_epochs}) must not exceed epochs ({self.epochs})")
+        return self
+
 
 class HardenConfig(_Section):
     """LoRA fine-tuning of user adapters with a safety regularizer (`guard harden`)."""

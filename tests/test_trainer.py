@@ -130,3 +130,13 @@ def test_a_checkpoint_from_before_new_fields_resumes_when_they_are_at_their_defa
     assert not _same_hparams(older, LoraHParams(rank=4, lr=1e-3, lr_schedule="linear"))  # not what that run used
     assert not _same_hparams({**older, "lr": 5e-4}, hp)
     assert not _same_hparams({**asdict(hp), "gone": 1}, hp)  # a field this version does not know
+
+
+def test_an_alignment_config_cannot_average_more_epochs_than_it_trains():
+    import pytest
+
+    from guard.config import AlignConfig
+
+    assert AlignConfig(epochs=2, average_epochs=2).average_epochs == 2
+    with pytest.raises(ValueError, match="average_epochs"):
+        AlignConfig(epochs=2, average_epochs=3)

@@ -90,8 +90,8 @@ def train_lora(model: Any, examples: Sequence[Example], hp: LoraHParams, pad_id:
         raise GuardError(f"lr_schedule {hp.lr_schedule!r}: expected 'constant' or 'linear'")
     if not 0 <= hp.average_epochs <= hp.epochs:
         raise GuardError(f"average_epochs {hp.average_epochs} must be between 0 and epochs ({hp.epochs})")
-    avg: dict[str, Any] = {}  # running sum of the trainable weights over the averaged steps, and their count
-    avg_steps = 0
+    avg: dict[str, Any] = {}  # running sum of the trainable weights over the averaged steps
+    avg_steps = 0  # how many steps that sum holds
     ckpt = checkpoint_dir / CHECKPOINT if checkpoint_dir is not None else None
     if resume and ckpt is not None and ckpt.is_file():
         # the checkpoint is one dict: weights, optimizer, data order, and what made it
