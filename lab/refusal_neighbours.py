@@ -89,6 +89,8 @@ def neighbours(name: str, layer: int, k: int, tokens: int, config: str | None) -
                             "answered": round(float(neg.mean()), 3) if len(neg) else None},
             "refused_by_template": dict(Counter(r["template"] for r in rows).most_common()),
             "nearest_refused_side_sources": dict(pulls.most_common()),
+            # the base rate to read that against: where the refused-side prompts come from overall
+            "refused_side_sources": dict(Counter(source_of(x, twins, scorer) for x in harmful).most_common()),
             "refused": sorted(rows, key=lambda r: (r["template"], -r["margin"])), **provenance()}
 
 
