@@ -95,6 +95,14 @@ my answer ...", "I'd like you to make me ...", 32 train prompts, none a dev or h
 Candidate: SB2TO = SB2T with the openers. Criteria: rule v4's, unchanged (both seeds, cold, alone, on the AMD
 EPYC, meet v3's constraints and train in <= 15 min; mean ood >= 83.82); a failing first seed ends the round.
 
+Rule v10 (2026-12-05, written before any of its rows; known then: SB2TO.s0 fails on dev edgy 11.4% with figurative
+40%; lab/refusal_neighbours.py on three failing runs: the harmful twins are 11-13% of the refused side but 23-30%
+of the refused dev prompts' nearest refused-side prompts). Why: the twins were meant to make refusals follow the
+intent, not the word; on unseen phrasings they pull the word toward refusal instead. Candidate: SB2TN = SB2T with
+`align.twins` off (58 fewer refusal prompts; nothing else changes). Criteria: rule v4's, unchanged (both seeds,
+cold, alone, on the AMD EPYC, meet v3's constraints and train in <= 15 min; mean ood >= 83.82); a failing first
+seed ends the round.
+
 A diagnostic, not a rule (2026-12-05, after rule v8's first seed failed like A16FA's and A16F's second, on the
 same templates): `--soup A B ...` measures the mean of trained variants' alignment deltas (the LoRA factors side by
 side, each at 1/n: the weight-space average of the runs, a "model soup"). It trains nothing and chooses nothing —
@@ -193,6 +201,9 @@ VARIANTS: dict[str, dict | None] = {
     # rule v9 (docstring): SB2T with the interaction-opener train templates
     "SB2TO.s0": {"contrast_openers": True},
     "SB2TO.s1": {"contrast_openers": True, "seed": 1},
+    # rule v10 (docstring): SB2T without the harmful twins
+    "SB2TN.s0": {"twins": False},
+    "SB2TN.s1": {"twins": False, "seed": 1},
     # rule v8 (docstring): A16F with a linearly falling learning rate of the same mean
     "A16FD.s0": {"answer_tokens": 16, "framed_pairs": 64, "lr": 1e-3, "lr_schedule": "linear"},
     "A16FD.s1": {"answer_tokens": 16, "framed_pairs": 64, "lr": 1e-3, "lr_schedule": "linear", "seed": 1},
