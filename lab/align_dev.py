@@ -117,6 +117,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from guard import release
@@ -249,12 +251,18 @@ def choose_v5(rows: list[dict]) -> dict:
     """Rule v5 (module docstring) over the v5 rows: {"chosen": delta scale or None, "scales": per-scale summary}."""
     rs = {r["delta_scale"]: r for r in rows if r.get("rule") == 5}
     summary = {s: {"ood": r["ood"], "dev_edgy": r["dev_edgy"], "qualifies": _meets_v3(r)} for s, r in sorted(rs.items())}
+    return {"chosen": _best_scale(summary), "scales": summary}
+
+
+def _best_scale(summary: dict[float, dict]) -> float | None:
+    """Rules v5 and v6's choice among qualifying scales: the highest `ood`; ties (within 3 points) to the lower
+    dev_edgy, then to the scale nearer 1. None when no scale qualifies."""
     ok = [s for s, v in summary.items() if v["qualifies"]]
     if not ok:
-        return {"chosen": None, "scales": summary}
+        return None
     top = max(summary[s]["ood"] for s in ok)
     near = sorted((s for s in ok if summary[s]["ood"] >= top - 3), key=lambda s: (summary[s]["dev_edgy"], abs(s - 1)))
-    return {"chosen": near[0], "scales": summary}
+    return near[0]
 
 
 V6_SCALES = (0.8, 0.85, 0.9, 0.95, 1.0)
@@ -276,12 +284,7 @@ def choose_v6(rows: list[dict]) -> dict:
               and mean("ood") >= V6_BASE_OOD)
         summary[s] = {"seeds": len(seeds), "ood": mean("ood"), "dev_edgy": mean("dev_edgy"),
                       "dev_everyday": mean("dev_everyday"), "qualifies": bool(ok)}
-    ok = [s for s, v in summary.items() if v["qualifies"]]
-    if not ok:
-        return {"chosen": None, "base_ood": V6_BASE_OOD, "scales": summary}
-    top = max(summary[s]["ood"] for s in ok)
-    near = sorted((s for s in ok if summary[s]["ood"] >= top - 3), key=lambda s: (summary[s]["dev_edgy"], abs(s - 1)))
-    return {"chosen": near[0], "base_ood": V6_BASE_OOD, "scales": summary}
+    return {"chosen": _best_scale(summary), "base_ood": V6_BASE_OOD, "scales": summary}
 
 
 def dev_sets(cfg_align) -> dict[str, list[str]]:
@@ -304,8 +307,6 @@ def template_rates(refused: list[bool]) -> dict:
 
 def adopt(ws: Workspace, cfg, name: str) -> None:
     """The chosen dev variant becomes the aligned base (the previous one is kept beside it, renamed)."""
-    import shutil
-
     from guard.artifacts import write_json_atomic
 
     src = ws.home / "work" / "align-dev" / name
@@ -362,19 +363,23 @@ def _append(path: Path, row: dict) -> None:
     print(json.dumps(row), flush=True)
 
 
-def _measure_scaled(ws: Workspace, cfg, rel: release.Release, s: float, tokens: int) -> dict:
-    """`rel` merged into the original at delta scale `s`, measured; the merged copy is removed after (270 MB)."""
-    import shutil
-
-    target = ws.home / "work" / "align-dev" / f"scale-{s:g}"
-    rel.apply(ws.original(), target, scale=s, key=f"align-dev scale {s:g}")
+def _measure_merged(ws: Workspace, cfg, name: str, merge: Callable[[Path], object], tokens: int) -> dict:
+    """`merge(target)` writes a base from releases into a scratch dir; it is measured (with its fingerprint) and
+    removed after (270 MB; the releases make it again in seconds)."""
+    target = ws.home / "work" / "align-dev" / name
+    merge(target)
     try:
-        row = measure(target, cfg.align, f"x{s:g}", tokens)
-        return {"delta_scale": s, "release_key": rel.key,
-                "release_minutes": round(float(rel.meta.get("seconds", 0)) / 60, 2),
-                "base_fingerprint": fingerprint_dir(target), **row}
+        return {"base_fingerprint": fingerprint_dir(target), **measure(target, cfg.align, name, tokens)}
     finally:
-        shutil.rmtree(target, ignore_errors=True)  # the release and the scale make it again in seconds
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def _measure_scaled(ws: Workspace, cfg, rel: release.Release, s: float, tokens: int) -> dict:
+    """`rel` merged into the original at delta scale `s`, measured."""
+    row = _measure_merged(ws, cfg, f"scale-{s:g}",
+                          lambda t: rel.apply(ws.original(), t, scale=s, key=f"align-dev scale {s:g}"), tokens)
+    return {"delta_scale": s, "release_key": rel.key,
+            "release_minutes": round(float(rel.meta.get("seconds", 0)) / 60, 2), **row}
 
 
 def run_v5(ws: Workspace, cfg, out_path: Path, tokens: int) -> None:
@@ -406,8 +411,6 @@ def run_v6(ws: Workspace, cfg, out_path: Path, tokens: int) -> None:
 
 def run_soup(ws: Workspace, cfg, out_path: Path, names: list[str], tokens: int) -> None:
     """The mean of the named variants' alignment deltas, measured once (the module docstring's diagnostic)."""
-    import shutil
-
     import torch
 
     rels = [release.Release.read(release_dir(ws.home / "work" / "align-dev" / n)) for n in names]
@@ -417,13 +420,10 @@ def run_soup(ws: Workspace, cfg, out_path: Path, names: list[str], tokens: int) 
     parts = [r.factors() for r in rels]
     # sum_i B_i A_i / n is one LoRA of rank n*r: A's stacked by rows, B's by columns, merged at scale 1/n
     factors = {k: torch.cat([f[k] for f in parts], dim=0 if k.endswith("lora_A") else 1) for k in parts[0]}
-    target = ws.home / "work" / "align-dev" / "soup"
-    release.write_merged(ws.original(), target, factors, scalings.pop() / len(names), {"soup": names}, ALIGN_META)
-    try:
-        row = measure(target, cfg.align, "soup", tokens)
-    finally:
-        shutil.rmtree(target, ignore_errors=True)
-    _append(out_path, {"variant": "soup(" + "+".join(names) + ")", "soup": names, "base_fingerprint": None,
+    scaling = scalings.pop() / len(names)
+    row = _measure_merged(ws, cfg, "soup", lambda t: release.write_merged(ws.original(), t, factors, scaling,
+                                                                         {"soup": names}, ALIGN_META), tokens)
+    _append(out_path, {"variant": "soup(" + "+".join(names) + ")", "soup": names,
                        "align_minutes": round(sum(float(r.meta["seconds"]) for r in rels) / 60, 2), **row,
                        "rule": "soup"})
 

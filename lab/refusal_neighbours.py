@@ -32,17 +32,12 @@ from training.evaluate import answers
 from training.lockgate import layer_states
 
 
-def source_of(prompt: str, twins: set[str], scorer: set[str]) -> str:
-    """Where a refused-side alignment prompt comes from (what a recipe change would touch)."""
-    if prompt in twins:
-        return "twin"
-    if prompt in scorer:
-        return "scorer"
-    return "advbench/rho" if prompt in _bare() else "framed"
-
-
-def _bare() -> set[str]:
-    return set(data.splits().align)
+def sources(harmful: list[str], generation: int) -> dict[str, str]:
+    """Where each refused-side alignment prompt comes from (what a recipe change would touch)."""
+    twins = {t.text for t in overrefusal.harmful_twins("train", generation=generation)}
+    scorer, bare = set(data.scorer_split("train")), set(data.splits().align)
+    return {p: "twin" if p in twins else "scorer" if p in scorer else "advbench/rho" if p in bare else "framed"
+            for p in harmful}
 
 
 def neighbours(name: str, layer: int, k: int, tokens: int, config: str | None) -> dict:
@@ -66,13 +61,12 @@ def neighbours(name: str, layer: int, k: int, tokens: int, config: str | None) -
     ch, cb = d @ h.T, d @ b.T
     top_h, top_b = ch.topk(k, dim=1), cb.topk(k, dim=1)
     margin = top_h.values.mean(1) - top_b.values.mean(1)
-    twins = {t.text for t in overrefusal.harmful_twins("train", generation=acfg.contrast_generation)}
-    scorer = set(data.scorer_split("train"))
+    source = sources(harmful, acfg.contrast_generation)
     rows, pulls = [], Counter()
     for i, p in enumerate(dev):
         if not refused[i]:
             continue
-        near_h = [(harmful[j], round(float(ch[i, j]), 3), source_of(harmful[j], twins, scorer)) for j in top_h.indices[i]]
+        near_h = [(harmful[j], round(float(ch[i, j]), 3), source[harmful[j]]) for j in top_h.indices[i]]
         pulls.update(src for _, _, src in near_h)
         rows.append({"prompt": p.text, "template": p.template_id, "category": p.category, "answer": outs[i][:80],
                      "margin": round(float(margin[i]), 3),
@@ -90,7 +84,7 @@ def neighbours(name: str, layer: int, k: int, tokens: int, config: str | None) -
             "refused_by_template": dict(Counter(r["template"] for r in rows).most_common()),
             "nearest_refused_side_sources": dict(pulls.most_common()),
             # the base rate to read that against: where the refused-side prompts come from overall
-            "refused_side_sources": dict(Counter(source_of(x, twins, scorer) for x in harmful).most_common()),
+            "refused_side_sources": dict(Counter(source.values()).most_common()),
             "refused": sorted(rows, key=lambda r: (r["template"], -r["margin"])), **provenance()}
 
 
